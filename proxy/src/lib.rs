@@ -1,0 +1,1 @@
+//! ditto networking (to come).
