@@ -1,0 +1,427 @@
+//! The encoder: a byte stream in, a deduplicated, compressed data stream out.
+//!
+//! It cuts the stream into chunks and, for each chunk, emits a literal (the bytes, compressed per batch)
+//! or a reference to a chunk it believes the peer holds. Chunks that followed each other before (by the
+//! store's successor hints) are sent as one run op. Bytes of an incomplete chunk leave on `flush` as a
+//! partial op, so an interactive client never waits for a chunk boundary.
+//!
+//! The encoder keeps the stream bytes of every batch until the decoder acknowledges it, so it can answer
+//! a request (`NEED`) for any op the decoder could not resolve; this is what makes correctness independent
+//! of what the two stores hold.
+
+use crate::chunker::Chunker;
+use crate::compress::put_literals;
+use crate::config::EngineConfig;
+use crate::fingerprint::ChunkId;
+use crate::peer::PeerView;
+use crate::store::ChunkStore;
+use crate::wire::{self, put_varint, MessageReader, Reader, WireError};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// Counters of one encoder. Wire bytes are all bytes handed to the caller, including headers and fills.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncoderStats {
+    /// Stream bytes written by the caller.
+    pub input_bytes: u64,
+    /// Encoded bytes produced (data stream, including fills).
+    pub output_bytes: u64,
+    /// Stream bytes sent as references or runs instead of literals.
+    pub dedup_saved_bytes: u64,
+    /// Literal bytes minus their compressed size.
+    pub compression_saved_bytes: u64,
+    /// Stream bytes sent as literals.
+    pub literal_bytes: u64,
+    pub chunks: u64,
+    pub chunks_deduped: u64,
+    pub batches: u64,
+    /// Ops the decoder asked for again, and the stream bytes sent to answer them.
+    pub needs_received: u64,
+    pub fill_bytes: u64,
+    /// Chunks that could not be stored locally (store errors); they are still sent.
+    pub store_errors: u64,
+}
+
+/// What one op of a retained batch stands for.
+#[derive(Clone, Copy, Debug)]
+struct OpSpan {
+    kind: u8,
+    start: u32,
+    end: u32,
+    /// The referenced chunk (REF, PARTREF) or the first one of a run.
+    id: ChunkId,
+}
+
+/// A sent batch, kept until acknowledged.
+#[derive(Debug)]
+struct Retained {
+    seq: u64,
+    raw: Vec<u8>,
+    ops: Vec<OpSpan>,
+}
+
+/// A run being built: chunks each of which was the successor of the one before.
+struct Run {
+    first: ChunkId,
+    last: ChunkId,
+    count: u32,
+    digest: blake3::Hasher,
+    start: usize,
+}
+
+/// Everything but the chunker (split so the chunker's callback can borrow it).
+struct State {
+    store: Arc<ChunkStore>,
+    view: Arc<PeerView>,
+    cfg: EngineConfig,
+    /// Bytes at the front of the open chunk already sent by PART/PARTREF ops.
+    sent_prefix: usize,
+    prev: Option<ChunkId>,
+    // The batch being built.
+    ops: Vec<u8>,
+    spans: Vec<OpSpan>,
+    lits: Vec<u8>,
+    raw: Vec<u8>,
+    run: Option<Run>,
+    next_seq: u64,
+    retained: VecDeque<Retained>,
+    retained_bytes: usize,
+    header_sent: bool,
+    stats: EncoderStats,
+    scratch: Vec<u8>,
+}
+
+/// Encodes one direction of one stream. Feed it with `write`, `flush` when the source goes quiet,
+/// `finish` at its end, and pass it the decoder's feedback stream.
+pub struct Encoder {
+    chunker: Chunker,
+    st: State,
+    feedback: MessageReader,
+}
+
+impl Encoder {
+    /// An encoder sending to the peer described by `view`, using `store` to remember what it sends.
+    pub fn new(store: Arc<ChunkStore>, view: Arc<PeerView>, cfg: EngineConfig) -> Encoder {
+        Encoder {
+            chunker: Chunker::new(cfg.chunking),
+            st: State {
+                store,
+                view,
+                cfg,
+                sent_prefix: 0,
+                prev: None,
+                ops: Vec::new(),
+                spans: Vec::new(),
+                lits: Vec::new(),
+                raw: Vec::new(),
+                run: None,
+                next_seq: 0,
+                retained: VecDeque::new(),
+                retained_bytes: 0,
+                header_sent: false,
+                stats: EncoderStats::default(),
+                scratch: Vec::new(),
+            },
+            feedback: MessageReader::default(),
+        }
+    }
+
+    /// Encodes `data`, appending whatever is ready to `out` (often nothing until a batch fills).
+    pub fn write(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let st = &mut self.st;
+        st.stats.input_bytes += data.len() as u64;
+        let before = out.len();
+        self.chunker.push(data, |chunk| st.on_chunk(chunk, out));
+        st.stats.output_bytes += (out.len() - before) as u64;
+    }
+
+    /// Sends everything written so far, including the bytes of the open chunk, without ending it.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        let before = out.len();
+        self.st.flush_partial(self.chunker.pending());
+        self.st.emit_batch(out);
+        self.st.stats.output_bytes += (out.len() - before) as u64;
+    }
+
+    /// Ends the stream: the open chunk becomes a chunk and everything is sent.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let before = out.len();
+        let st = &mut self.st;
+        self.chunker.finish(|chunk| st.on_chunk(chunk, out));
+        st.emit_batch(out);
+        st.stats.output_bytes += (out.len() - before) as u64;
+    }
+
+    /// Takes bytes of the decoder's feedback stream (any split). Answers to its requests are appended to
+    /// `out`. An error means the feedback stream is corrupt: end the stream.
+    pub fn feedback(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+        self.feedback.extend(input);
+        let before = out.len();
+        let r = self.handle_feedback(out);
+        self.st.stats.output_bytes += (out.len() - before) as u64;
+        r
+    }
+
+    fn handle_feedback(&mut self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        while let Some((ty, body)) = self.feedback.next_message(wire::KIND_FEEDBACK)? {
+            let mut r = Reader::new(&body);
+            match ty {
+                wire::MSG_ACK => {
+                    let delivered = r.varint("ack")?;
+                    if delivered > self.st.next_seq {
+                        return Err(WireError::Malformed("ack of a batch never sent"));
+                    }
+                    while self.st.retained.front().is_some_and(|b| b.seq < delivered) {
+                        if let Some(b) = self.st.retained.pop_front() {
+                            self.st.retained_bytes -= b.raw.len();
+                        }
+                    }
+                }
+                wire::MSG_NEED => {
+                    let seq = r.varint("need seq")?;
+                    let n = r.bounded("need count", wire::MAX_OPS as u64)?;
+                    for _ in 0..n {
+                        let op = r.varint("need op")?;
+                        self.st.answer_need(seq, op, out)?;
+                    }
+                }
+                other => return Err(WireError::UnknownMessage(other)),
+            }
+            if !r.is_empty() {
+                return Err(WireError::Malformed("trailing bytes in feedback message"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stream bytes kept for possible requests. Stop feeding the encoder while this is above your limit:
+    /// it falls when the decoder's acknowledgements arrive.
+    pub fn retained_bytes(&self) -> usize {
+        self.st.retained_bytes
+    }
+
+    /// Bytes written but not yet sent (the open chunk's unsent tail and the batch being built).
+    pub fn unflushed_bytes(&self) -> usize {
+        self.st.raw.len() + self.chunker.pending().len() - self.st.sent_prefix
+    }
+
+    pub fn stats(&self) -> EncoderStats {
+        self.st.stats
+    }
+}
+
+impl State {
+    fn push_op(&mut self, kind: u8, start: usize, id: ChunkId) {
+        self.spans.push(OpSpan {
+            kind,
+            start: start as u32,
+            end: self.raw.len() as u32,
+            id,
+        });
+    }
+
+    fn on_chunk(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let id = ChunkId::of(chunk);
+        let fresh = &chunk[self.sent_prefix..];
+        self.stats.chunks += 1;
+        let known = self.store.slot(&id).is_some_and(|s| self.view.has(s));
+        let start = self.raw.len();
+        if known && self.sent_prefix == 0 {
+            self.stats.chunks_deduped += 1;
+            let extends = match &self.run {
+                Some(run) => {
+                    run.count < self.cfg.max_run && self.store.successor(&run.last) == Some(id)
+                }
+                None => false,
+            };
+            if extends {
+                if let Some(run) = &mut self.run {
+                    run.count += 1;
+                    run.last = id;
+                    run.digest.update(id.as_bytes());
+                }
+            } else {
+                self.close_run();
+                let mut digest = blake3::Hasher::new();
+                digest.update(id.as_bytes());
+                self.run = Some(Run {
+                    first: id,
+                    last: id,
+                    count: 1,
+                    digest,
+                    start,
+                });
+            }
+            self.raw.extend_from_slice(fresh);
+        } else {
+            self.close_run();
+            self.raw.extend_from_slice(fresh);
+            if known {
+                self.stats.chunks_deduped += 1;
+                self.stats.dedup_saved_bytes += fresh.len() as u64;
+                self.ops.push(wire::OP_REF);
+                self.ops.extend_from_slice(id.as_bytes());
+                self.push_op(wire::OP_REF, start, id);
+            } else {
+                self.ops.push(wire::OP_LIT);
+                put_varint(&mut self.ops, fresh.len() as u64);
+                self.lits.extend_from_slice(fresh);
+                self.stats.literal_bytes += fresh.len() as u64;
+                self.push_op(wire::OP_LIT, start, id);
+                // The peer stores every literal chunk it completes; remember that it now holds this one.
+                match self.store.insert(&id, chunk) {
+                    Ok(()) => {
+                        if let Some(slot) = self.store.slot(&id) {
+                            self.view.mark(slot);
+                        }
+                    }
+                    Err(_) => self.stats.store_errors += 1,
+                }
+            }
+        }
+        if let Some(prev) = self.prev {
+            self.store.set_successor(&prev, &id);
+        }
+        self.prev = Some(id);
+        self.sent_prefix = 0;
+        if self.lits.len() >= self.cfg.batch_literal_bytes
+            || self.raw.len() >= self.cfg.batch_stream_bytes
+            || self.spans.len() >= wire::MAX_OPS - 2
+        {
+            self.emit_batch(out);
+        }
+    }
+
+    fn close_run(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        let len = (self.raw.len() - run.start) as u64;
+        self.stats.dedup_saved_bytes += len;
+        if run.count == 1 {
+            self.ops.push(wire::OP_REF);
+            self.ops.extend_from_slice(run.first.as_bytes());
+            self.push_op(wire::OP_REF, run.start, run.first);
+        } else {
+            self.ops.push(wire::OP_RUN);
+            put_varint(&mut self.ops, u64::from(run.count));
+            self.ops.extend_from_slice(run.first.as_bytes());
+            self.ops
+                .extend_from_slice(&run.digest.finalize().as_bytes()[..crate::CHUNK_ID_LEN]);
+            self.push_op(wire::OP_RUN, run.start, run.first);
+        }
+    }
+
+    /// Sends the unsent tail of the open chunk as a partial op: a reference to the chunk that followed
+    /// the previous one last time, if the tail is a prefix of it, else literal bytes.
+    fn flush_partial(&mut self, pending: &[u8]) {
+        if pending.len() <= self.sent_prefix {
+            return;
+        }
+        self.close_run();
+        let fresh_len = pending.len() - self.sent_prefix;
+        let start = self.raw.len();
+        self.raw.extend_from_slice(&pending[self.sent_prefix..]);
+        let predicted = self.prev.and_then(|p| self.store.successor(&p)).filter(|next| {
+            self.store.slot(next).is_some_and(|s| self.view.has(s)) && {
+                self.scratch.clear();
+                self.store.get_into(next, &mut self.scratch) && self.scratch.starts_with(pending)
+            }
+        });
+        match predicted {
+            Some(next) => {
+                self.ops.push(wire::OP_PARTREF);
+                self.ops.extend_from_slice(next.as_bytes());
+                put_varint(&mut self.ops, fresh_len as u64);
+                self.stats.dedup_saved_bytes += fresh_len as u64;
+                self.push_op(wire::OP_PARTREF, start, next);
+            }
+            None => {
+                self.ops.push(wire::OP_PART);
+                put_varint(&mut self.ops, fresh_len as u64);
+                self.lits.extend_from_slice(&pending[self.sent_prefix..]);
+                self.stats.literal_bytes += fresh_len as u64;
+                self.push_op(wire::OP_PART, start, ChunkId::default());
+            }
+        }
+        self.sent_prefix = pending.len();
+    }
+
+    fn put_header(&mut self, out: &mut Vec<u8>) {
+        if !self.header_sent {
+            wire::put_header(out, wire::KIND_DATA);
+            self.header_sent = true;
+        }
+    }
+
+    /// Sends the batch being built (if it holds anything) and keeps its stream bytes until acknowledged.
+    fn emit_batch(&mut self, out: &mut Vec<u8>) {
+        self.close_run();
+        if self.spans.is_empty() {
+            return;
+        }
+        self.put_header(out);
+        let mut body = Vec::with_capacity(self.ops.len() + self.lits.len() / 2 + 16);
+        put_varint(&mut body, self.spans.len() as u64);
+        body.extend_from_slice(&self.ops);
+        let payload = put_literals(&mut body, &self.lits, self.cfg.zstd_level);
+        self.stats.compression_saved_bytes += (self.lits.len() as u64).saturating_sub(payload as u64);
+        wire::put_message(out, wire::MSG_BATCH, &body);
+        self.stats.batches += 1;
+        self.ops.clear();
+        self.lits.clear();
+        let raw = std::mem::take(&mut self.raw);
+        self.retained_bytes += raw.len();
+        self.retained.push_back(Retained {
+            seq: self.next_seq,
+            raw,
+            ops: std::mem::take(&mut self.spans),
+        });
+        self.next_seq += 1;
+    }
+
+    /// Answers a request for op `op` of batch `seq` with the stream bytes that op stood for.
+    fn answer_need(&mut self, seq: u64, op: u64, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let batch = self
+            .retained
+            .front()
+            .and_then(|f| seq.checked_sub(f.seq))
+            .and_then(|i| self.retained.get(i as usize))
+            .ok_or(WireError::UnknownNeed { seq, op })?;
+        let span = *batch
+            .ops
+            .get(op as usize)
+            .ok_or(WireError::UnknownNeed { seq, op })?;
+        let bytes = &batch.raw[span.start as usize..span.end as usize];
+        let mut body = Vec::with_capacity(bytes.len() / 2 + 32);
+        put_varint(&mut body, seq);
+        put_varint(&mut body, op);
+        // The peer lacked what we thought it held: correct our belief so the next copy goes as bytes.
+        let forget = |id: &ChunkId| {
+            if let Some(slot) = self.store.slot(id) {
+                self.view.unmark(slot);
+            }
+        };
+        match span.kind {
+            wire::OP_RUN => {
+                let lens = crate::chunker::chunk_all(self.cfg.chunking, bytes);
+                put_varint(&mut body, lens.len() as u64);
+                let mut pos = 0;
+                for len in lens {
+                    put_varint(&mut body, len as u64);
+                    forget(&ChunkId::of(&bytes[pos..pos + len]));
+                    pos += len;
+                }
+            }
+            wire::OP_REF | wire::OP_PARTREF => {
+                forget(&span.id);
+                put_varint(&mut body, 0);
+            }
+            // Literal ops carry their bytes already; a request for one is a confused peer.
+            _ => return Err(WireError::UnknownNeed { seq, op }),
+        }
+        put_literals(&mut body, bytes, self.cfg.zstd_level);
+        wire::put_message(out, wire::MSG_FILL, &body);
+        self.stats.needs_received += 1;
+        self.stats.fill_bytes += bytes.len() as u64;
+        Ok(())
+    }
+}
