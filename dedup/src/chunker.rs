@@ -236,7 +236,8 @@ mod tests {
     }
 
     const GOLDEN: [usize; 17] = [
-        3310, 5389, 5226, 2494, 1826, 1482, 4755, 4937, 4791, 2197, 7350, 5289, 4837, 5055, 3970, 2333, 295,
+        3310, 5389, 5226, 2494, 1826, 1482, 4755, 4937, 4791, 2197, 7350, 5289, 4837, 5055, 3970,
+        2333, 295,
     ];
 
     #[test]
@@ -273,7 +274,9 @@ mod tests {
     fn zeros_cut_at_max() {
         let p = ChunkParams::default();
         let lens = chunk_all(p, &vec![0u8; 100_000]);
-        assert!(lens[..lens.len() - 1].iter().all(|&l| l == p.max_size as usize));
+        assert!(lens[..lens.len() - 1]
+            .iter()
+            .all(|&l| l == p.max_size as usize));
     }
 
     #[test]

@@ -43,7 +43,10 @@ fn sampled_entropy(data: &[u8]) -> f64 {
 
 /// Appends `codec, raw_len, payload` for `raw` to `out`. Returns the payload length.
 pub fn put_literals(out: &mut Vec<u8>, raw: &[u8], level: i32) -> usize {
-    let compressed = if level > 0 && raw.len() >= MIN_COMPRESS && (raw.len() < 4096 || sampled_entropy(raw) < 7.9) {
+    let compressed = if level > 0
+        && raw.len() >= MIN_COMPRESS
+        && (raw.len() < 4096 || sampled_entropy(raw) < 7.9)
+    {
         compress(raw, level)
     } else {
         None
@@ -80,14 +83,20 @@ fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
 
 /// Decodes `codec, raw_len, payload` from the rest of a message, appending exactly `raw_len` bytes to
 /// `out`. `limit` bounds `raw_len`.
-pub fn get_literals(r: &mut crate::wire::Reader<'_>, limit: u64, out: &mut Vec<u8>) -> Result<(), WireError> {
+pub fn get_literals(
+    r: &mut crate::wire::Reader<'_>,
+    limit: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), WireError> {
     let codec = r.u8("literal codec")?;
     let raw_len = r.bounded("literal length", limit)? as usize;
     let payload = r.rest();
     match codec {
         CODEC_RAW => {
             if payload.len() != raw_len {
-                return Err(WireError::Malformed("raw literal length differs from its payload"));
+                return Err(WireError::Malformed(
+                    "raw literal length differs from its payload",
+                ));
             }
             out.extend_from_slice(payload);
             Ok(())
@@ -97,14 +106,21 @@ pub fn get_literals(r: &mut crate::wire::Reader<'_>, limit: u64, out: &mut Vec<u
             DECOMPRESSOR.with(|cell| {
                 let mut slot = cell.borrow_mut();
                 if slot.is_none() {
-                    *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| WireError::Decompress(e.to_string()))?);
+                    *slot = Some(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| WireError::Decompress(e.to_string()))?,
+                    );
                 }
-                let d = slot.as_mut().ok_or_else(|| WireError::Decompress("no context".into()))?;
+                let d = slot
+                    .as_mut()
+                    .ok_or_else(|| WireError::Decompress("no context".into()))?;
                 d.decompress_to_buffer(payload, &mut dst)
                     .map_err(|e| WireError::Decompress(e.to_string()))
             })?;
             if dst.len() != raw_len {
-                return Err(WireError::Malformed("literals decompress to a length other than declared"));
+                return Err(WireError::Malformed(
+                    "literals decompress to a length other than declared",
+                ));
             }
             out.extend_from_slice(&dst);
             Ok(())
@@ -128,7 +144,9 @@ mod tests {
         get_literals(&mut crate::wire::Reader::new(&out), 1 << 20, &mut back).expect("decode");
         assert_eq!(back, text);
 
-        let noise: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..10_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let mut out = Vec::new();
         put_literals(&mut out, &noise, 3);
         let mut back = Vec::new();

@@ -38,7 +38,8 @@ impl EngineConfig {
         if !(0..=19).contains(&self.zstd_level) {
             return Err(format!("zstd level {} is outside 0..=19", self.zstd_level));
         }
-        if self.batch_literal_bytes == 0 || self.batch_literal_bytes > crate::wire::MAX_MESSAGE / 2 {
+        if self.batch_literal_bytes == 0 || self.batch_literal_bytes > crate::wire::MAX_MESSAGE / 2
+        {
             return Err("batch_literal_bytes must be between 1 and 4 MiB".into());
         }
         if self.batch_stream_bytes < self.chunking.max_size as usize
@@ -47,7 +48,10 @@ impl EngineConfig {
             return Err("batch_stream_bytes must be between the max chunk size and 32 MiB".into());
         }
         if self.max_run == 0 || u64::from(self.max_run) > crate::wire::MAX_RUN {
-            return Err(format!("max_run must be between 1 and {}", crate::wire::MAX_RUN));
+            return Err(format!(
+                "max_run must be between 1 and {}",
+                crate::wire::MAX_RUN
+            ));
         }
         Ok(())
     }

@@ -277,14 +277,16 @@ impl Decoder {
             ops.push(op);
         }
         let _ = decoded_total; // References are bounded per op; output is paced by `max_output_buffer`.
-        // Check the literal section's declared size now; decompress it only when the batch is decoded.
+                               // Check the literal section's declared size now; decompress it only when the batch is decoded.
         let literals = r.rest().to_vec();
         {
             let mut lr = Reader::new(&literals);
             let _codec = lr.u8("literal codec")?;
             let raw_len = lr.varint("literal length")?;
             if raw_len != lit_total {
-                return Err(WireError::Malformed("literal section length differs from the ops"));
+                return Err(WireError::Malformed(
+                    "literal section length differs from the ops",
+                ));
             }
         }
         let encoded_len = body.len();
@@ -336,14 +338,24 @@ impl Decoder {
             total += l;
             lens.push(l as u32);
         }
-        let limit = if nlens > 0 { total } else { wire::MAX_CHUNK as u64 };
+        let limit = if nlens > 0 {
+            total
+        } else {
+            wire::MAX_CHUNK as u64
+        };
         let mut data = Vec::new();
         get_literals(&mut r, limit, &mut data)?;
         if nlens > 0 && data.len() as u64 != total {
-            return Err(WireError::Malformed("fill chunk lengths differ from its bytes"));
+            return Err(WireError::Malformed(
+                "fill chunk lengths differ from its bytes",
+            ));
         }
         let unexpected = WireError::UnexpectedFill { seq, op };
-        let front = self.queue.front().map(|b| b.seq).ok_or(unexpected.clone())?;
+        let front = self
+            .queue
+            .front()
+            .map(|b| b.seq)
+            .ok_or(unexpected.clone())?;
         let idx = seq.checked_sub(front).ok_or(unexpected.clone())? as usize;
         let batch = self.queue.get_mut(idx).ok_or(unexpected.clone())?;
         let op32 = u32::try_from(op).map_err(|_| unexpected.clone())?;
@@ -355,10 +367,14 @@ impl Decoder {
                 return Err(WireError::Malformed("fill for a run without chunk lengths"))
             }
             Some(Op::Ref(_)) | Some(Op::PartRef(..)) if nlens != 0 => {
-                return Err(WireError::Malformed("fill for a reference with chunk lengths"))
+                return Err(WireError::Malformed(
+                    "fill for a reference with chunk lengths",
+                ))
             }
             Some(Op::PartRef(_, len)) if data.len() != len as usize => {
-                return Err(WireError::Malformed("fill for a partial reference of the wrong length"))
+                return Err(WireError::Malformed(
+                    "fill for a partial reference of the wrong length",
+                ))
             }
             _ => {}
         }
@@ -380,7 +396,10 @@ impl Decoder {
                     _ => continue,
                 };
                 let i = i as u32;
-                if !batch.fills.contains_key(&i) && !batch.needed.contains(&i) && !store.contains(id) {
+                if !batch.fills.contains_key(&i)
+                    && !batch.needed.contains(&i)
+                    && !store.contains(id)
+                {
                     batch.needed.insert(i);
                     self.pending_needs.push((batch.seq, i));
                     self.stats.needs_sent += 1;
@@ -471,9 +490,9 @@ impl Decoder {
             Op::Lit(len) | Op::Part(len) => {
                 let lits = batch.decoded.as_deref().unwrap_or_default();
                 let end = batch.lit_pos + len as usize;
-                let bytes = lits
-                    .get(batch.lit_pos..end)
-                    .ok_or(WireError::Malformed("literal ops exceed the literal section"))?;
+                let bytes = lits.get(batch.lit_pos..end).ok_or(WireError::Malformed(
+                    "literal ops exceed the literal section",
+                ))?;
                 batch.lit_pos = end;
                 self.output.extend_from_slice(bytes);
                 if matches!(op, Op::Part(_)) {
@@ -517,7 +536,9 @@ impl Decoder {
             Op::PartRef(id, len) => {
                 let plen = self.prefix.len();
                 if plen + len as usize > wire::MAX_CHUNK {
-                    return Err(WireError::Malformed("partial reference beyond the largest chunk"));
+                    return Err(WireError::Malformed(
+                        "partial reference beyond the largest chunk",
+                    ));
                 }
                 if let Some(fill) = fill {
                     self.output.extend_from_slice(&fill.data);
@@ -599,7 +620,12 @@ impl Decoder {
 }
 
 /// Follows successor hints from `first` for `count` chunks; `Some(ids)` only if the ids' digest matches.
-fn walk_run(store: &ChunkStore, first: ChunkId, count: u32, digest: &[u8; CHUNK_ID_LEN]) -> Option<Vec<ChunkId>> {
+fn walk_run(
+    store: &ChunkStore,
+    first: ChunkId,
+    count: u32,
+    digest: &[u8; CHUNK_ID_LEN],
+) -> Option<Vec<ChunkId>> {
     let mut ids = Vec::with_capacity(count as usize);
     let mut hasher = blake3::Hasher::new();
     let mut cur = first;

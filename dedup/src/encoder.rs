@@ -240,6 +240,11 @@ impl State {
                     run.last = id;
                     run.digest.update(id.as_bytes());
                 }
+                // The successor hint already says exactly this: nothing to record.
+                self.prev = Some(id);
+                self.sent_prefix = 0;
+                self.maybe_emit(out);
+                return;
             } else {
                 self.close_run();
                 let mut digest = blake3::Hasher::new();
@@ -284,6 +289,10 @@ impl State {
         }
         self.prev = Some(id);
         self.sent_prefix = 0;
+        self.maybe_emit(out);
+    }
+
+    fn maybe_emit(&mut self, out: &mut Vec<u8>) {
         if self.lits.len() >= self.cfg.batch_literal_bytes
             || self.raw.len() >= self.cfg.batch_stream_bytes
             || self.spans.len() >= wire::MAX_OPS - 2
@@ -320,12 +329,16 @@ impl State {
         let fresh_len = pending.len() - self.sent_prefix;
         let start = self.raw.len();
         self.raw.extend_from_slice(&pending[self.sent_prefix..]);
-        let predicted = self.prev.and_then(|p| self.store.successor(&p)).filter(|next| {
-            self.store.slot(next).is_some_and(|s| self.view.has(s)) && {
-                self.scratch.clear();
-                self.store.get_into(next, &mut self.scratch) && self.scratch.starts_with(pending)
-            }
-        });
+        let predicted = self
+            .prev
+            .and_then(|p| self.store.successor(&p))
+            .filter(|next| {
+                self.store.slot(next).is_some_and(|s| self.view.has(s)) && {
+                    self.scratch.clear();
+                    self.store.get_into(next, &mut self.scratch)
+                        && self.scratch.starts_with(pending)
+                }
+            });
         match predicted {
             Some(next) => {
                 self.ops.push(wire::OP_PARTREF);
@@ -363,7 +376,8 @@ impl State {
         put_varint(&mut body, self.spans.len() as u64);
         body.extend_from_slice(&self.ops);
         let payload = put_literals(&mut body, &self.lits, self.cfg.zstd_level);
-        self.stats.compression_saved_bytes += (self.lits.len() as u64).saturating_sub(payload as u64);
+        self.stats.compression_saved_bytes +=
+            (self.lits.len() as u64).saturating_sub(payload as u64);
         wire::put_message(out, wire::MSG_BATCH, &body);
         self.stats.batches += 1;
         self.ops.clear();

@@ -70,7 +70,10 @@ mod tests {
     #[test]
     fn golden_fingerprint() {
         // blake3("abc") = 6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85
-        assert_eq!(ChunkId::of(b"abc").to_string(), "6437b3ac38465133ffb63b75273a8db5");
+        assert_eq!(
+            ChunkId::of(b"abc").to_string(),
+            "6437b3ac38465133ffb63b75273a8db5"
+        );
         assert!(ChunkId::of(b"abc").matches(b"abc"));
         assert!(!ChunkId::of(b"abc").matches(b"abd"));
     }

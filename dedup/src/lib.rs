@@ -32,6 +32,8 @@ pub mod config;
 pub mod decoder;
 pub mod encoder;
 pub mod fingerprint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod peer;
 pub mod store;
 pub mod wire;

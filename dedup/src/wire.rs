@@ -77,7 +77,9 @@ pub enum WireError {
     Decompress(String),
     #[error("fill for batch {seq} op {op}, which was not requested")]
     UnexpectedFill { seq: u64, op: u64 },
-    #[error("request for batch {seq} op {op}, which is not held (already acknowledged or never sent)")]
+    #[error(
+        "request for batch {seq} op {op}, which is not held (already acknowledged or never sent)"
+    )]
     UnknownNeed { seq: u64, op: u64 },
 }
 
@@ -249,7 +251,8 @@ impl MessageReader {
             if self.buffered() < HEADER_LEN {
                 // Check what we have early: garbage is refused before it fills a buffer.
                 let have = &self.buf[self.start..];
-                if !have.is_empty() && have[0] != MAGIC[0] || have.len() >= 2 && have[1] != MAGIC[1] {
+                if !have.is_empty() && have[0] != MAGIC[0] || have.len() >= 2 && have[1] != MAGIC[1]
+                {
                     return Err(WireError::BadMagic);
                 }
                 return Ok(None);
@@ -301,7 +304,10 @@ mod tests {
             assert_eq!(read_varint(&b[..b.len() - 1]), Ok(None));
         }
         assert_eq!(read_varint(&[0xff; 10]), Err(WireError::BadVarint));
-        assert_eq!(read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]), Err(WireError::BadVarint));
+        assert_eq!(
+            read_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
+            Err(WireError::BadVarint)
+        );
     }
 
     #[test]
@@ -312,7 +318,10 @@ mod tests {
         b.push(MSG_BATCH);
         put_varint(&mut b, MAX_MESSAGE as u64 + 1);
         r.extend(&b);
-        assert!(matches!(r.next_message(KIND_DATA), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            r.next_message(KIND_DATA),
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -322,9 +331,15 @@ mod tests {
         assert_eq!(r.next_message(KIND_DATA), Err(WireError::BadMagic));
         let mut r = MessageReader::default();
         r.extend(&[0xD1, 0x70, 9, 0]);
-        assert_eq!(r.next_message(KIND_DATA), Err(WireError::UnsupportedVersion(9)));
+        assert_eq!(
+            r.next_message(KIND_DATA),
+            Err(WireError::UnsupportedVersion(9))
+        );
         let mut r = MessageReader::default();
         r.extend(&[0xD1, 0x70, VERSION, KIND_FEEDBACK]);
-        assert!(matches!(r.next_message(KIND_DATA), Err(WireError::WrongKind { .. })));
+        assert!(matches!(
+            r.next_message(KIND_DATA),
+            Err(WireError::WrongKind { .. })
+        ));
     }
 }

@@ -1,7 +1,7 @@
 //! A sender/receiver pair driven in memory: the test harness of the engine.
 #![allow(dead_code)]
 
-use ditto_dedup::{ChunkStore, Decoder, EngineConfig, Encoder, PeerView, StoreConfig};
+use ditto_dedup::{ChunkStore, Decoder, Encoder, EngineConfig, PeerView, StoreConfig};
 use rand::{Rng, RngCore, SeedableRng};
 use std::sync::Arc;
 
@@ -18,8 +18,8 @@ pub fn random_bytes(rng: &mut impl RngCore, len: usize) -> Vec<u8> {
 /// Text-like data: compressible, with repeated words.
 pub fn texty(rng: &mut impl Rng, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[
-        "select", "from", "where", "backup", "replica", "chunk", "the", "of", "and", "table", "index",
-        "insert", "value", "commit", "segment", "stream", "ditto", "wan", "link", "\n",
+        "select", "from", "where", "backup", "replica", "chunk", "the", "of", "and", "table",
+        "index", "insert", "value", "commit", "segment", "stream", "ditto", "wan", "link", "\n",
     ];
     let mut v = Vec::with_capacity(len + 16);
     while v.len() < len {
@@ -51,7 +51,14 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(a: &Arc<ChunkStore>, b: &Arc<ChunkStore>, view_a: Arc<PeerView>, view_b: Arc<PeerView>, cfg: EngineConfig, seed: u64) -> Link {
+    pub fn new(
+        a: &Arc<ChunkStore>,
+        b: &Arc<ChunkStore>,
+        view_a: Arc<PeerView>,
+        view_b: Arc<PeerView>,
+        cfg: EngineConfig,
+        seed: u64,
+    ) -> Link {
         Link {
             enc: Encoder::new(a.clone(), view_a, cfg.clone()),
             dec: Decoder::new(b.clone(), view_b, cfg),
@@ -69,7 +76,9 @@ impl Link {
             let n = self.rng.gen_range(1..=self.data_wire.len());
             let piece: Vec<u8> = self.data_wire.drain(..n).collect();
             self.wire_bytes += piece.len() as u64;
-            self.dec.receive(&piece).expect("decoder accepts the encoder's stream");
+            self.dec
+                .receive(&piece)
+                .expect("decoder accepts the encoder's stream");
         }
         self.dec.read(&mut self.received).expect("read");
         let mut fb = Vec::new();
@@ -79,7 +88,9 @@ impl Link {
             let n = self.rng.gen_range(1..=self.fb_wire.len());
             let piece: Vec<u8> = self.fb_wire.drain(..n).collect();
             let mut out = Vec::new();
-            self.enc.feedback(&piece, &mut out).expect("encoder accepts the decoder's feedback");
+            self.enc
+                .feedback(&piece, &mut out)
+                .expect("encoder accepts the decoder's feedback");
             self.data_wire.extend_from_slice(&out);
         }
     }

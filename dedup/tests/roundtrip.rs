@@ -62,7 +62,14 @@ enum Receiver {
     OtherHistory,
 }
 
-fn pair(receiver_ram: u64) -> (Arc<ChunkStore>, Arc<ChunkStore>, Arc<PeerView>, Arc<PeerView>) {
+fn pair(
+    receiver_ram: u64,
+) -> (
+    Arc<ChunkStore>,
+    Arc<ChunkStore>,
+    Arc<PeerView>,
+    Arc<PeerView>,
+) {
     let a = ram_store(64 << 20);
     let b = ram_store(receiver_ram);
     let va = Arc::new(PeerView::new(b.identity()));
@@ -70,10 +77,20 @@ fn pair(receiver_ram: u64) -> (Arc<ChunkStore>, Arc<ChunkStore>, Arc<PeerView>, 
     (a, b, va, vb)
 }
 
-fn run_versions(seed: u64, receiver: Receiver, max_read: usize, flush_ratio: f64, compressible: bool) {
+fn run_versions(
+    seed: u64,
+    receiver: Receiver,
+    max_read: usize,
+    flush_ratio: f64,
+    compressible: bool,
+) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let len = rng.gen_range(0..300_000);
-    let v1 = if compressible { texty(&mut rng, len) } else { random_bytes(&mut rng, len) };
+    let v1 = if compressible {
+        texty(&mut rng, len)
+    } else {
+        random_bytes(&mut rng, len)
+    };
     let (e2, e3) = (rng.gen_range(0..8), rng.gen_range(0..8));
     let v2 = edit(&mut rng, &v1, e2);
     let v3 = edit(&mut rng, &v2, e3);
@@ -100,7 +117,12 @@ fn run_versions(seed: u64, receiver: Receiver, max_read: usize, flush_ratio: f64
         Receiver::WipedSilently => ram_store(64 << 20),
         Receiver::OtherHistory => {
             let other = ram_store(64 << 20);
-            let (x, _, vx, vo) = (ram_store(64 << 20), (), Arc::new(PeerView::new(other.identity())), Arc::new(PeerView::new(other.identity())));
+            let (x, _, vx, vo) = (
+                ram_store(64 << 20),
+                (),
+                Arc::new(PeerView::new(other.identity())),
+                Arc::new(PeerView::new(other.identity())),
+            );
             // Teach `other` a different history, including v2 in another order (other successor hints).
             let mut l = Link::new(&x, &other, vx, vo, cfg.clone(), seed ^ 1);
             let mut shuffled = v2.clone();
@@ -153,7 +175,10 @@ fn repeat_costs_almost_nothing() {
     let mut link = Link::new(&a, &b, va, vb, EngineConfig::default(), 4);
     let second = link.send(&data, 65_536, 0.0, true);
     assert!(link.received == data);
-    assert!(first > data.len() as u64, "random data does not shrink: {first}");
+    assert!(
+        first > data.len() as u64,
+        "random data does not shrink: {first}"
+    );
     // 8 MiB of known chunks: a handful of run ops.
     assert!(second < 8 * 1024, "second pass cost {second} wire bytes");
 }
@@ -170,7 +195,10 @@ fn repeat_with_flushes_after_every_read() {
     assert!(link.received == data);
     let second = link.send(&data, 65_536, 1.0, false);
     assert!(link.received == data);
-    assert!(second < data.len() as u64 / 100, "second pass cost {second} wire bytes");
+    assert!(
+        second < data.len() as u64 / 100,
+        "second pass cost {second} wire bytes"
+    );
 }
 
 #[test]

@@ -23,7 +23,10 @@ const VERSION: u32 = 1;
 const META_LEN: usize = 8 + 4 + 16 + 8;
 
 pub(crate) fn io_err(path: &Path, source: io::Error) -> StoreError {
-    StoreError::Io { path: path.to_path_buf(), source }
+    StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub(crate) fn seg_name(seq: u32) -> String {
@@ -94,7 +97,11 @@ fn sync_dir(dir: &Path) {
 }
 
 /// Writes `bytes` to `dir/name` atomically: a crash leaves either the old file or the new one.
-fn write_atomic(dir: &Path, name: &str, write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>) -> Result<(), StoreError> {
+fn write_atomic(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut BufWriter<&File>) -> io::Result<()>,
+) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
     let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
@@ -205,7 +212,6 @@ pub(crate) fn write_snapshot<'a>(
             rec[28..32].copy_from_slice(&e.succ.to_le_bytes());
             put(w, &rec)?;
         }
-        drop(put);
         w.write_all(h.finalize().as_bytes())
     })
 }
@@ -241,7 +247,8 @@ pub(crate) fn read_snapshot(dir: &Path, id: StoreId, segs: &[(u32, u64)]) -> Opt
         return None;
     }
     let mut r = Rd { b: body, p: 0 };
-    if &r.take::<8>()? != SNAP_MAGIC || r.u32()? != VERSION || r.take::<16>()? != id.0.to_le_bytes() {
+    if &r.take::<8>()? != SNAP_MAGIC || r.u32()? != VERSION || r.take::<16>()? != id.0.to_le_bytes()
+    {
         return None;
     }
     let nsegs = r.u32()? as usize;
@@ -259,12 +266,19 @@ pub(crate) fn read_snapshot(dir: &Path, id: StoreId, segs: &[(u32, u64)]) -> Opt
     }
     let mut slots = Vec::with_capacity(nslots);
     for _ in 0..nslots {
-        let e = Entry { id: ChunkId(r.take()?), loc: r.u64()?, len: r.u32()?, succ: r.u32()? };
+        let e = Entry {
+            id: ChunkId(r.take()?),
+            loc: r.u64()?,
+            len: r.u32()?,
+            succ: r.u32()?,
+        };
         if e.is_live() {
             if e.loc == LOC_RAM {
                 return None;
             }
-            let i = segs.binary_search_by_key(&loc_seg(e.loc), |&(s, _)| s).ok()?;
+            let i = segs
+                .binary_search_by_key(&loc_seg(e.loc), |&(s, _)| s)
+                .ok()?;
             let off = u64::from(loc_offset(e.loc));
             if off < HDR as u64 || off + u64::from(e.len) > segs[i].1 {
                 return None;
@@ -282,7 +296,11 @@ pub(crate) fn open_segment(path: &Path, writable: bool) -> io::Result<File> {
 
 /// Creates a new, empty segment; never overwrites an existing file.
 pub(crate) fn create_segment(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).write(true).create_new(true).open(path)
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -66,7 +66,13 @@ pub(crate) struct Index {
 
 impl Index {
     pub fn new() -> Self {
-        Index { entries: Vec::new(), table: HashTable::new(), free_head: NONE, live: 0, live_bytes: 0 }
+        Index {
+            entries: Vec::new(),
+            table: HashTable::new(),
+            free_head: NONE,
+            live: 0,
+            live_bytes: 0,
+        }
     }
 
     /// Number of live entries.
@@ -87,7 +93,9 @@ impl Index {
     #[inline]
     pub fn find(&self, id: &ChunkId) -> Option<u32> {
         let entries = &self.entries;
-        self.table.find(id.hash64(), |&s| entries[s as usize].id == *id).copied()
+        self.table
+            .find(id.hash64(), |&s| entries[s as usize].id == *id)
+            .copied()
     }
 
     /// The entry in `slot`, live or not. Panics only on a slot number this index never handed out.
@@ -105,7 +113,12 @@ impl Index {
     /// Adds an id that must not be present yet; returns its slot.
     pub fn insert(&mut self, id: ChunkId, loc: u64, len: u32) -> u32 {
         debug_assert!(self.find(&id).is_none());
-        let entry = Entry { id, loc, len, succ: NONE };
+        let entry = Entry {
+            id,
+            loc,
+            len,
+            succ: NONE,
+        };
         let slot = if self.free_head != NONE {
             let slot = self.free_head;
             self.free_head = self.entries[slot as usize].succ;
@@ -114,14 +127,16 @@ impl Index {
         } else {
             if self.entries.len() == self.entries.capacity() {
                 // Grow by a quarter: doubling would leave up to 32 idle bytes per chunk.
-                self.entries.reserve_exact((self.entries.len() / 4).max(256));
+                self.entries
+                    .reserve_exact((self.entries.len() / 4).max(256));
             }
             let slot = self.entries.len() as u32;
             self.entries.push(entry);
             slot
         };
         let entries = &self.entries;
-        self.table.insert_unique(id.hash64(), slot, |&s| entries[s as usize].id.hash64());
+        self.table
+            .insert_unique(id.hash64(), slot, |&s| entries[s as usize].id.hash64());
         self.live += 1;
         self.live_bytes += u64::from(len);
         slot
@@ -134,7 +149,12 @@ impl Index {
         if let Ok(found) = self.table.find_entry(old.id.hash64(), |&s| s == slot) {
             found.remove();
         }
-        self.entries[slot as usize] = Entry { id: ChunkId::default(), loc: LOC_FREE, len: 0, succ: self.free_head };
+        self.entries[slot as usize] = Entry {
+            id: ChunkId::default(),
+            loc: LOC_FREE,
+            len: 0,
+            succ: self.free_head,
+        };
         self.free_head = slot;
         self.live -= 1;
         self.live_bytes -= u64::from(old.len);
@@ -195,7 +215,12 @@ impl Index {
         for slot in (0..n).rev() {
             let e = index.entries[slot as usize];
             if !e.is_live() {
-                index.entries[slot as usize] = Entry { id: ChunkId::default(), loc: LOC_FREE, len: 0, succ: index.free_head };
+                index.entries[slot as usize] = Entry {
+                    id: ChunkId::default(),
+                    loc: LOC_FREE,
+                    len: 0,
+                    succ: index.free_head,
+                };
                 index.free_head = slot;
                 continue;
             }
@@ -206,7 +231,9 @@ impl Index {
                 return None;
             }
             let entries = &index.entries;
-            index.table.insert_unique(e.id.hash64(), slot, |&s| entries[s as usize].id.hash64());
+            index
+                .table
+                .insert_unique(e.id.hash64(), slot, |&s| entries[s as usize].id.hash64());
             index.live += 1;
             index.live_bytes += u64::from(e.len);
         }
@@ -215,7 +242,8 @@ impl Index {
 
     /// Estimated heap bytes of the index (entries vector plus hash table).
     pub fn heap_bytes(&self) -> u64 {
-        (self.entries.capacity() * std::mem::size_of::<Entry>() + self.table.allocation_size()) as u64
+        (self.entries.capacity() * std::mem::size_of::<Entry>() + self.table.allocation_size())
+            as u64
     }
 }
 
@@ -240,7 +268,11 @@ mod tests {
         assert_eq!(ix.successor_of(a), Some(id(2)));
         ix.remove(b);
         assert_eq!(ix.find(&id(2)), None);
-        assert_eq!(ix.successor_of(a), None, "successor pointing at a freed slot is not reported");
+        assert_eq!(
+            ix.successor_of(a),
+            None,
+            "successor pointing at a freed slot is not reported"
+        );
         let c = ix.insert(id(3), LOC_RAM, 5);
         assert_eq!(c, b, "freed slot is reused");
         assert_eq!(ix.len(), 2);

@@ -47,7 +47,11 @@ pub(crate) struct RamTier {
 
 impl RamTier {
     pub fn new(cap: u64) -> Self {
-        RamTier { lru: LruCache::unbounded_with_hasher(BuildHasherDefault::default()), bytes: 0, cap }
+        RamTier {
+            lru: LruCache::unbounded_with_hasher(BuildHasherDefault::default()),
+            bytes: 0,
+            cap,
+        }
     }
 
     pub fn capacity(&self) -> u64 {

@@ -61,8 +61,15 @@ pub(crate) fn encode_succ(out: &mut Vec<u8>, prev: &ChunkId, next: &ChunkId) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Record {
     /// A verified chunk; its payload is `buf[payload..payload + len]`.
-    Chunk { id: ChunkId, payload: usize, len: u32 },
-    Succ { prev: ChunkId, next: ChunkId },
+    Chunk {
+        id: ChunkId,
+        payload: usize,
+        len: u32,
+    },
+    Succ {
+        prev: ChunkId,
+        next: ChunkId,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +124,13 @@ fn parse_at(buf: &[u8], p: usize) -> Step {
         if check(&h[..24], data) != h[24..32] {
             return Step::Bad;
         }
-        Step::Ok(Record::Succ { prev: id, next: id_at(data, 0) }, end)
+        Step::Ok(
+            Record::Succ {
+                prev: id,
+                next: id_at(data, 0),
+            },
+            end,
+        )
     }
 }
 
@@ -218,7 +231,14 @@ mod tests {
                 succ = Some((prev, next))
             }
         });
-        assert_eq!(s, ScanSummary { good_end: buf.len(), bad_payloads: 0, bad_regions: 0 });
+        assert_eq!(
+            s,
+            ScanSummary {
+                good_end: buf.len(),
+                bad_payloads: 0,
+                bad_regions: 0
+            }
+        );
         assert_eq!(succ, Some((ids[0], ids[1])));
     }
 

@@ -1,0 +1,53 @@
+//! Entry points for fuzzing untrusted input (shared by the cargo-fuzz targets in `fuzz/` and by the
+//! test that replays their corpus). Whatever the input, these must return without panicking, and the
+//! memory they use stays bounded by the engine's limits.
+
+use crate::{ChunkStore, Decoder, Encoder, EngineConfig, PeerView, StoreConfig};
+use std::sync::Arc;
+
+fn pair() -> (Arc<ChunkStore>, Arc<PeerView>, EngineConfig) {
+    let store = match ChunkStore::open(StoreConfig::in_memory(1 << 20)) {
+        Ok(s) => Arc::new(s),
+        Err(e) => panic!("a RAM store cannot fail to open: {e}"),
+    };
+    let view = Arc::new(PeerView::new(store.identity()));
+    let cfg = EngineConfig {
+        max_output_buffer: 1 << 16,
+        ..EngineConfig::default()
+    };
+    (store, view, cfg)
+}
+
+/// Feeds `data` to a decoder as the peer's data stream, in pieces whose sizes come from the first byte,
+/// reading output as it goes. Seeds a few chunks into the store so references can resolve.
+pub fn decoder(data: &[u8]) {
+    let (store, view, cfg) = pair();
+    for seed in [&b"ditto"[..], &[0u8; 4096][..], &[1u8; 1024][..]] {
+        let _ = store.insert(&crate::ChunkId::of(seed), seed);
+    }
+    let mut dec = Decoder::new(store, view, cfg);
+    let piece = data.first().map_or(1, |&b| usize::from(b) * 7 + 1);
+    let mut out = Vec::new();
+    let mut fb = Vec::new();
+    for part in data.get(1..).unwrap_or_default().chunks(piece) {
+        if dec.receive(part).is_err() {
+            return;
+        }
+        out.clear();
+        if dec.read(&mut out).is_err() {
+            return;
+        }
+        dec.feedback(&mut fb);
+        fb.clear();
+    }
+}
+
+/// Feeds `data` to an encoder as the peer's feedback stream after it has sent a little data.
+pub fn encoder_feedback(data: &[u8]) {
+    let (store, view, cfg) = pair();
+    let mut enc = Encoder::new(store, view, cfg);
+    let mut out = Vec::new();
+    enc.write(&[7u8; 50_000], &mut out);
+    enc.flush(&mut out);
+    let _ = enc.feedback(data, &mut out);
+}

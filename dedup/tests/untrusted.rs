@@ -1,0 +1,357 @@
+//! The decoder's input comes from the network: every malformed input is an error (or, when merely
+//! incomplete, a wait), never a panic and never unbounded memory.
+
+mod common;
+
+use common::{ram_store, random_bytes, Link};
+use ditto_dedup::wire::{self, put_varint};
+use ditto_dedup::{Decoder, Encoder, EngineConfig, PeerView, WireError};
+use rand::{Rng, SeedableRng};
+use std::sync::Arc;
+
+fn decoder() -> Decoder {
+    let s = ram_store(1 << 20);
+    let v = Arc::new(PeerView::new(s.identity()));
+    Decoder::new(s, v, EngineConfig::default())
+}
+
+/// A valid data stream for `data`, flushed every `flush_every` bytes.
+fn valid_stream(data: &[u8], flush_every: usize) -> Vec<u8> {
+    let a = ram_store(8 << 20);
+    let v = Arc::new(PeerView::new(a.identity()));
+    let mut enc = Encoder::new(a, v, EngineConfig::default());
+    let mut out = Vec::new();
+    for piece in data.chunks(flush_every) {
+        enc.write(piece, &mut out);
+        enc.flush(&mut out);
+    }
+    enc.finish(&mut out);
+    out
+}
+
+fn header() -> Vec<u8> {
+    let mut h = Vec::new();
+    wire::put_header(&mut h, wire::KIND_DATA);
+    h
+}
+
+fn decode_all(dec: &mut Decoder, input: &[u8]) -> Result<Vec<u8>, WireError> {
+    dec.receive(input)?;
+    let mut out = Vec::new();
+    dec.read(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn garbage_is_refused() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for i in 0..2000 {
+        let len = rng.gen_range(0..4000);
+        let mut g = random_bytes(&mut rng, len);
+        if i % 2 == 0 {
+            // Past the header, so the message parser sees the garbage.
+            let mut h = header();
+            h.append(&mut g);
+            g = h;
+        }
+        let mut dec = decoder();
+        let _ = decode_all(&mut dec, &g);
+        assert!(dec.queued_bytes() <= g.len() + 16);
+    }
+    let mut dec = decoder();
+    assert_eq!(
+        decode_all(&mut dec, b"SSH-2.0-OpenSSH_9.2\r\n"),
+        Err(WireError::BadMagic)
+    );
+    // The error is final.
+    assert!(dec.receive(&header()).is_err());
+}
+
+#[test]
+fn unknown_version_is_refused() {
+    let mut dec = decoder();
+    let r = decode_all(
+        &mut dec,
+        &[
+            wire::MAGIC[0],
+            wire::MAGIC[1],
+            wire::VERSION + 1,
+            wire::KIND_DATA,
+        ],
+    );
+    assert_eq!(r, Err(WireError::UnsupportedVersion(wire::VERSION + 1)));
+}
+
+#[test]
+fn truncated_streams_wait_and_output_only_a_prefix() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let data = common::texty(&mut rng, 60_000);
+    let stream = valid_stream(&data, 7_000);
+    for cut in (0..stream.len()).step_by(97) {
+        let mut dec = decoder();
+        let out = decode_all(&mut dec, &stream[..cut])
+            .expect("a prefix of a valid stream is not an error");
+        assert!(
+            data.starts_with(&out),
+            "cut at {cut} output bytes that are not a prefix"
+        );
+    }
+    let mut dec = decoder();
+    assert_eq!(decode_all(&mut dec, &stream).expect("whole"), data);
+}
+
+#[test]
+fn flipped_bytes_never_panic() {
+    // Integrity on the wire is TLS's job; here we only require that no corruption crashes the decoder.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let data = random_bytes(&mut rng, 30_000);
+    let mut data2 = common::texty(&mut rng, 30_000);
+    data2.extend_from_slice(&data);
+    let stream = valid_stream(&data2, 9_000);
+    for _ in 0..3000 {
+        let mut s = stream.clone();
+        let pos = rng.gen_range(0..s.len());
+        s[pos] ^= 1 << rng.gen_range(0..8);
+        let mut dec = decoder();
+        let _ = decode_all(&mut dec, &s);
+    }
+}
+
+fn batch(ops: &[u8], n_ops: u64, literals: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_varint(&mut body, n_ops);
+    body.extend_from_slice(ops);
+    body.extend_from_slice(literals);
+    let mut m = header();
+    wire::put_message(&mut m, wire::MSG_BATCH, &body);
+    m
+}
+
+#[test]
+fn oversized_fields_are_refused() {
+    // Message length.
+    let mut m = header();
+    m.push(wire::MSG_BATCH);
+    put_varint(&mut m, u64::MAX >> 1);
+    assert!(matches!(
+        decode_all(&mut decoder(), &m),
+        Err(WireError::TooLarge { .. })
+    ));
+    // Op count.
+    let m = batch(&[], wire::MAX_OPS as u64 + 1, &[]);
+    assert!(matches!(
+        decode_all(&mut decoder(), &m),
+        Err(WireError::TooLarge { .. })
+    ));
+    // Literal op length.
+    let mut ops = vec![wire::OP_LIT];
+    put_varint(&mut ops, wire::MAX_CHUNK as u64 + 1);
+    assert!(matches!(
+        decode_all(&mut decoder(), &batch(&ops, 1, &[])),
+        Err(WireError::TooLarge { .. })
+    ));
+    // Run length.
+    let mut ops = vec![wire::OP_RUN];
+    put_varint(&mut ops, wire::MAX_RUN + 1);
+    ops.extend_from_slice(&[0u8; 32]);
+    assert!(matches!(
+        decode_all(&mut decoder(), &batch(&ops, 1, &[])),
+        Err(WireError::TooLarge { .. })
+    ));
+    // Literal section that disagrees with the ops.
+    let mut ops = vec![wire::OP_LIT];
+    put_varint(&mut ops, 10);
+    let mut lits = vec![wire::CODEC_RAW];
+    put_varint(&mut lits, 11);
+    lits.extend_from_slice(&[0u8; 11]);
+    assert!(matches!(
+        decode_all(&mut decoder(), &batch(&ops, 1, &lits)),
+        Err(WireError::Malformed(_))
+    ));
+    // Unknown op, unknown codec, unknown message.
+    assert!(matches!(
+        decode_all(&mut decoder(), &batch(&[0x7f], 1, &[])),
+        Err(WireError::UnknownOp(0x7f))
+    ));
+    let mut ops = vec![wire::OP_LIT];
+    put_varint(&mut ops, 1);
+    assert!(decode_all(&mut decoder(), &batch(&ops, 1, &[9, 1, 0])).is_err());
+    let mut m = header();
+    wire::put_message(&mut m, 0x55, &[]);
+    assert_eq!(
+        decode_all(&mut decoder(), &m),
+        Err(WireError::UnknownMessage(0x55))
+    );
+}
+
+#[test]
+fn decompression_bomb_is_refused() {
+    // Ops claim 1000 literal bytes; the zstd payload expands to 64 MiB.
+    let frame = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).expect("compress");
+    let mut ops = vec![wire::OP_LIT];
+    put_varint(&mut ops, 1000);
+    let mut lits = vec![wire::CODEC_ZSTD];
+    put_varint(&mut lits, 1000);
+    lits.extend_from_slice(&frame);
+    let mut dec = decoder();
+    assert!(decode_all(&mut dec, &batch(&ops, 1, &lits)).is_err());
+}
+
+#[test]
+fn endless_partial_chunk_is_refused() {
+    // PART ops grow the open chunk; past the largest chunk size it is an error, not a growing buffer.
+    let mut dec = decoder();
+    let mut total = 0usize;
+    let mut failed = false;
+    for _ in 0..100 {
+        let mut ops = vec![wire::OP_PART];
+        put_varint(&mut ops, 60_000);
+        let mut lits = vec![wire::CODEC_RAW];
+        put_varint(&mut lits, 60_000);
+        lits.extend_from_slice(&[b'x'; 60_000]);
+        let m = batch(&ops, 1, &lits);
+        let m = if total == 0 {
+            m
+        } else {
+            m[wire::HEADER_LEN..].to_vec()
+        };
+        total += 60_000;
+        if decode_all(&mut dec, &m).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "an open chunk of {total} bytes was accepted");
+    assert!(total <= wire::MAX_CHUNK + 60_000);
+}
+
+#[test]
+fn unrequested_fill_is_refused() {
+    let mut body = Vec::new();
+    put_varint(&mut body, 0);
+    put_varint(&mut body, 0);
+    put_varint(&mut body, 0);
+    body.extend_from_slice(&[wire::CODEC_RAW, 1, b'x']);
+    let mut m = header();
+    wire::put_message(&mut m, wire::MSG_FILL, &body);
+    assert!(matches!(
+        decode_all(&mut decoder(), &m),
+        Err(WireError::UnexpectedFill { .. })
+    ));
+}
+
+#[test]
+fn bad_feedback_is_refused() {
+    let a = ram_store(1 << 20);
+    let v = Arc::new(PeerView::new(a.identity()));
+    let mut enc = Encoder::new(a, v, EngineConfig::default());
+    let mut out = Vec::new();
+    enc.write(&[1u8; 10_000], &mut out);
+    enc.flush(&mut out);
+    let mut fb = Vec::new();
+    wire::put_header(&mut fb, wire::KIND_FEEDBACK);
+    let mut body = Vec::new();
+    put_varint(&mut body, 99);
+    wire::put_message(&mut fb, wire::MSG_ACK, &body);
+    assert!(
+        enc.feedback(&fb, &mut out).is_err(),
+        "ack of a batch never sent"
+    );
+    let mut enc2 = {
+        let a = ram_store(1 << 20);
+        let v = Arc::new(PeerView::new(a.identity()));
+        Encoder::new(a, v, EngineConfig::default())
+    };
+    let mut fb = Vec::new();
+    wire::put_header(&mut fb, wire::KIND_FEEDBACK);
+    let mut body = Vec::new();
+    put_varint(&mut body, 5);
+    put_varint(&mut body, 1);
+    put_varint(&mut body, 0);
+    wire::put_message(&mut fb, wire::MSG_NEED, &body);
+    assert!(matches!(
+        enc2.feedback(&fb, &mut out),
+        Err(WireError::UnknownNeed { .. })
+    ));
+}
+
+#[test]
+fn fuzz_corpus_replays_without_panic() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let mut n = 0;
+    for (target, f) in [
+        ("decoder", ditto_dedup::fuzzing::decoder as fn(&[u8])),
+        ("encoder_feedback", ditto_dedup::fuzzing::encoder_feedback),
+    ] {
+        let dir = root.join(target);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            panic!("fuzz corpus {} is missing", dir.display());
+        };
+        for e in entries.flatten() {
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                f(&bytes);
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 10, "only {n} corpus files");
+}
+
+/// Writes seed inputs for the fuzzers (run by hand: `cargo test -p ditto-dedup --test untrusted -- --ignored`).
+#[test]
+#[ignore]
+fn write_corpus_seeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    for (i, (len, flush)) in [
+        (100usize, 50usize),
+        (5_000, 1_000),
+        (40_000, 40_000),
+        (70_000, 3_000),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut data = common::texty(&mut rng, *len);
+        data.extend_from_slice(&data.clone());
+        let mut s = vec![(i * 40) as u8];
+        s.extend_from_slice(&valid_stream(&data, *flush));
+        std::fs::write(root.join(format!("decoder/seed-{i}")), &s).expect("write");
+    }
+    // A stream with references and runs: the second half repeats the first.
+    let a = ram_store(8 << 20);
+    let b = ram_store(8 << 20);
+    let va = Arc::new(PeerView::new(b.identity()));
+    let vb = Arc::new(PeerView::new(a.identity()));
+    let mut link = Link::new(&a, &b, va.clone(), vb, EngineConfig::default(), 1);
+    let data = random_bytes(&mut rng, 100_000);
+    link.send(&data, 10_000, 0.3, true);
+    let mut enc = ditto_dedup::Encoder::new(a.clone(), va, EngineConfig::default());
+    let mut out = vec![3u8];
+    enc.write(&data, &mut out);
+    enc.finish(&mut out);
+    std::fs::write(root.join("decoder/seed-refs"), &out).expect("write");
+    let mut fb = Vec::new();
+    wire::put_header(&mut fb, wire::KIND_FEEDBACK);
+    let mut body = Vec::new();
+    put_varint(&mut body, 0);
+    put_varint(&mut body, 1);
+    put_varint(&mut body, 0);
+    wire::put_message(&mut fb, wire::MSG_NEED, &body);
+    let mut body = Vec::new();
+    put_varint(&mut body, 1);
+    wire::put_message(&mut fb, wire::MSG_ACK, &body);
+    std::fs::write(root.join("encoder_feedback/seed-0"), &fb).expect("write");
+    for i in 0..4 {
+        std::fs::write(
+            root.join(format!("encoder_feedback/garbage-{i}")),
+            random_bytes(&mut rng, 64 * (i + 1)),
+        )
+        .expect("write");
+        std::fs::write(
+            root.join(format!("decoder/garbage-{i}")),
+            random_bytes(&mut rng, 64 * (i + 1)),
+        )
+        .expect("write");
+    }
+}
