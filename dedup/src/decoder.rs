@@ -48,6 +48,7 @@ enum Op {
         first: ChunkId,
         digest: [u8; CHUNK_ID_LEN],
     },
+    Cut(u32),
 }
 
 /// Bytes resent by the encoder for one op.
@@ -272,6 +273,7 @@ impl Decoder {
                         digest,
                     }
                 }
+                wire::OP_CUT => Op::Cut(r.bounded("cut length", wire::MAX_CHUNK as u64)? as u32),
                 other => return Err(WireError::UnknownOp(other)),
             };
             ops.push(op);
@@ -378,6 +380,42 @@ impl Decoder {
             }
             _ => {}
         }
+        // The fill must be what the op named: a bug or a lie on the other side must end the stream, not
+        // reach the client. (A partial reference names a whole chunk and cannot be checked from a part.)
+        let matches = match batch.ops.get(op32 as usize).copied() {
+            Some(Op::Run {
+                count,
+                first,
+                digest,
+            }) => {
+                let mut hasher = blake3::Hasher::new();
+                let mut pos = 0usize;
+                let mut ids = 0u32;
+                let mut first_ok = false;
+                for &len in &lens {
+                    let id = ChunkId::of(&data[pos..pos + len as usize]);
+                    first_ok |= ids == 0 && id == first;
+                    hasher.update(id.as_bytes());
+                    pos += len as usize;
+                    ids += 1;
+                }
+                first_ok
+                    && ids == count
+                    && hasher.finalize().as_bytes()[..CHUNK_ID_LEN] == digest[..]
+            }
+            // A reference completes the open chunk: the bytes already output plus the fill.
+            Some(Op::Ref(id)) if idx == 0 && batch.next_op == op32 as usize => {
+                let mut h = blake3::Hasher::new();
+                h.update(&self.prefix);
+                h.update(&data);
+                h.finalize().as_bytes()[..CHUNK_ID_LEN] == id.0[..]
+            }
+            // A reference further on: its open-chunk prefix is not known yet; checked when applied.
+            _ => true,
+        };
+        if !matches {
+            return Err(WireError::FillMismatch { seq, op });
+        }
         self.stats.fill_bytes += data.len() as u64;
         batch.fills.insert(op32, Fill { lens, data });
         Ok(())
@@ -443,6 +481,10 @@ impl Decoder {
                 continue;
             }
             let i = batch.next_op;
+            if batch.needed.contains(&(i as u32)) {
+                // Requested already; nothing to do until the fill arrives.
+                return Ok(());
+            }
             match self.step(i)? {
                 Step::Done => {
                     if let Some(batch) = self.queue.front_mut() {
@@ -516,12 +558,26 @@ impl Decoder {
                 }
                 Ok(Step::Done)
             }
+            Op::Cut(len) => {
+                let len = len as usize;
+                if len > self.prefix.len() {
+                    return Err(WireError::Malformed("cut beyond the open chunk"));
+                }
+                let chunk: Vec<u8> = self.prefix.drain(..len).collect();
+                self.complete_chunk(ChunkId::of(&chunk), Some(&chunk));
+                Ok(Step::Done)
+            }
             Op::Ref(id) => {
                 if let Some(fill) = fill {
-                    self.output.extend_from_slice(&fill.data);
                     let mut chunk = std::mem::take(&mut self.prefix);
                     chunk.extend_from_slice(&fill.data);
-                    self.complete_chunk(ChunkId::of(&chunk), Some(&chunk));
+                    let got = ChunkId::of(&chunk);
+                    if got != id {
+                        let seq = batch.seq;
+                        return Err(WireError::FillMismatch { seq, op: i as u64 });
+                    }
+                    self.output.extend_from_slice(&fill.data);
+                    self.complete_chunk(got, Some(&chunk));
                     return Ok(Step::Done);
                 }
                 let mut chunk = Vec::new();

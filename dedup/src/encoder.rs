@@ -222,8 +222,25 @@ impl State {
 
     fn on_chunk(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         let id = ChunkId::of(chunk);
-        let fresh = &chunk[self.sent_prefix..];
         self.stats.chunks += 1;
+        if self.sent_prefix >= chunk.len() {
+            // A flush sent this whole chunk already (a boundary can fall just before the end of what was
+            // flushed, at a position the scan could only judge once the next byte arrived). Tell the
+            // decoder where the chunk ends; the rest of what it holds starts the next chunk.
+            self.close_run();
+            self.ops.push(wire::OP_CUT);
+            put_varint(&mut self.ops, chunk.len() as u64);
+            self.push_op(wire::OP_CUT, self.raw.len(), id);
+            self.remember_sent(&id, chunk);
+            if let Some(prev) = self.prev {
+                self.store.set_successor(&prev, &id);
+            }
+            self.prev = Some(id);
+            self.sent_prefix -= chunk.len();
+            self.maybe_emit(out);
+            return;
+        }
+        let fresh = &chunk[self.sent_prefix..];
         let known = self.store.slot(&id).is_some_and(|s| self.view.has(s));
         let start = self.raw.len();
         if known && self.sent_prefix == 0 {
@@ -240,6 +257,7 @@ impl State {
                     run.last = id;
                     run.digest.update(id.as_bytes());
                 }
+                self.raw.extend_from_slice(fresh);
                 // The successor hint already says exactly this: nothing to record.
                 self.prev = Some(id);
                 self.sent_prefix = 0;
@@ -273,15 +291,7 @@ impl State {
                 self.lits.extend_from_slice(fresh);
                 self.stats.literal_bytes += fresh.len() as u64;
                 self.push_op(wire::OP_LIT, start, id);
-                // The peer stores every literal chunk it completes; remember that it now holds this one.
-                match self.store.insert(&id, chunk) {
-                    Ok(()) => {
-                        if let Some(slot) = self.store.slot(&id) {
-                            self.view.mark(slot);
-                        }
-                    }
-                    Err(_) => self.stats.store_errors += 1,
-                }
+                self.remember_sent(&id, chunk);
             }
         }
         if let Some(prev) = self.prev {
@@ -290,6 +300,19 @@ impl State {
         self.prev = Some(id);
         self.sent_prefix = 0;
         self.maybe_emit(out);
+    }
+
+    /// The peer stores every chunk it completes from bytes we sent: store it too, and remember that the
+    /// peer now holds it.
+    fn remember_sent(&mut self, id: &ChunkId, chunk: &[u8]) {
+        match self.store.insert(id, chunk) {
+            Ok(()) => {
+                if let Some(slot) = self.store.slot(id) {
+                    self.view.mark(slot);
+                }
+            }
+            Err(_) => self.stats.store_errors += 1,
+        }
     }
 
     fn maybe_emit(&mut self, out: &mut Vec<u8>) {

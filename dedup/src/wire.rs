@@ -29,6 +29,7 @@ pub const OP_PART: u8 = 0x01;
 pub const OP_REF: u8 = 0x02;
 pub const OP_PARTREF: u8 = 0x03;
 pub const OP_RUN: u8 = 0x04;
+pub const OP_CUT: u8 = 0x05;
 
 /// Literal payload codecs.
 pub const CODEC_RAW: u8 = 0;
@@ -77,6 +78,8 @@ pub enum WireError {
     Decompress(String),
     #[error("fill for batch {seq} op {op}, which was not requested")]
     UnexpectedFill { seq: u64, op: u64 },
+    #[error("fill for batch {seq} op {op} does not match the fingerprint it stands for")]
+    FillMismatch { seq: u64, op: u64 },
     #[error(
         "request for batch {seq} op {op}, which is not held (already acknowledged or never sent)"
     )]

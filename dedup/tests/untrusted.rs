@@ -355,3 +355,39 @@ fn write_corpus_seeds() {
         .expect("write");
     }
 }
+
+#[test]
+fn corrupt_fill_is_refused_not_delivered() {
+    // The receiver lost its store; the sender's answer to its request is damaged on the way (or by a
+    // bug). The decoder must refuse it rather than output it.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let data = random_bytes(&mut rng, 300_000);
+    for flip_at_end in [1usize, 5000] {
+        // A request makes the sender forget its belief, so each case starts from a fresh first pass.
+        let a = ram_store(8 << 20);
+        let b = ram_store(8 << 20);
+        let va = Arc::new(PeerView::new(b.identity()));
+        let vb = Arc::new(PeerView::new(a.identity()));
+        let mut link = Link::new(&a, &b, va.clone(), vb.clone(), EngineConfig::default(), 1);
+        link.send(&data, 50_000, 0.0, true);
+        let mut enc = Encoder::new(a.clone(), va.clone(), EngineConfig::default());
+        let mut dec = Decoder::new(ram_store(8 << 20), vb.clone(), EngineConfig::default());
+        let mut wire = Vec::new();
+        enc.write(&data, &mut wire);
+        enc.finish(&mut wire);
+        dec.receive(&wire).expect("refs are fine");
+        let mut out = Vec::new();
+        dec.read(&mut out).expect("read");
+        assert!(out.is_empty(), "nothing resolvable yet");
+        let mut fb = Vec::new();
+        dec.feedback(&mut fb);
+        let mut fill = Vec::new();
+        enc.feedback(&fb, &mut fill).expect("need is valid");
+        assert!(fill.len() > 100_000);
+        let n = fill.len();
+        fill[n - flip_at_end] ^= 0x40;
+        let r = dec.receive(&fill).and_then(|()| dec.read(&mut out));
+        assert!(matches!(r, Err(WireError::FillMismatch { .. })), "{r:?}");
+        assert!(data.starts_with(&out));
+    }
+}
