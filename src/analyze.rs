@@ -49,6 +49,13 @@ struct Report {
     ratio: f64,
     seconds: f64,
     throughput_mb_s: f64,
+    /// What the data stream was made of.
+    chunks: u64,
+    literal_chunks: u64,
+    delta_chunks: u64,
+    reference_ops: u64,
+    run_ops: u64,
+    batches: u64,
     verified: bool,
 }
 
@@ -175,6 +182,12 @@ fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
     report.input_bytes = st.input_bytes;
     report.dedup_saved_bytes = st.dedup_saved_bytes;
     report.compression_saved_bytes = st.compression_saved_bytes;
+    report.chunks = st.chunks;
+    report.literal_chunks = st.literal_chunks;
+    report.delta_chunks = st.delta_chunks;
+    report.reference_ops = st.ref_ops;
+    report.run_ops = st.run_ops;
+    report.batches = st.batches;
     report.verified = in_hash.finalize() == out_hash.finalize();
     report.finish();
     Ok(report)

@@ -175,3 +175,62 @@ mod tests {
         ));
     }
 }
+
+/// Compresses `data` as a delta against `base` (a zstd frame that uses `base` as its prefix). `None` if
+/// zstd fails.
+pub fn delta_compress(base: &[u8], data: &[u8], level: i32) -> Option<Vec<u8>> {
+    let mut cctx = zstd::zstd_safe::CCtx::try_create()?;
+    cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level.max(1)))
+        .ok()?;
+    cctx.ref_prefix(base).ok()?;
+    let mut dst = Vec::with_capacity(zstd::zstd_safe::compress_bound(data.len()));
+    cctx.compress2(&mut dst, data).ok()?;
+    Some(dst)
+}
+
+/// Decodes a delta made by [`delta_compress`]: exactly `raw_len` bytes, or an error.
+pub fn delta_decompress(base: &[u8], payload: &[u8], raw_len: usize) -> Result<Vec<u8>, WireError> {
+    let mut dctx = zstd::zstd_safe::DCtx::try_create()
+        .ok_or_else(|| WireError::Decompress("no decompression context".into()))?;
+    dctx.ref_prefix(base)
+        .map_err(|c| WireError::Decompress(zstd::zstd_safe::get_error_name(c).to_string()))?;
+    let mut dst = Vec::with_capacity(raw_len);
+    dctx.decompress(&mut dst, payload)
+        .map_err(|c| WireError::Decompress(zstd::zstd_safe::get_error_name(c).to_string()))?;
+    if dst.len() != raw_len {
+        return Err(WireError::Malformed(
+            "delta decodes to a length other than declared",
+        ));
+    }
+    Ok(dst)
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    #[test]
+    fn delta_of_a_small_edit_is_small() {
+        let mut base = vec![0u8; 8000];
+        blake3::Hasher::new()
+            .update(b"base")
+            .finalize_xof()
+            .fill(&mut base);
+        let mut data = base.clone();
+        data[4000] ^= 0xff;
+        data.splice(100..100, *b"inserted");
+        let d = delta_compress(&base, &data, 3).expect("delta");
+        assert!(d.len() < 64, "delta of {} bytes", d.len());
+        assert_eq!(
+            delta_decompress(&base, &d, data.len()).expect("undelta"),
+            data
+        );
+        // The wrong base never yields the data; a lying length is refused.
+        let other = vec![7u8; 8000];
+        assert_ne!(
+            delta_decompress(&other, &d, data.len()).ok(),
+            Some(data.clone())
+        );
+        assert!(delta_decompress(&base, &d, data.len() - 1).is_err());
+    }
+}

@@ -11,7 +11,7 @@
 //! `max_output_buffer` bytes wait to be read, and queued input is bounded by the caller's flow control
 //! (and by `max_queued_bytes` as a backstop).
 
-use crate::compress::get_literals;
+use crate::compress::{delta_decompress, get_literals};
 use crate::config::EngineConfig;
 use crate::fingerprint::{ChunkId, CHUNK_ID_LEN};
 use crate::peer::PeerView;
@@ -49,6 +49,13 @@ enum Op {
         digest: [u8; CHUNK_ID_LEN],
     },
     Cut(u32),
+    /// A new chunk as a zstd delta against `base`; the payload is `deltas[start..start + len]`.
+    Delta {
+        base: ChunkId,
+        raw_len: u32,
+        start: u32,
+        len: u32,
+    },
 }
 
 /// Bytes resent by the encoder for one op.
@@ -62,6 +69,8 @@ struct Batch {
     ops: Vec<Op>,
     /// The literal section, still compressed until the batch reaches the head of the queue.
     literals: Vec<u8>,
+    /// Payloads of the batch's delta ops.
+    deltas: Vec<u8>,
     decoded: Option<Vec<u8>>,
     lit_pos: usize,
     next_op: usize,
@@ -92,6 +101,7 @@ pub struct Decoder {
     /// Bytes of the open chunk output so far (by PART and PARTREF ops).
     prefix: Vec<u8>,
     prev: Option<ChunkId>,
+    hints: crate::hints::Hints,
     feedback_header_sent: bool,
     failed: Option<WireError>,
     stats: DecoderStats,
@@ -124,6 +134,7 @@ impl Decoder {
             output: Vec::new(),
             prefix: Vec::new(),
             prev: None,
+            hints: Default::default(),
             feedback_header_sent: false,
             failed: None,
             stats: DecoderStats::default(),
@@ -233,6 +244,7 @@ impl Decoder {
             return Err(WireError::Malformed("empty batch"));
         }
         let mut ops = Vec::with_capacity(n);
+        let mut deltas = Vec::new();
         let mut lit_total: u64 = 0;
         let mut decoded_total: u64 = 0;
         for _ in 0..n {
@@ -274,6 +286,19 @@ impl Decoder {
                     }
                 }
                 wire::OP_CUT => Op::Cut(r.bounded("cut length", wire::MAX_CHUNK as u64)? as u32),
+                wire::OP_DELTA => {
+                    let base = r.id()?;
+                    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)? as u32;
+                    let len = r.bounded("delta payload length", wire::MAX_CHUNK as u64)? as usize;
+                    let start = deltas.len() as u32;
+                    deltas.extend_from_slice(r.bytes(len, "delta payload")?);
+                    Op::Delta {
+                        base,
+                        raw_len,
+                        start,
+                        len: len as u32,
+                    }
+                }
                 other => return Err(WireError::UnknownOp(other)),
             };
             ops.push(op);
@@ -306,6 +331,7 @@ impl Decoder {
             seq,
             ops,
             literals,
+            deltas,
             decoded: None,
             lit_pos: 0,
             next_op: 0,
@@ -368,12 +394,14 @@ impl Decoder {
             Some(Op::Run { .. }) if nlens == 0 => {
                 return Err(WireError::Malformed("fill for a run without chunk lengths"))
             }
-            Some(Op::Ref(_)) | Some(Op::PartRef(..)) if nlens != 0 => {
+            Some(Op::Ref(_)) | Some(Op::PartRef(..)) | Some(Op::Delta { .. }) if nlens != 0 => {
                 return Err(WireError::Malformed(
                     "fill for a reference with chunk lengths",
                 ))
             }
-            Some(Op::PartRef(_, len)) if data.len() != len as usize => {
+            Some(Op::PartRef(_, len)) | Some(Op::Delta { raw_len: len, .. })
+                if data.len() != len as usize =>
+            {
                 return Err(WireError::Malformed(
                     "fill for a partial reference of the wrong length",
                 ))
@@ -429,7 +457,7 @@ impl Decoder {
             let start = if bi == batch_idx { from_op } else { 0 };
             for (i, op) in batch.ops.iter().enumerate().skip(start) {
                 let id = match op {
-                    Op::Ref(id) | Op::PartRef(id, _) => id,
+                    Op::Ref(id) | Op::PartRef(id, _) | Op::Delta { base: id, .. } => id,
                     Op::Run { first, .. } => first,
                     _ => continue,
                 };
@@ -517,7 +545,7 @@ impl Decoder {
             self.view.mark(slot);
         }
         if let Some(prev) = self.prev {
-            self.store.set_successor(&prev, &id);
+            self.hints.record(&self.store, &prev, &id, false);
         }
         self.prev = Some(id);
     }
@@ -556,6 +584,30 @@ impl Decoder {
                     chunk.extend_from_slice(&bytes);
                     self.complete_chunk(ChunkId::of(&chunk), Some(&chunk));
                 }
+                Ok(Step::Done)
+            }
+            Op::Delta {
+                base,
+                raw_len,
+                start,
+                len,
+            } => {
+                if !self.prefix.is_empty() {
+                    return Err(WireError::Malformed("delta inside an open chunk"));
+                }
+                let chunk = match fill {
+                    Some(fill) => fill.data,
+                    None => {
+                        let mut base_bytes = Vec::new();
+                        if !self.store.get_into(&base, &mut base_bytes) {
+                            return Ok(Step::Stalled);
+                        }
+                        let payload = &batch.deltas[start as usize..(start + len) as usize];
+                        delta_decompress(&base_bytes, payload, raw_len as usize)?
+                    }
+                };
+                self.output.extend_from_slice(&chunk);
+                self.complete_chunk(ChunkId::of(&chunk), Some(&chunk));
                 Ok(Step::Done)
             }
             Op::Cut(len) => {

@@ -10,7 +10,7 @@
 //! of what the two stores hold.
 
 use crate::chunker::Chunker;
-use crate::compress::put_literals;
+use crate::compress::{delta_compress, put_literals};
 use crate::config::EngineConfig;
 use crate::fingerprint::ChunkId;
 use crate::peer::PeerView;
@@ -26,7 +26,7 @@ pub struct EncoderStats {
     pub input_bytes: u64,
     /// Encoded bytes produced (data stream, including fills).
     pub output_bytes: u64,
-    /// Stream bytes sent as references or runs instead of literals.
+    /// Stream bytes sent as references or runs instead of literals (and what deltas saved).
     pub dedup_saved_bytes: u64,
     /// Literal bytes minus their compressed size.
     pub compression_saved_bytes: u64,
@@ -34,6 +34,12 @@ pub struct EncoderStats {
     pub literal_bytes: u64,
     pub chunks: u64,
     pub chunks_deduped: u64,
+    /// New chunks sent as a delta against a similar chunk the peer holds.
+    pub delta_chunks: u64,
+    /// Chunks sent as literals, reference ops, run ops.
+    pub literal_chunks: u64,
+    pub ref_ops: u64,
+    pub run_ops: u64,
     pub batches: u64,
     /// Ops the decoder asked for again, and the stream bytes sent to answer them.
     pub needs_received: u64,
@@ -77,6 +83,10 @@ struct State {
     /// Bytes at the front of the open chunk already sent by PART/PARTREF ops.
     sent_prefix: usize,
     prev: Option<ChunkId>,
+    /// The chunk of the earlier stream that `prev` corresponds to (itself if it was sent as a reference,
+    /// its base if sent as a delta): its successor is the best base for a delta of the next chunk.
+    prev_old: Option<ChunkId>,
+    hints: crate::hints::Hints,
     // The batch being built.
     ops: Vec<u8>,
     spans: Vec<OpSpan>,
@@ -110,6 +120,8 @@ impl Encoder {
                 cfg,
                 sent_prefix: 0,
                 prev: None,
+                prev_old: None,
+                hints: Default::default(),
                 ops: Vec::new(),
                 spans: Vec::new(),
                 lits: Vec::new(),
@@ -233,9 +245,10 @@ impl State {
             self.push_op(wire::OP_CUT, self.raw.len(), id);
             self.remember_sent(&id, chunk);
             if let Some(prev) = self.prev {
-                self.store.set_successor(&prev, &id);
+                self.hints.record(&self.store, &prev, &id, false);
             }
             self.prev = Some(id);
+            self.prev_old = None;
             self.sent_prefix -= chunk.len();
             self.maybe_emit(out);
             return;
@@ -243,6 +256,7 @@ impl State {
         let fresh = &chunk[self.sent_prefix..];
         let known = self.store.slot(&id).is_some_and(|s| self.view.has(s));
         let start = self.raw.len();
+        let mut old = known.then_some(id);
         if known && self.sent_prefix == 0 {
             self.stats.chunks_deduped += 1;
             let extends = match &self.run {
@@ -258,8 +272,12 @@ impl State {
                     run.digest.update(id.as_bytes());
                 }
                 self.raw.extend_from_slice(fresh);
-                // The successor hint already says exactly this: nothing to record.
+                if let Some(prev) = self.prev {
+                    // The successor hint already says exactly this.
+                    self.hints.record(&self.store, &prev, &id, true);
+                }
                 self.prev = Some(id);
+                self.prev_old = Some(id);
                 self.sent_prefix = 0;
                 self.maybe_emit(out);
                 return;
@@ -285,8 +303,20 @@ impl State {
                 self.ops.push(wire::OP_REF);
                 self.ops.extend_from_slice(id.as_bytes());
                 self.push_op(wire::OP_REF, start, id);
+            } else if let Some((base, payload)) = self.try_delta(chunk, &id) {
+                self.ops.push(wire::OP_DELTA);
+                self.ops.extend_from_slice(base.as_bytes());
+                put_varint(&mut self.ops, chunk.len() as u64);
+                put_varint(&mut self.ops, payload.len() as u64);
+                self.ops.extend_from_slice(&payload);
+                self.stats.delta_chunks += 1;
+                self.stats.dedup_saved_bytes += (chunk.len() - payload.len()) as u64;
+                self.push_op(wire::OP_DELTA, start, base);
+                self.remember_sent(&id, chunk);
+                old = Some(base);
             } else {
                 self.ops.push(wire::OP_LIT);
+                self.stats.literal_chunks += 1;
                 put_varint(&mut self.ops, fresh.len() as u64);
                 self.lits.extend_from_slice(fresh);
                 self.stats.literal_bytes += fresh.len() as u64;
@@ -295,11 +325,32 @@ impl State {
             }
         }
         if let Some(prev) = self.prev {
-            self.store.set_successor(&prev, &id);
+            self.hints.record(&self.store, &prev, &id, false);
         }
         self.prev = Some(id);
+        self.prev_old = old;
         self.sent_prefix = 0;
         self.maybe_emit(out);
+    }
+
+    /// A new chunk is often an edited copy of the chunk that stood at its place in an earlier stream:
+    /// the successor of the previous chunk's counterpart. If the peer holds that chunk, send the new one
+    /// as a zstd delta against it when that is much smaller.
+    fn try_delta(&mut self, chunk: &[u8], id: &ChunkId) -> Option<(ChunkId, Vec<u8>)> {
+        if self.sent_prefix != 0 || self.cfg.zstd_level == 0 {
+            return None;
+        }
+        let base = self
+            .prev_old
+            .and_then(|o| self.store.successor(&o))
+            .or_else(|| self.prev.and_then(|p| self.store.successor(&p)))
+            .filter(|b| b != id && self.store.slot(b).is_some_and(|s| self.view.has(s)))?;
+        self.scratch.clear();
+        if !self.store.get_into(&base, &mut self.scratch) {
+            return None;
+        }
+        let payload = delta_compress(&self.scratch, chunk, self.cfg.zstd_level)?;
+        (payload.len() < chunk.len() / 4).then_some((base, payload))
     }
 
     /// The peer stores every chunk it completes from bytes we sent: store it too, and remember that the
@@ -329,10 +380,12 @@ impl State {
         let len = (self.raw.len() - run.start) as u64;
         self.stats.dedup_saved_bytes += len;
         if run.count == 1 {
+            self.stats.ref_ops += 1;
             self.ops.push(wire::OP_REF);
             self.ops.extend_from_slice(run.first.as_bytes());
             self.push_op(wire::OP_REF, run.start, run.first);
         } else {
+            self.stats.run_ops += 1;
             self.ops.push(wire::OP_RUN);
             put_varint(&mut self.ops, u64::from(run.count));
             self.ops.extend_from_slice(run.first.as_bytes());
@@ -448,7 +501,7 @@ impl State {
                     pos += len;
                 }
             }
-            wire::OP_REF | wire::OP_PARTREF => {
+            wire::OP_REF | wire::OP_PARTREF | wire::OP_DELTA => {
                 forget(&span.id);
                 put_varint(&mut body, 0);
             }

@@ -34,6 +34,7 @@ pub mod encoder;
 pub mod fingerprint;
 #[doc(hidden)]
 pub mod fuzzing;
+mod hints;
 pub mod peer;
 pub mod store;
 pub mod wire;

@@ -30,6 +30,7 @@ pub const OP_REF: u8 = 0x02;
 pub const OP_PARTREF: u8 = 0x03;
 pub const OP_RUN: u8 = 0x04;
 pub const OP_CUT: u8 = 0x05;
+pub const OP_DELTA: u8 = 0x06;
 
 /// Literal payload codecs.
 pub const CODEC_RAW: u8 = 0;

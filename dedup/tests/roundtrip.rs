@@ -139,8 +139,16 @@ fn run_versions(
     assert!(link.received == v3, "version 3 differs");
 }
 
+/// Cases per property; raise with DITTO_PROPTEST_CASES for a longer hunt.
+fn cases() -> u32 {
+    std::env::var("DITTO_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn versions_round_trip_kept(seed in any::<u64>(), max_read in 1usize..70_000, flush in 0.0f64..0.5, text in any::<bool>()) {
@@ -242,4 +250,37 @@ fn interactive_bytes_leave_on_flush() {
         link.dec.read(&mut got).expect("read");
         assert_eq!(got, req);
     }
+}
+
+#[test]
+fn small_edits_travel_as_deltas() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let v1 = texty(&mut rng, 1 << 20);
+    let mut v2 = v1.clone();
+    for k in 0..20 {
+        let pos = 1000 + k * 50_000;
+        v2[pos..pos + 8].copy_from_slice(b"EDITED!!");
+    }
+    let (a, b, va, vb) = pair(64 << 20);
+    let mut link = Link::new(&a, &b, va.clone(), vb.clone(), EngineConfig::default(), 22);
+    link.send(&v1, 65_536, 0.0, true);
+    let mut link = Link::new(&a, &b, va.clone(), vb.clone(), EngineConfig::default(), 23);
+    let wire = link.send(&v2, 65_536, 0.0, true);
+    assert!(link.received == v2);
+    let st = link.enc.stats();
+    assert!(st.delta_chunks >= 15, "{st:?}");
+    assert!(wire < 8_000, "20 small edits cost {wire} wire bytes");
+    // The receiver that lost its store still gets the right bytes (deltas are requested back).
+    let mut link = Link::new(
+        &a,
+        &ram_store(64 << 20),
+        va,
+        vb,
+        EngineConfig::default(),
+        24,
+    );
+    let mut v3 = v2.clone();
+    v3[500_000] ^= 1;
+    link.send(&v3, 65_536, 0.0, true);
+    assert!(link.received == v3);
 }
