@@ -1,0 +1,13 @@
+//! ditto's benchmark kit: a packet-level WAN emulator (`ditto-wanem`), a network-namespace
+//! topology (client, site A, WAN, site B, server), traffic tools and the scenario runner.
+
+pub mod link;
+pub mod linktest;
+pub mod procs;
+pub mod report;
+pub mod scenarios;
+pub mod sys;
+pub mod topo;
+pub mod traffic;
+pub mod units;
+pub mod wanem;

@@ -1,0 +1,195 @@
+//! The only module with `unsafe`: thin wrappers over the few Linux calls that std does not offer
+//! (TUN ioctl, ppoll with a nanosecond timeout, signal masks, timer slack, getrusage, kill).
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::Duration;
+
+const IFNAMSIZ: usize = 16;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+/// `_IOW('T', 202, int)`.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// `struct ifreq` as far as TUNSETIFF reads it (name + flags), padded to the kernel's 40 bytes.
+#[repr(C)]
+struct IfReqFlags {
+    name: [u8; IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens a TUN device (IFF_TUN | IFF_NO_PI, non-blocking) named `name` in the current network
+/// namespace. The device lives as long as the returned file.
+pub fn open_tun(name: &str) -> io::Result<File> {
+    if name.is_empty() || name.len() >= IFNAMSIZ || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?} (1..15 printable characters)"),
+        ));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let mut req = IfReqFlags {
+        name: [0; IFNAMSIZ],
+        flags: IFF_TUN | IFF_NO_PI,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads a `struct ifreq`; `req` is a properly sized, initialised, live buffer.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            TUNSETIFF as _,
+            &mut req as *mut IfReqFlags,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+/// Waits until `file` is readable or `timeout` elapses (nanosecond resolution). Returns whether it
+/// is readable. EINTR counts as a timeout.
+pub fn wait_readable(file: &File, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask.
+    let rc = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err);
+    }
+    if rc > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "device went away",
+        ));
+    }
+    Ok(rc > 0)
+}
+
+/// Sets this thread's timer slack to 1 ns so that timed waits wake up close to their deadline.
+pub fn set_min_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes an unsigned long by value; no pointers involved.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Switches the calling thread to SCHED_FIFO with the given priority (1..99).
+pub fn set_realtime(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: pid 0 = calling thread; `param` is a valid sched_param.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asks the kernel to send SIGTERM to this process when its parent thread exits.
+pub fn die_with_parent() {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+}
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and modify a local sigset_t.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the given signals in the calling thread (threads spawned afterwards inherit the mask),
+/// so that they can be collected with [`wait_signal`].
+pub fn block_signals(signals: &[i32]) -> io::Result<()> {
+    let set = sigset(signals);
+    // SAFETY: valid sigset pointer, null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for one of `signals` (which must be blocked). Returns the signal number.
+pub fn wait_signal(signals: &[i32], timeout: Duration) -> Option<i32> {
+    let set = sigset(signals);
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid sigset and timespec; a null siginfo pointer is allowed.
+    let rc = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (rc > 0).then_some(rc)
+}
+
+/// Sends `signal` to process `pid`.
+pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    let pid =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    if pid <= 0 {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: plain syscall with integer arguments.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Resource usage of waited-for descendants: (user s, system s, peak RSS of the largest one in KiB).
+pub fn children_rusage() -> (f64, f64, u64) {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (
+        secs(ru.ru_utime),
+        secs(ru.ru_stime),
+        ru.ru_maxrss.max(0) as u64,
+    )
+}
+
+/// Whether the effective user is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
