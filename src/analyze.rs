@@ -5,7 +5,7 @@
 //! checked against the input. Nothing touches the network.
 
 use anyhow::{bail, Context};
-use ditto_dedup::{ChunkStore, Decoder, EngineConfig, Encoder, PeerView, StoreConfig};
+use ditto_dedup::{ChunkStore, Decoder, Encoder, EngineConfig, PeerView, StoreConfig};
 use serde::Serialize;
 use std::io::Read;
 use std::path::PathBuf;
@@ -84,7 +84,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     cfg.chunking.min_size = avg / 4;
     cfg.chunking.max_size = avg.saturating_mul(4);
     cfg.zstd_level = args.zstd_level;
-    cfg.validate().map_err(anyhow::Error::msg).context("invalid --avg-chunk or --zstd-level")?;
+    cfg.validate()
+        .map_err(anyhow::Error::msg)
+        .context("invalid --avg-chunk or --zstd-level")?;
     // Check every path before spending time on any.
     for f in &args.files {
         std::fs::File::open(f).with_context(|| format!("cannot read {}", f.display()))?;
@@ -131,7 +133,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut enc = Encoder::new(s.a.clone(), s.view_a.clone(), s.cfg.clone());
     let mut dec = Decoder::new(s.b.clone(), s.view_b.clone(), s.cfg.clone());
     let mut report = Report {
@@ -160,7 +163,8 @@ fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
         // Carry both directions until nothing is in flight.
         loop {
             report.wire_bytes += wire.len() as u64;
-            dec.receive(&wire).context("decoder refused the encoder's stream")?;
+            dec.receive(&wire)
+                .context("decoder refused the encoder's stream")?;
             wire.clear();
             dec.read(&mut decoded).context("decoding failed")?;
             out_hash.update(&decoded);
@@ -170,7 +174,8 @@ fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
                 break;
             }
             report.feedback_bytes += fb.len() as u64;
-            enc.feedback(&fb, &mut wire).context("encoder refused the decoder's feedback")?;
+            enc.feedback(&fb, &mut wire)
+                .context("encoder refused the decoder's feedback")?;
             fb.clear();
         }
     }

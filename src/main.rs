@@ -3,12 +3,21 @@
 #![forbid(unsafe_code)]
 
 mod analyze;
+mod config;
+mod daemon;
+mod demo;
+mod keygen;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "ditto", version, about = "ditto: a deduplicating, compressing WAN accelerator")]
+#[command(
+    name = "ditto",
+    version,
+    about = "ditto: a deduplicating, compressing WAN accelerator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,12 +28,30 @@ enum Command {
     /// Feed files through an encoder/decoder pair, as if sent one after another over one link, and report
     /// the wire bytes and savings.
     Analyze(analyze::Args),
+    /// Generate a node key: PREFIX.key (private) and PREFIX.pub; prints the fingerprint peers pin.
+    Keygen(keygen::KeygenArgs),
+    /// Print the fingerprint of an existing key file.
+    Fingerprint(keygen::FingerprintArgs),
+    /// Run the appliance daemon until SIGTERM/SIGINT.
+    Run(daemon::RunArgs),
+    /// Parse and validate a config file (and load its key) without starting anything.
+    CheckConfig(daemon::CheckArgs),
+    /// Show a running node's peers, tunnels, flows and savings (from its admin endpoint).
+    Status(status::Args),
+    /// Two appliances in this process over an emulated slow WAN: plain vs ditto, twice.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Analyze(args) => analyze::run(args),
+        Command::Keygen(args) => keygen::keygen(args),
+        Command::Fingerprint(args) => keygen::fingerprint(args),
+        Command::Run(args) => daemon::run(args),
+        Command::CheckConfig(args) => daemon::check_config(args),
+        Command::Status(args) => status::run(args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,

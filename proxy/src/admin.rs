@@ -1,0 +1,135 @@
+//! The admin endpoint: a deliberately tiny HTTP/1.1 server (one request per connection, GET only)
+//! serving `/metrics` (Prometheus text), `/healthz` and `/status` (JSON for `ditto status`).
+//!
+//! Requests are bounded in size and time, and connections in number, so a misbehaving scraper
+//! cannot hold resources.
+
+use crate::node::{refresh_gauges, status, Inner};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+const MAX_REQUEST: usize = 8 * 1024;
+const MAX_CONNECTIONS: usize = 32;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = inner.kill.cancelled() => return,
+        };
+        let (sock, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("admin accept: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = inner.kill.cancelled() => return,
+                    }
+                }
+            },
+            _ = inner.kill.cancelled() => return,
+        };
+        let inner2 = inner.clone();
+        inner.tasks.spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(&inner2, sock)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() >= MAX_REQUEST {
+            return respond(&mut sock, 431, "text/plain", b"request too large\n").await;
+        }
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let line = head.lines().next().unwrap_or("");
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut sock, 405, "text/plain", b"only GET\n").await;
+    }
+    match path {
+        "/metrics" => {
+            refresh_gauges(inner);
+            let body = inner.metrics.render();
+            respond(&mut sock, 200, "text/plain; version=0.0.4", body.as_bytes()).await
+        }
+        "/healthz" => {
+            let body = if inner.stop.is_cancelled() {
+                "stopping\n"
+            } else {
+                "ok\n"
+            };
+            let code = if inner.stop.is_cancelled() { 503 } else { 200 };
+            respond(&mut sock, code, "text/plain", body.as_bytes()).await
+        }
+        "/status" => {
+            refresh_gauges(inner);
+            let body = serde_json::to_vec_pretty(&status(inner)).unwrap_or_default();
+            respond(&mut sock, 200, "application/json", &body).await
+        }
+        _ => respond(&mut sock, 404, "text/plain", b"not found\n").await,
+    }
+}
+
+async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body).await?;
+    sock.shutdown().await
+}
+
+/// Fetches `path` from an admin endpoint (used by `ditto status` and tests). Returns (status, body).
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut resp = Vec::new();
+        s.take(64 << 20).read_to_end(&mut resp).await?;
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP header end")
+        })?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "bad status line")
+            })?;
+        Ok((code, body.to_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "admin request timed out"))?
+}

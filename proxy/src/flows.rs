@@ -1,0 +1,347 @@
+//! LAN flows: forward listeners, the near side (LAN client → OPEN), the far side (OPEN → connect to
+//! the destination), and pass-through when a flow cannot or must not be accelerated.
+
+use crate::codec::View;
+use crate::frame::{ResetReason, MAX_PAYLOAD};
+use crate::mux::{OpenError, StreamHandle};
+use crate::node::{ForwardSpec, Inner, Peer};
+use crate::sock;
+use crate::stream::{self, FlowCtx, FlowEnd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Client bytes read at accept time to ride in the OPEN.
+const OPEN_INITIAL: usize = 32 * 1024;
+
+/// Why a flow was passed through instead of accelerated (the `reason` label).
+pub mod reason {
+    pub const PEER_DOWN: &str = "peer-down";
+    pub const NO_PEER: &str = "no-peer";
+    pub const BYPASS_RULE: &str = "bypass-rule";
+    pub const TUNNEL_BUSY: &str = "tunnel-busy";
+}
+
+fn flow_ctx(inner: &Inner, peer: &Peer) -> FlowCtx {
+    let m = &inner.metrics;
+    FlowCtx {
+        lan_sent: peer.m.lan_sent.clone(),
+        lan_received: peer.m.lan_received.clone(),
+        dedup_saved: m.dedup_saved.clone(),
+        compression_saved: m.compression_saved.clone(),
+        chunk_misses: m.chunk_misses.clone(),
+        verify_failures: m.verify_failures.clone(),
+        resets: m.stream_resets.clone(),
+        send_queue_limit: inner.settings.send_queue_limit,
+        retain_limit: inner.settings.retain_limit,
+    }
+}
+
+/// Decrements `ditto_flows_active` when the flow ends, however it ends.
+struct ActiveFlow(prometheus::IntGauge);
+
+impl ActiveFlow {
+    fn new(g: &prometheus::IntGauge) -> ActiveFlow {
+        g.inc();
+        ActiveFlow(g.clone())
+    }
+}
+
+impl Drop for ActiveFlow {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Accepts LAN clients on a forward listener until the node stops.
+pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec: ForwardSpec) {
+    let spec = Arc::new(spec);
+    loop {
+        // Admission first: past the flow limit, clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = inner.admission.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = inner.stop.cancelled() => return,
+        };
+        let (lan, from) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(listen = %spec.listen, "accept: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = inner.stop.cancelled() => return,
+                    }
+                }
+            },
+            _ = inner.stop.cancelled() => return,
+        };
+        sock::tune_lan(&lan);
+        tracing::debug!(%from, listen = %spec.listen, "LAN connection");
+        let inner2 = inner.clone();
+        let spec2 = spec.clone();
+        inner.flows.spawn(async move {
+            near_flow(inner2, lan, spec2, permit).await;
+        });
+    }
+}
+
+async fn near_flow(
+    inner: Arc<Inner>,
+    lan: TcpStream,
+    spec: Arc<ForwardSpec>,
+    permit: OwnedSemaphorePermit,
+) {
+    let _active = ActiveFlow::new(&inner.metrics.flows_active);
+    let peer = match (&spec.peer, spec.bypass) {
+        (_, true) => {
+            return passthrough(&inner, lan, &spec.target, reason::BYPASS_RULE, permit).await
+        }
+        (None, _) => return passthrough(&inner, lan, &spec.target, reason::NO_PEER, permit).await,
+        (Some(name), false) => match inner.peer(name) {
+            Some(p) => p.clone(),
+            None => return passthrough(&inner, lan, &spec.target, reason::NO_PEER, permit).await,
+        },
+    };
+    // Whatever the client already sent rides in the OPEN: no extra round trip, and a server-first
+    // protocol (nothing sent yet) is not delayed either.
+    let (initial, initial_eof) = match stream::read_waiting(&lan, OPEN_INITIAL) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!("LAN client gone before open: {e}");
+            sock::reset(lan);
+            return;
+        }
+    };
+    let mut tries = 0;
+    let (handle, enc, dec) = loop {
+        let Some((conn, view)) = peer.pick() else {
+            let why = if tries == 0 {
+                reason::PEER_DOWN
+            } else {
+                reason::TUNNEL_BUSY
+            };
+            return passthrough_with(&inner, lan, &spec.target, why, permit, initial, initial_eof)
+                .await;
+        };
+        tries += 1;
+        let (mut enc, dec) = inner.engine.pair(&view);
+        let mut out = Vec::new();
+        if !initial.is_empty() {
+            enc.write(&initial, &mut out);
+        }
+        if initial_eof {
+            enc.finish(&mut out);
+        } else if !initial.is_empty() {
+            enc.flush(&mut out);
+        }
+        let room = MAX_PAYLOAD - 1 - spec.target.len();
+        let split = out.len().min(room);
+        match conn.open(&spec.target, &out[..split]) {
+            Ok(h) => {
+                h.send_data(out[split..].to_vec());
+                inner
+                    .metrics
+                    .lan_bytes
+                    .with_label_values(&[&peer.name, "sent"])
+                    .inc_by(initial.len() as u64);
+                break (h, enc, dec);
+            }
+            Err(OpenError::TooLarge) => {
+                tracing::error!(target = %spec.target, "destination too long for an OPEN frame");
+                sock::reset(lan);
+                return;
+            }
+            Err(OpenError::Closed | OpenError::Full) if tries < 3 => continue,
+            Err(_) => {
+                return passthrough_with(
+                    &inner,
+                    lan,
+                    &spec.target,
+                    reason::TUNNEL_BUSY,
+                    permit,
+                    initial,
+                    initial_eof,
+                )
+                .await
+            }
+        }
+    };
+    inner.metrics.flow("accelerated", "forward");
+    let ctx = flow_ctx(&inner, &peer);
+    run_bridge(&inner, lan, handle, enc, dec, initial_eof, &ctx).await;
+    drop(permit);
+}
+
+async fn run_bridge(
+    inner: &Inner,
+    lan: TcpStream,
+    h: StreamHandle,
+    enc: Box<dyn crate::codec::SendCodec>,
+    dec: Box<dyn crate::codec::RecvCodec>,
+    initial_eof: bool,
+    ctx: &FlowCtx,
+) {
+    let id = h.id;
+    let end = stream::bridge(lan, h, enc, dec, initial_eof, ctx).await;
+    if let FlowEnd::Reset(r) = end {
+        tracing::debug!(stream = id, node = %inner.name, "flow reset: {}", r.as_str());
+    }
+}
+
+/// Starts the far side of a stream the peer opened.
+pub(crate) fn spawn_far_flow(
+    inner: &Arc<Inner>,
+    peer: &Arc<Peer>,
+    h: StreamHandle,
+    dest: String,
+    view: View,
+) {
+    let Ok(permit) = inner.admission.clone().try_acquire_owned() else {
+        inner.metrics.flow("rejected", "over-capacity");
+        h.reset(ResetReason::Busy);
+        return;
+    };
+    if inner.stop.is_cancelled() {
+        h.reset(ResetReason::Shutdown);
+        return;
+    }
+    let inner2 = inner.clone();
+    let peer = peer.clone();
+    inner.flows.spawn(async move {
+        let _active = ActiveFlow::new(&inner2.metrics.flows_active);
+        let connect = connect(&dest, inner2.settings.connect_timeout);
+        let r = tokio::select! {
+            r = connect => r,
+            _ = inner2.kill.cancelled() => Err(ResetReason::Shutdown),
+        };
+        let lan = match r {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::info!(peer = %peer.name, %dest, "destination connect failed: {}", reason.as_str());
+                inner2.metrics.flow("failed", reason.as_str());
+                h.reset(reason);
+                return;
+            }
+        };
+        inner2.metrics.flow("accelerated", "from-peer");
+        let (enc, dec) = inner2.engine.pair(&view);
+        let ctx = flow_ctx(&inner2, &peer);
+        run_bridge(&inner2, lan, h, enc, dec, false, &ctx).await;
+        drop(permit);
+    });
+}
+
+/// Connects to "host:port", mapping failures to the reason reported to the peer.
+async fn connect(dest: &str, timeout: Duration) -> Result<TcpStream, ResetReason> {
+    let attempt = async {
+        let mut last = ResetReason::Unreachable;
+        let addrs = tokio::net::lookup_host(dest)
+            .await
+            .map_err(|_| ResetReason::Unreachable)?;
+        for a in addrs {
+            match TcpStream::connect(a).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    last = ResetReason::Refused
+                }
+                Err(_) => {}
+            }
+        }
+        Err(last)
+    };
+    let s = tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| ResetReason::Unreachable)??;
+    sock::tune_lan(&s);
+    Ok(s)
+}
+
+async fn passthrough(
+    inner: &Inner,
+    lan: TcpStream,
+    target: &str,
+    why: &'static str,
+    permit: OwnedSemaphorePermit,
+) {
+    passthrough_with(inner, lan, target, why, permit, Vec::new(), false).await;
+}
+
+/// Connects the client straight to its destination, unaccelerated. Half-closes and resets are
+/// carried across like in the tunnel.
+async fn passthrough_with(
+    inner: &Inner,
+    lan: TcpStream,
+    target: &str,
+    why: &'static str,
+    permit: OwnedSemaphorePermit,
+    initial: Vec<u8>,
+    initial_eof: bool,
+) {
+    inner.metrics.flow("passthrough", why);
+    tracing::debug!(%target, reason = why, "pass-through flow");
+    let server = tokio::select! {
+        r = connect(target, inner.settings.connect_timeout) => r,
+        _ = inner.kill.cancelled() => Err(ResetReason::Shutdown),
+    };
+    let mut server = match server {
+        Ok(s) => s,
+        Err(r) => {
+            tracing::debug!(%target, "pass-through connect failed: {}", r.as_str());
+            sock::reset(lan);
+            return;
+        }
+    };
+    let mut lan = lan;
+    let ok = tokio::select! {
+        ok = splice(&mut lan, &mut server, &initial, initial_eof) => ok,
+        _ = inner.kill.cancelled() => false,
+    };
+    if !ok {
+        sock::set_reset_on_close(&lan);
+        sock::set_reset_on_close(&server);
+    }
+    drop(permit);
+}
+
+/// Copies both ways until both directions ended; false if either side reset or failed.
+async fn splice(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    a_initial: &[u8],
+    a_initial_eof: bool,
+) -> bool {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let a_to_b = async {
+        if !a_initial.is_empty() {
+            bw.write_all(a_initial).await?;
+        }
+        if !a_initial_eof {
+            copy_half(&mut ar, &mut bw).await?;
+        }
+        bw.shutdown().await
+    };
+    let b_to_a = async {
+        copy_half(&mut br, &mut aw).await?;
+        aw.shutdown().await
+    };
+    // Either direction failing ends the flow: the other is abandoned and both sockets reset.
+    let r = tokio::try_join!(a_to_b, b_to_a);
+    r.is_ok()
+}
+
+async fn copy_half(
+    r: &mut tokio::net::tcp::ReadHalf<'_>,
+    w: &mut tokio::net::tcp::WriteHalf<'_>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+    }
+}

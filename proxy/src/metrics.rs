@@ -1,0 +1,218 @@
+//! Prometheus metrics of one node. Each node has its own registry, so several nodes can live in one
+//! process (tests, `ditto demo`) without mixing their figures.
+
+use prometheus::{
+    Encoder as _, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Every metric the node exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// LAN payload bytes, `direction` = "sent" (read from a LAN client, sent toward the peer) or
+    /// "received" (arrived from the peer, written to a LAN endpoint).
+    pub lan_bytes: IntCounterVec,
+    /// Bytes on tunnel TCP connections (TLS records included), same directions.
+    pub wan_bytes: IntCounterVec,
+    pub dedup_saved: IntCounter,
+    pub compression_saved: IntCounter,
+    /// Flows by `outcome` (accelerated, passthrough, failed) and `reason`.
+    pub flows: IntCounterVec,
+    pub flows_active: IntGauge,
+    pub tunnel_up: IntGaugeVec,
+    pub tunnel_connections: IntGaugeVec,
+    pub tunnel_rtt: GaugeVec,
+    pub tunnel_reconnects: IntCounterVec,
+    pub auth_failures: IntCounter,
+    pub protocol_errors: IntCounter,
+    pub store_bytes: IntGauge,
+    pub store_chunks: IntGauge,
+    pub chunk_misses: IntCounter,
+    pub verify_failures: IntCounter,
+    pub stream_resets: IntCounterVec,
+    pub up_seconds: Gauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    // Registration only fails on duplicate names, which the fixed list below does not have.
+    if let Err(e) = r.register(Box::new(m.clone())) {
+        tracing::error!("registering metric: {e}");
+    }
+    m
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    /// A fresh registry with all metrics at zero.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        // Construction fails only for an invalid name or label set. These are constants exercised by
+        // the unit test below, so `expect` documents a programming error, never a runtime condition.
+        const BAD: &str = "metric definitions are static and valid";
+        let cv =
+            |n: &str, h: &str, l: &[&str]| reg(&r, IntCounterVec::new(opts(n, h), l).expect(BAD));
+        let gv =
+            |n: &str, h: &str, l: &[&str]| reg(&r, IntGaugeVec::new(opts(n, h), l).expect(BAD));
+        let c = |n: &str, h: &str| reg(&r, IntCounter::with_opts(opts(n, h)).expect(BAD));
+        let g = |n: &str, h: &str| reg(&r, IntGauge::with_opts(opts(n, h)).expect(BAD));
+        cv(
+            "ditto_build_info",
+            "Build information (always 1).",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .inc();
+        Metrics {
+            lan_bytes: cv(
+                "ditto_lan_bytes_total",
+                "Payload bytes on LAN connections of accelerated flows.",
+                &["peer", "direction"],
+            ),
+            wan_bytes: cv(
+                "ditto_wan_bytes_total",
+                "Bytes on tunnel TCP connections, TLS included.",
+                &["peer", "direction"],
+            ),
+            dedup_saved: c(
+                "ditto_dedup_saved_bytes_total",
+                "LAN bytes not sent because the peer already held them.",
+            ),
+            compression_saved: c(
+                "ditto_compression_saved_bytes_total",
+                "Bytes saved by compressing literals.",
+            ),
+            flows: cv(
+                "ditto_flows_total",
+                "LAN flows by outcome and reason.",
+                &["outcome", "reason"],
+            ),
+            flows_active: g("ditto_flows_active", "LAN flows currently open."),
+            tunnel_up: gv(
+                "ditto_tunnel_up",
+                "1 while at least one tunnel connection to the peer is up.",
+                &["peer"],
+            ),
+            tunnel_connections: gv(
+                "ditto_tunnel_connections",
+                "Tunnel connections up to the peer.",
+                &["peer"],
+            ),
+            tunnel_rtt: reg(
+                &r,
+                GaugeVec::new(
+                    opts(
+                        "ditto_tunnel_rtt_seconds",
+                        "Smoothed PING round-trip time to the peer.",
+                    ),
+                    &["peer"],
+                )
+                .expect(BAD),
+            ),
+            tunnel_reconnects: cv(
+                "ditto_tunnel_reconnects_total",
+                "Tunnel connections re-established after a loss.",
+                &["peer"],
+            ),
+            auth_failures: c(
+                "ditto_peer_auth_failures_total",
+                "Tunnel handshakes refused: unknown or wrong key, not TLS, bad hello.",
+            ),
+            protocol_errors: c(
+                "ditto_tunnel_protocol_errors_total",
+                "Tunnel connections closed for a protocol violation.",
+            ),
+            store_bytes: g(
+                "ditto_store_bytes",
+                "Bytes of chunk data held by the store.",
+            ),
+            store_chunks: g("ditto_store_chunks", "Chunks held by the store."),
+            chunk_misses: c(
+                "ditto_chunk_misses_total",
+                "References the peer sent for chunks we did not hold.",
+            ),
+            verify_failures: c(
+                "ditto_verify_failures_total",
+                "Chunks whose bytes did not match their fingerprint.",
+            ),
+            stream_resets: cv(
+                "ditto_stream_resets_total",
+                "Accelerated streams reset, by reason.",
+                &["reason"],
+            ),
+            up_seconds: reg(
+                &r,
+                Gauge::with_opts(opts(
+                    "ditto_uptime_seconds",
+                    "Seconds since the node started.",
+                ))
+                .expect(BAD),
+            ),
+            registry: r,
+        }
+    }
+
+    /// The text exposition of all metrics.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!("encoding metrics: {e}");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts a flow.
+    pub fn flow(&self, outcome: &str, reason: &str) {
+        self.flows.with_label_values(&[outcome, reason]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Sums a counter family over all label sets.
+pub fn sum_counter(v: &IntCounterVec, label: &str, value: &str) -> u64 {
+    let mut total = 0;
+    for mf in prometheus::core::Collector::collect(v) {
+        for m in mf.get_metric() {
+            if m.get_label()
+                .iter()
+                .any(|l| l.get_name() == label && l.get_value() == value)
+            {
+                total += m.get_counter().get_value() as u64;
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_metrics_construct_and_render() {
+        let m = Metrics::new();
+        m.flow("accelerated", "ok");
+        m.lan_bytes.with_label_values(&["b", "sent"]).inc_by(10);
+        m.tunnel_up.with_label_values(&["b"]).set(1);
+        let text = m.render();
+        for name in [
+            "ditto_lan_bytes_total",
+            "ditto_flows_total",
+            "ditto_tunnel_up",
+            "ditto_dedup_saved_bytes_total",
+            "ditto_peer_auth_failures_total",
+            "ditto_store_chunks",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert_eq!(sum_counter(&m.lan_bytes, "direction", "sent"), 10);
+    }
+}

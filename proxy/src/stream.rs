@@ -1,0 +1,345 @@
+//! One accelerated flow: the LAN socket bridged to a tunnel stream through an encoder (LAN → tunnel)
+//! and a decoder (tunnel → LAN).
+//!
+//! The two directions run as independent halves, like TCP's: the sending half owns the encoder and
+//! the LAN read side, the receiving half the decoder and the LAN write side, so a LAN receiver that
+//! stops reading holds up only the bytes headed to it.
+//!
+//! Closing follows the data: the client's FIN becomes our FIN frame once the encoder emitted
+//! everything; the peer shuts down its LAN write side once its decoder delivered everything and then
+//! answers DONE, after which our encoder has nothing left to answer for. A flow ends when both
+//! halves finished. Any error or RST instead resets both LAN ends (SO_LINGER 0).
+
+use crate::codec::{RecvCodec, RecvStats, SendCodec, SendStats};
+use crate::frame::ResetReason;
+use crate::mux::StreamHandle;
+use crate::sock;
+use prometheus::IntCounter;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+
+/// Largest LAN read, and how much one pass of the sending half reads before it lets others run.
+const READ_BUF: usize = 64 * 1024;
+const READ_BUDGET: usize = 1 << 20;
+/// Encoded bytes a decoder may hold waiting for missing chunks. Window credit is returned as bytes
+/// enter the decoder (withholding it could deadlock: the missing chunks arrive as DATA too), so
+/// this is what bounds a stream whose peer keeps sending past a stall. A correct peer stays far
+/// below: its encoder stops at its retention limit until we acknowledge.
+const MAX_DECODER_QUEUE: usize = 64 << 20;
+
+/// Counters and limits a flow reports to and obeys.
+#[derive(Clone)]
+pub struct FlowCtx {
+    pub lan_sent: IntCounter,
+    pub lan_received: IntCounter,
+    pub dedup_saved: IntCounter,
+    pub compression_saved: IntCounter,
+    pub chunk_misses: IntCounter,
+    pub verify_failures: IntCounter,
+    pub resets: prometheus::IntCounterVec,
+    /// Stop reading the LAN while this many DATA bytes wait in the stream's send queue.
+    pub send_queue_limit: usize,
+    /// Stop reading the LAN while the encoder retains this many unacknowledged bytes.
+    pub retain_limit: usize,
+}
+
+/// How a flow ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// Both directions completed.
+    Closed,
+    /// Reset, with the reason (from the LAN side here or from the peer).
+    Reset(ResetReason),
+}
+
+/// Runs a flow to its end. `initial_eof`: the LAN client already half-closed before the stream
+/// opened (its FIN is then sent right away).
+pub async fn bridge(
+    mut lan: TcpStream,
+    h: StreamHandle,
+    enc: Box<dyn SendCodec>,
+    dec: Box<dyn RecvCodec>,
+    initial_eof: bool,
+    ctx: &FlowCtx,
+) -> FlowEnd {
+    let end = {
+        let (rd, wr) = lan.split();
+        let (up, down) = tokio::join!(
+            up_half(rd, &h, enc, initial_eof, ctx),
+            down_half(wr, &h, dec, ctx)
+        );
+        match (up, down) {
+            (Ok(()), Ok(())) => FlowEnd::Closed,
+            (Err(r), _) | (_, Err(r)) => FlowEnd::Reset(r),
+        }
+    };
+    if let FlowEnd::Reset(r) = end {
+        ctx.resets.with_label_values(&[r.as_str()]).inc();
+        sock::set_reset_on_close(&lan);
+    }
+    drop(lan);
+    end
+}
+
+fn report_send(stats: SendStats, last: &mut SendStats, ctx: &FlowCtx) {
+    ctx.dedup_saved.inc_by(
+        stats
+            .dedup_saved_bytes
+            .saturating_sub(last.dedup_saved_bytes),
+    );
+    ctx.compression_saved.inc_by(
+        stats
+            .compression_saved_bytes
+            .saturating_sub(last.compression_saved_bytes),
+    );
+    *last = stats;
+}
+
+fn report_recv(stats: RecvStats, last: &mut RecvStats, ctx: &FlowCtx) {
+    ctx.chunk_misses
+        .inc_by(stats.chunk_misses.saturating_sub(last.chunk_misses));
+    ctx.verify_failures
+        .inc_by(stats.verify_failures.saturating_sub(last.verify_failures));
+    *last = stats;
+}
+
+async fn up_half(
+    rd: ReadHalf<'_>,
+    h: &StreamHandle,
+    mut enc: Box<dyn SendCodec>,
+    initial_eof: bool,
+    ctx: &FlowCtx,
+) -> Result<(), ResetReason> {
+    // Allocated while the flow is busy, released when it goes quiet: idle flows cost little.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = Vec::new();
+    let mut eof = initial_eof;
+    if eof {
+        h.send_fin();
+    }
+    let mut last = SendStats::default();
+    let result = loop {
+        let ev = h.take_up();
+        if let Some(r) = ev.reset {
+            break Err(r);
+        }
+        let mut bad = false;
+        for fb in &ev.feedback {
+            if let Err(e) = enc.feedback(fb, &mut out) {
+                tracing::warn!(stream = h.id, "peer feedback rejected: {e}");
+                bad = true;
+                break;
+            }
+        }
+        if bad {
+            h.reset(ResetReason::Protocol);
+            break Err(ResetReason::Protocol);
+        }
+        if !out.is_empty() {
+            h.send_data(std::mem::take(&mut out));
+        }
+        if ev.done && eof {
+            break Ok(());
+        }
+        let (queued, _) = h.queued();
+        let can_read =
+            !eof && queued < ctx.send_queue_limit && enc.retained_bytes() < ctx.retain_limit;
+        tokio::select! {
+            _ = h.up_wait() => {}
+            r = rd.readable(), if can_read => {
+                if let Err(e) = r {
+                    tracing::debug!(stream = h.id, "LAN socket error: {e}");
+                    h.reset(ResetReason::Reset);
+                    break Err(ResetReason::Reset);
+                }
+                // Read what is there now, up to a budget; an empty socket means the client paused,
+                // which is when the encoder must let pending bytes go.
+                if buf.is_empty() {
+                    buf.resize(READ_BUF, 0);
+                }
+                let mut total = 0usize;
+                let mut paused = false;
+                let mut err = None;
+                // Stop early once the output would overfill the send queue.
+                while total < READ_BUDGET && queued + out.len() < ctx.send_queue_limit {
+                    match rd.try_read(&mut buf) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            total += n;
+                            enc.write(&buf[..n], &mut out);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            paused = true;
+                            break;
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                ctx.lan_sent.inc_by(total as u64);
+                if paused && total < READ_BUF {
+                    buf = Vec::new();
+                }
+                if let Some(e) = err {
+                    tracing::debug!(stream = h.id, "LAN read error: {e}");
+                    h.reset(ResetReason::Reset);
+                    break Err(ResetReason::Reset);
+                }
+                if eof {
+                    enc.finish(&mut out);
+                } else if paused {
+                    enc.flush(&mut out);
+                }
+                if !out.is_empty() {
+                    h.send_data(std::mem::take(&mut out));
+                }
+                if eof {
+                    h.send_fin();
+                }
+                report_send(enc.stats(), &mut last, ctx);
+            }
+        }
+    };
+    report_send(enc.stats(), &mut last, ctx);
+    result
+}
+
+async fn down_half(
+    mut wr: WriteHalf<'_>,
+    h: &StreamHandle,
+    mut dec: Box<dyn RecvCodec>,
+    ctx: &FlowCtx,
+) -> Result<(), ResetReason> {
+    let mut out = Vec::new();
+    let mut fb = Vec::new();
+    let mut fin = false;
+    let mut last = RecvStats::default();
+    let result = 'outer: loop {
+        let ev = h.take_down();
+        if let Some(r) = ev.reset {
+            break Err(r);
+        }
+        for d in &ev.data {
+            if let Err(e) = dec.receive(d) {
+                tracing::warn!(stream = h.id, "peer stream bytes rejected: {e}");
+                h.reset(ResetReason::Protocol);
+                break 'outer Err(ResetReason::Protocol);
+            }
+            if dec.queued_bytes() > MAX_DECODER_QUEUE {
+                tracing::warn!(
+                    stream = h.id,
+                    "peer keeps sending while the stream waits for missing chunks"
+                );
+                h.reset(ResetReason::Protocol);
+                break 'outer Err(ResetReason::Protocol);
+            }
+            // Requests for missing chunks leave at once; acknowledgements once per batch below.
+            if dec.is_stalled() {
+                dec.feedback(&mut fb);
+                if !fb.is_empty() {
+                    h.send_feedback(std::mem::take(&mut fb));
+                }
+            }
+            // The decoder pauses output while its buffer is full; read until it has nothing more.
+            loop {
+                if let Err(e) = dec.read(&mut out) {
+                    tracing::warn!(stream = h.id, "peer stream bytes rejected: {e}");
+                    h.reset(ResetReason::Protocol);
+                    break 'outer Err(ResetReason::Protocol);
+                }
+                if out.is_empty() {
+                    break;
+                }
+                if let Err(r) = write_lan(&mut wr, &out, h).await {
+                    break 'outer Err(r);
+                }
+                ctx.lan_received.inc_by(out.len() as u64);
+                out.clear();
+            }
+            h.consumed(d.len());
+        }
+        dec.feedback(&mut fb);
+        if !fb.is_empty() {
+            h.send_feedback(std::mem::take(&mut fb));
+        }
+        if out.capacity() > READ_BUF {
+            out = Vec::new();
+        }
+        report_recv(dec.stats(), &mut last, ctx);
+        fin |= ev.fin;
+        if fin && dec.is_idle() {
+            if let Err(e) = wr.shutdown().await {
+                tracing::debug!(stream = h.id, "LAN shutdown error: {e}");
+                h.reset(ResetReason::Reset);
+                break Err(ResetReason::Reset);
+            }
+            h.send_done();
+            break Ok(());
+        }
+        h.down_wait().await;
+    };
+    report_recv(dec.stats(), &mut last, ctx);
+    result
+}
+
+/// Writes to the LAN, giving up if the stream is reset meanwhile (a stalled LAN receiver must not
+/// keep a reset stream alive).
+async fn write_lan(
+    wr: &mut WriteHalf<'_>,
+    data: &[u8],
+    h: &StreamHandle,
+) -> Result<(), ResetReason> {
+    let mut written = 0;
+    while written < data.len() {
+        tokio::select! {
+            r = wr.write(&data[written..]) => match r {
+                Ok(0) => {
+                    h.reset(ResetReason::Reset);
+                    return Err(ResetReason::Reset);
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!(stream = h.id, "LAN write error: {e}");
+                    h.reset(ResetReason::Reset);
+                    return Err(ResetReason::Reset);
+                }
+            },
+            _ = h.reset_wait() => {
+                return Err(h.reset_reason().unwrap_or(ResetReason::Other));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads what a newly accepted LAN client already sent, without waiting: it travels in the OPEN.
+/// Returns (bytes, eof).
+pub fn read_waiting(lan: &TcpStream, max: usize) -> std::io::Result<(Vec<u8>, bool)> {
+    let mut buf = vec![0u8; max];
+    let mut n = 0;
+    while n < max {
+        match lan.try_read(&mut buf[n..]) {
+            Ok(0) => {
+                buf.truncate(n);
+                buf.shrink_to_fit();
+                return Ok((buf, true));
+            }
+            Ok(m) => n += m,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Usually a few bytes or none: do not keep the whole buffer for the life of the flow.
+    buf.truncate(n);
+    buf.shrink_to_fit();
+    Ok((buf, false))
+}

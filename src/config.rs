@@ -1,0 +1,615 @@
+//! The daemon's TOML configuration: parsing (unknown keys are errors, every error names its line),
+//! semantic validation, and conversion to a [`ditto_proxy::NodeSpec`].
+//!
+//! Values that have a syntax (sizes, durations, addresses, fingerprints) are checked while parsing,
+//! so toml's error already points at the offending key and line. Checks that relate several keys
+//! run in [`Config::validate`], which reports the line of the key at fault through its span.
+
+use ditto_proxy::Fingerprint;
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// A configuration error, with the line it is about when known.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+/// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => return None,
+        };
+        let v = num * mult as f64;
+        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
+            return None;
+        }
+        Some(ByteSize(v as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {s:?}: expected a number with a unit, like \"256MiB\""
+                ))
+            }),
+        }
+    }
+}
+
+/// A duration: "5s", "200ms", "2m", "1h".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(s: &str) -> Option<Dur> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let num: f64 = num.parse().ok()?;
+        let secs = match unit.trim() {
+            "ms" => num / 1000.0,
+            "s" => num,
+            "m" | "min" => num * 60.0,
+            "h" => num * 3600.0,
+            _ => return None,
+        };
+        Duration::try_from_secs_f64(secs).ok().map(Dur)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: expected e.g. \"5s\" or \"200ms\""
+            ))
+        })
+    }
+}
+
+/// A pinned key fingerprint in hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp(pub Fingerprint);
+
+impl<'de> Deserialize<'de> for Fp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Fingerprint::parse(&s).map(Fp).ok_or_else(|| {
+            serde::de::Error::custom(
+                "invalid fingerprint: expected 64 hex digits, the SHA-256 of the peer's public key as printed by `ditto keygen`",
+            )
+        })
+    }
+}
+
+/// "host:port" with a numeric port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort(pub String);
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = match s.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        };
+        if ok && s.len() <= 255 {
+            Ok(HostPort(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "invalid address {s:?}: expected \"host:port\""
+            )))
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub tunnel: TunnelSection,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerSection>,
+    #[serde(default, rename = "forward")]
+    pub forwards: Vec<ForwardSection>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub name: Spanned<String>,
+    /// Private key file (relative paths are relative to the config file).
+    pub key: PathBuf,
+    /// Admin endpoint (metrics, health, status); none when absent.
+    pub admin: Option<Spanned<SocketAddr>>,
+    /// Allow `admin` on a non-loopback address.
+    #[serde(default)]
+    pub admin_public: bool,
+    /// Disk tier of the chunk store; RAM-only when absent.
+    pub store_dir: Option<PathBuf>,
+    pub store_ram: Option<Spanned<ByteSize>>,
+    pub store_disk: Option<Spanned<ByteSize>>,
+    /// `false` carries streams verbatim (tunnel only, for comparison); both ends must agree.
+    #[serde(default = "yes")]
+    pub dedup: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    /// Where peers dial us; a node that only dials has none.
+    pub listen: Option<Spanned<SocketAddr>>,
+    /// Connections kept to each peer we dial.
+    pub connections: Option<Spanned<u32>>,
+    /// Per-stream receive window.
+    pub window: Option<Spanned<ByteSize>>,
+    pub max_streams: Option<Spanned<u32>>,
+    pub max_flows: Option<Spanned<u32>>,
+    /// Fixed SO_SNDBUF/SO_RCVBUF for tunnel sockets. Unset keeps the kernel's autotuning.
+    pub socket_buffer: Option<Spanned<ByteSize>>,
+    /// TCP congestion control for tunnel sockets ("bbr" by default; "" keeps the system default).
+    pub congestion: Option<String>,
+    pub notsent_lowat: Option<Spanned<ByteSize>>,
+    pub keepalive: Option<Spanned<Dur>>,
+    pub connect_timeout: Option<Dur>,
+    pub drain_timeout: Option<Dur>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    pub name: Spanned<String>,
+    pub address: Option<HostPort>,
+    pub fingerprint: Spanned<Fp>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSection {
+    pub listen: Spanned<SocketAddr>,
+    pub peer: Option<Spanned<String>>,
+    pub target: HostPort,
+    #[serde(default)]
+    pub bypass: bool,
+}
+
+/// A parsed and validated config, with the file it came from.
+#[derive(Debug)]
+pub struct Loaded {
+    pub path: PathBuf,
+    pub config: Config,
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src[..offset.min(src.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Parses `src` (from `path`, for messages) and validates it.
+    pub fn parse(src: &str, path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let config: Config = toml::from_str(src).map_err(|e| ConfigError::Parse {
+            path: p.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config
+            .validate()
+            .map_err(|(span, message)| ConfigError::Invalid {
+                path: p,
+                line: line_of(src, span.start),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Loaded {
+            path: path.to_owned(),
+            config: Config::parse(&src, path)?,
+        })
+    }
+
+    /// Checks relations between keys. The error carries the span of the key at fault.
+    pub fn validate(&self) -> Result<(), (std::ops::Range<usize>, String)> {
+        let n = &self.node;
+        let valid_name = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !valid_name(n.name.get_ref()) {
+            return Err((
+                n.name.span(),
+                "node.name must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        if let Some(a) = &n.admin {
+            if !a.get_ref().ip().is_loopback() && !n.admin_public {
+                return Err((
+                    a.span(),
+                    format!(
+                        "node.admin {} is not a loopback address: the admin endpoint has no authentication; set admin_public = true to expose it anyway",
+                        a.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = &n.store_ram {
+            if r.get_ref().0 < 1 << 20 {
+                return Err((r.span(), "node.store_ram must be at least 1MiB".into()));
+            }
+        }
+        if let Some(d) = &n.store_disk {
+            if n.store_dir.is_none() {
+                return Err((d.span(), "node.store_disk needs node.store_dir".into()));
+            }
+            if d.get_ref().0 < 16 << 20 {
+                return Err((d.span(), "node.store_disk must be at least 16MiB".into()));
+            }
+        }
+        let t = &self.tunnel;
+        if let Some(c) = &t.connections {
+            if !(1..=16).contains(c.get_ref()) {
+                return Err((
+                    c.span(),
+                    "tunnel.connections must be between 1 and 16".into(),
+                ));
+            }
+        }
+        if let Some(w) = &t.window {
+            let w0 = w.get_ref().0;
+            if w0 < u64::from(ditto_proxy::hello::MIN_WINDOW)
+                || w0 > u64::from(ditto_proxy::hello::MAX_WINDOW)
+            {
+                return Err((
+                    w.span(),
+                    "tunnel.window must be between 64KiB and 1GiB".into(),
+                ));
+            }
+        }
+        if let Some(m) = &t.max_streams {
+            if !(1..=65_536).contains(m.get_ref()) {
+                return Err((
+                    m.span(),
+                    "tunnel.max_streams must be between 1 and 65536".into(),
+                ));
+            }
+        }
+        if let Some(m) = &t.max_flows {
+            if !(1..=1_000_000).contains(m.get_ref()) {
+                return Err((
+                    m.span(),
+                    "tunnel.max_flows must be between 1 and 1000000".into(),
+                ));
+            }
+        }
+        if let Some(b) = &t.socket_buffer {
+            if b.get_ref().0 < 64 << 10 || b.get_ref().0 > 1 << 30 {
+                return Err((
+                    b.span(),
+                    "tunnel.socket_buffer must be between 64KiB and 1GiB".into(),
+                ));
+            }
+        }
+        if let Some(b) = &t.notsent_lowat {
+            if b.get_ref().0 < 4 << 10 || b.get_ref().0 > 64 << 20 {
+                return Err((
+                    b.span(),
+                    "tunnel.notsent_lowat must be between 4KiB and 64MiB".into(),
+                ));
+            }
+        }
+        if let Some(k) = &t.keepalive {
+            if k.get_ref().0 < Duration::from_millis(100)
+                || k.get_ref().0 > Duration::from_secs(300)
+            {
+                return Err((
+                    k.span(),
+                    "tunnel.keepalive must be between 100ms and 300s".into(),
+                ));
+            }
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if !valid_name(p.name.get_ref()) {
+                return Err((
+                    p.name.span(),
+                    "peer.name must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if p.name.get_ref() == n.name.get_ref() {
+                return Err((
+                    p.name.span(),
+                    format!("peer {:?} has this node's own name", p.name.get_ref()),
+                ));
+            }
+            for q in &self.peers[..i] {
+                if q.name.get_ref() == p.name.get_ref() {
+                    return Err((
+                        p.name.span(),
+                        format!("peer {:?} is defined twice", p.name.get_ref()),
+                    ));
+                }
+                if q.fingerprint.get_ref() == p.fingerprint.get_ref() {
+                    return Err((
+                        p.fingerprint.span(),
+                        format!(
+                            "peer {:?} has the same fingerprint as peer {:?}",
+                            p.name.get_ref(),
+                            q.name.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if p.address.is_none() && t.listen.is_none() {
+                return Err((
+                    p.name.span(),
+                    format!("peer {:?} has no address and tunnel.listen is not set: the two nodes could never connect", p.name.get_ref()),
+                ));
+            }
+        }
+        let mut listens: Vec<(SocketAddr, &str)> = Vec::new();
+        if let Some(l) = &t.listen {
+            listens.push((*l.get_ref(), "tunnel.listen"));
+        }
+        if let Some(a) = &n.admin {
+            if listens
+                .iter()
+                .any(|(x, _)| x == a.get_ref() && x.port() != 0)
+            {
+                return Err((
+                    a.span(),
+                    "node.admin uses the same address as tunnel.listen".into(),
+                ));
+            }
+            listens.push((*a.get_ref(), "node.admin"));
+        }
+        for f in &self.forwards {
+            if let Some(p) = &f.peer {
+                if !self.peers.iter().any(|x| x.name.get_ref() == p.get_ref()) {
+                    return Err((
+                        p.span(),
+                        format!(
+                            "forward.peer {:?} is not a configured [[peer]]",
+                            p.get_ref()
+                        ),
+                    ));
+                }
+            }
+            let l = *f.listen.get_ref();
+            if l.port() != 0 {
+                if let Some((_, what)) = listens.iter().find(|(x, _)| *x == l) {
+                    return Err((
+                        f.listen.span(),
+                        format!("forward.listen {l} is already used by {what}"),
+                    ));
+                }
+            }
+            listens.push((l, "another [[forward]]"));
+        }
+        Ok(())
+    }
+}
+
+impl Loaded {
+    /// A path from the config, relative to the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    /// The proxy settings this config asks for.
+    pub fn settings(&self) -> ditto_proxy::Settings {
+        let t = &self.config.tunnel;
+        let mut s = ditto_proxy::Settings::default();
+        if let Some(c) = &t.connections {
+            s.connections = *c.get_ref() as usize;
+        }
+        if let Some(w) = &t.window {
+            s.window = u32::try_from(w.get_ref().0).unwrap_or(u32::MAX);
+        }
+        if let Some(m) = &t.max_streams {
+            s.max_streams = *m.get_ref();
+        }
+        if let Some(m) = &t.max_flows {
+            s.max_flows = *m.get_ref() as usize;
+        }
+        if let Some(b) = &t.socket_buffer {
+            s.wan.buffer = Some(b.get_ref().0 as usize);
+        }
+        if let Some(c) = &t.congestion {
+            s.wan.congestion = if c.is_empty() { None } else { Some(c.clone()) };
+        }
+        if let Some(l) = &t.notsent_lowat {
+            s.wan.notsent_lowat = Some(u32::try_from(l.get_ref().0).unwrap_or(u32::MAX));
+        }
+        if let Some(k) = &t.keepalive {
+            s.ping_interval = k.get_ref().0;
+            s.dead_after = (k.get_ref().0 * 6).max(Duration::from_secs(2));
+        }
+        if let Some(c) = &t.connect_timeout {
+            s.connect_timeout = c.0;
+            s.handshake_timeout = c.0;
+        }
+        if let Some(d) = &t.drain_timeout {
+            s.drain_timeout = d.0;
+        }
+        s
+    }
+
+    /// Peers and forwards as the proxy wants them.
+    pub fn peers_and_forwards(
+        &self,
+    ) -> (Vec<ditto_proxy::PeerSpec>, Vec<ditto_proxy::ForwardSpec>) {
+        let c = &self.config;
+        let peers = c
+            .peers
+            .iter()
+            .map(|p| ditto_proxy::PeerSpec {
+                name: p.name.get_ref().clone(),
+                fingerprint: p.fingerprint.get_ref().0,
+                address: p.address.as_ref().map(|a| a.0.clone()),
+            })
+            .collect();
+        let forwards = c
+            .forwards
+            .iter()
+            .map(|f| ditto_proxy::ForwardSpec {
+                listen: *f.listen.get_ref(),
+                peer: f.peer.as_ref().map(|p| p.get_ref().clone()),
+                target: f.target.0.clone(),
+                bypass: f.bypass,
+            })
+            .collect();
+        (peers, forwards)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(ByteSize::parse("256MiB"), Some(ByteSize(256 << 20)));
+        assert_eq!(ByteSize::parse("10GiB"), Some(ByteSize(10 << 30)));
+        assert_eq!(ByteSize::parse("1.5 GB"), Some(ByteSize(1_500_000_000)));
+        assert_eq!(ByteSize::parse("4096"), Some(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("12 parsecs"), None);
+        assert_eq!(ByteSize::parse("-1MiB"), None);
+        assert_eq!(Dur::parse("200ms"), Some(Dur(Duration::from_millis(200))));
+        assert_eq!(Dur::parse("2m"), Some(Dur(Duration::from_secs(120))));
+        assert_eq!(Dur::parse("5"), None);
+    }
+
+    #[test]
+    fn errors_name_key_and_line() {
+        let src = format!("[node]\nname = \"a\"\nkey = \"a.key\"\nstore_ram = \"lots\"\n[[peer]]\nname = \"b\"\naddress = \"h:1\"\nfingerprint = \"{FP}\"\n");
+        let e = parse(&src).expect_err("bad size").to_string();
+        assert!(
+            e.contains("line 4") && e.contains("store_ram") && e.contains("invalid size"),
+            "{e}"
+        );
+
+        let src = "[node]\nname = \"a\"\nkey = \"a.key\"\ncolour = \"blue\"\n";
+        let e = parse(src).expect_err("unknown key").to_string();
+        assert!(e.contains("line 4") && e.contains("colour"), "{e}");
+
+        let src = format!("[node]\nname = \"a\"\nkey = \"k\"\n[[peer]]\nname = \"b\"\naddress = \"h:1\"\nfingerprint = \"{FP}\"\n[[forward]]\nlisten = \"127.0.0.1:1\"\npeer = \"c\"\ntarget = \"t:1\"\n");
+        let e = parse(&src).expect_err("unknown peer").to_string();
+        assert!(e.starts_with("test.toml:10:") && e.contains("\"c\""), "{e}");
+
+        let src = "[node]\nname = \"a\"\nkey = \"k\"\nadmin = \"0.0.0.0:9090\"\n";
+        let e = parse(src).expect_err("public admin").to_string();
+        assert!(
+            e.starts_with("test.toml:4:") && e.contains("admin_public"),
+            "{e}"
+        );
+        parse(&format!("{src}admin_public = true\n")).expect("explicitly public");
+    }
+
+    #[test]
+    fn examples_parse_and_invalid_examples_fail_at_the_right_line() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).expect("examples dir") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let l = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                let _ = l.settings();
+                let _ = l.peers_and_forwards();
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected example configs in {}", dir.display());
+        let expect = [
+            ("unknown-key.toml", 4, "colour"),
+            ("bad-fingerprint.toml", 8, "fingerprint"),
+            ("unknown-peer.toml", 12, "site-c"),
+            ("public-admin.toml", 4, "admin_public"),
+            ("bad-size.toml", 4, "store_ram"),
+            ("unreachable-peer.toml", 7, "never connect"),
+            ("bad-target.toml", 7, "host:port"),
+        ];
+        for (file, line, word) in expect {
+            let p = dir.join("invalid").join(file);
+            let e = Config::load(&p).expect_err(file).to_string();
+            let at_line = e.contains(&format!(":{line}: ")) || e.contains(&format!("line {line}"));
+            assert!(
+                at_line && e.contains(word),
+                "{file}: expected line {line} and {word:?} in: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The `ditto` binary end to end: keygen, check-config, two `ditto run` daemons carrying a transfer,
+//! `ditto status`, and graceful stop on SIGTERM/SIGINT.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ditto() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ditto"))
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn ditto");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A loopback port that was free a moment ago (the daemons bind it themselves).
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+fn keygen(dir: &Path, name: &str) -> String {
+    let out = run_ok(ditto().arg("keygen").arg("--out").arg(dir.join(name)));
+    let fp = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    assert_eq!(fp.len(), 64, "fingerprint {fp:?}");
+    fp
+}
+
+/// Echo-after-EOF server: reads the request to EOF, then sends it back reversed.
+fn start_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).is_ok() {
+                    buf.reverse();
+                    let _ = s.write_all(&buf);
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(config: &Path) -> Daemon {
+    Daemon(
+        ditto()
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ditto run"),
+    )
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    Some(r)
+}
+
+/// Waits (polling the admin endpoint: the only view into another process) for `cond`.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+fn wait_exit(d: &mut Daemon) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = d.0.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn keygen_check_config_run_status_and_stop() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let fp_a = keygen(d, "a");
+    let fp_b = keygen(d, "b");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.join("a.key"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // keygen refuses to overwrite a key.
+    assert!(!ditto()
+        .arg("keygen")
+        .arg("--out")
+        .arg(d.join("a"))
+        .output()
+        .expect("run")
+        .status
+        .success());
+    let out = run_ok(ditto().arg("fingerprint").arg(d.join("b.key")));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fp_b);
+
+    let target = start_server();
+    let (tunnel, admin_a, admin_b, fwd) = (free_port(), free_port(), free_port(), free_port());
+    let cfg_b = d.join("b.toml");
+    std::fs::write(
+        &cfg_b,
+        format!(
+            "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n\n[tunnel]\nlisten = \"{tunnel}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
+        ),
+    )
+    .expect("write");
+    let cfg_a = d.join("a.toml");
+    std::fs::write(
+        &cfg_a,
+        format!(
+            "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\nstore_dir = \"store-a\"\nstore_ram = \"64MiB\"\nstore_disk = \"256MiB\"\n\n[tunnel]\nconnections = 2\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\nfingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\ntarget = \"{target}\"\n"
+        ),
+    )
+    .expect("write");
+    let out = run_ok(ditto().arg("check-config").arg(&cfg_a));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&fp_a));
+    // A broken config is refused with its line.
+    let bad = d.join("bad.toml");
+    std::fs::write(&bad, "[node]\nname = \"x\"\nkey = \"a.key\"\nwindow = 3\n").expect("write");
+    let out = ditto().arg("check-config").arg(&bad).output().expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 4"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut b = start(&cfg_b);
+    let mut a = start(&cfg_a);
+    wait_for("site-a's tunnel", || {
+        http_get(admin_a, "/metrics")
+            .is_some_and(|m| m.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
+    });
+
+    // A transfer through the pair, both directions, with half-close.
+    let payload: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(fwd).expect("connect forward");
+        s.write_all(&payload).expect("send");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("reply");
+        back.reverse();
+        assert!(back == payload, "reply differs");
+    }
+
+    let out = run_ok(
+        ditto()
+            .arg("status")
+            .arg("--admin")
+            .arg(admin_a.to_string()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("site-b") && text.contains("UP"), "{text}");
+    let out = run_ok(
+        ditto()
+            .arg("status")
+            .arg("--config")
+            .arg(&cfg_b)
+            .arg("--json"),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(v["node"], "site-b");
+    assert_eq!(v["peers"][0]["up"], true);
+    assert!(http_get(admin_b, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+
+    // Graceful stop: SIGTERM for one, SIGINT for the other; both exit 0.
+    signal(&b.0, "TERM");
+    assert!(wait_exit(&mut b).success());
+    signal(&a.0, "INT");
+    assert!(wait_exit(&mut a).success());
+    assert!(
+        d.join("store-a").is_dir(),
+        "the disk store lives beside the config"
+    );
+}
