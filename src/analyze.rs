@@ -30,6 +30,12 @@ pub struct Args {
     /// zstd level for literals (0 turns compression off).
     #[arg(long, default_value_t = 3)]
     pub zstd_level: i32,
+    /// Bytes per read from each file.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub read_size: usize,
+    /// Flush after every read, as a proxy does when its socket runs dry (worst case for dedup).
+    #[arg(long)]
+    pub flush_every_read: bool,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -101,9 +107,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         b,
         cfg,
     };
+    if args.read_size == 0 {
+        bail!("--read-size must be at least 1");
+    }
     let mut reports = Vec::new();
     for f in &args.files {
-        reports.push(send_file(&sides, f)?);
+        reports.push(send_file(&sides, f, args.read_size, args.flush_every_read)?);
     }
     let mut total = Report {
         file: "total".into(),
@@ -132,7 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
+fn send_file(s: &Sides, path: &PathBuf, read_size: usize, flush: bool) -> anyhow::Result<Report> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut enc = Encoder::new(s.a.clone(), s.view_a.clone(), s.cfg.clone());
@@ -143,7 +152,7 @@ fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
     };
     let mut in_hash = blake3::Hasher::new();
     let mut out_hash = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; read_size];
     let mut wire = Vec::new();
     let mut fb = Vec::new();
     let mut decoded = Vec::new();
@@ -159,6 +168,9 @@ fn send_file(s: &Sides, path: &PathBuf) -> anyhow::Result<Report> {
         } else {
             in_hash.update(&buf[..n]);
             enc.write(&buf[..n], &mut wire);
+            if flush {
+                enc.flush(&mut wire);
+            }
         }
         // Carry both directions until nothing is in flight.
         loop {

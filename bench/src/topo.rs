@@ -223,10 +223,12 @@ impl Topo {
         }
         ip(&["-n", &c, "route", "add", "default", "via", addr::A_LAN])?;
         ip(&["-n", &s, "route", "add", "default", "via", addr::B_LAN])?;
+        // The appliances are tuned as the README's deployment steps say: forwarding on, and warm
+        // tunnel connections keep their congestion window across idle periods.
         for r in [Role::SiteA, Role::SiteB] {
-            run(self
-                .cmd(r, "sysctl")
-                .args(["-q", "-w", "net.ipv4.ip_forward=1"]))?;
+            for kv in ["net.ipv4.ip_forward=1", "net.ipv4.tcp_slow_start_after_idle=0"] {
+                run(self.cmd(r, "sysctl").args(["-q", "-w", kv]))?;
+            }
         }
         Ok(())
     }
