@@ -246,28 +246,22 @@ impl Decoder {
         let mut ops = Vec::with_capacity(n);
         let mut deltas = Vec::new();
         let mut lit_total: u64 = 0;
-        let mut decoded_total: u64 = 0;
         for _ in 0..n {
             let tag = r.u8("op tag")?;
             let op = match tag {
                 wire::OP_LIT | wire::OP_PART => {
                     let len = r.bounded("literal op length", wire::MAX_CHUNK as u64)?;
                     lit_total += len;
-                    decoded_total += len;
                     if tag == wire::OP_LIT {
                         Op::Lit(len as u32)
                     } else {
                         Op::Part(len as u32)
                     }
                 }
-                wire::OP_REF => {
-                    decoded_total += wire::MAX_CHUNK as u64;
-                    Op::Ref(r.id()?)
-                }
+                wire::OP_REF => Op::Ref(r.id()?),
                 wire::OP_PARTREF => {
                     let id = r.id()?;
                     let len = r.bounded("partial reference length", wire::MAX_CHUNK as u64)?;
-                    decoded_total += len;
                     Op::PartRef(id, len as u32)
                 }
                 wire::OP_RUN => {
@@ -278,7 +272,6 @@ impl Decoder {
                     let first = r.id()?;
                     let mut digest = [0u8; CHUNK_ID_LEN];
                     digest.copy_from_slice(r.bytes(CHUNK_ID_LEN, "run digest")?);
-                    decoded_total += count * wire::MAX_CHUNK as u64;
                     Op::Run {
                         count: count as u32,
                         first,
@@ -303,8 +296,7 @@ impl Decoder {
             };
             ops.push(op);
         }
-        let _ = decoded_total; // References are bounded per op; output is paced by `max_output_buffer`.
-                               // Check the literal section's declared size now; decompress it only when the batch is decoded.
+        // Check the literal section's declared size now; decompress it only when the batch is decoded.
         let literals = r.rest().to_vec();
         {
             let mut lr = Reader::new(&literals);

@@ -33,11 +33,6 @@ pub fn texty(rng: &mut impl Rng, len: usize) -> Vec<u8> {
     v
 }
 
-/// One side of the link: a store and its belief about the other side.
-pub struct Side {
-    pub store: Arc<ChunkStore>,
-}
-
 /// An encoder on A sending to a decoder on B, over an in-order channel in each direction whose delivery
 /// is split and delayed at random.
 pub struct Link {

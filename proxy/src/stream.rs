@@ -104,6 +104,9 @@ fn report_recv(stats: RecvStats, last: &mut RecvStats, ctx: &FlowCtx) {
     *last = stats;
 }
 
+/// Longest a paused client's bytes wait in the encoder while the stream's tunnel queue is busy.
+const FLUSH_DEFER: std::time::Duration = std::time::Duration::from_millis(1);
+
 async fn up_half(
     rd: ReadHalf<'_>,
     h: &StreamHandle,
@@ -119,7 +122,17 @@ async fn up_half(
         h.send_fin();
     }
     let mut last = SendStats::default();
+    // When the client pauses while earlier bytes of this stream still wait in the tunnel queue,
+    // flushing at once gains no latency (they leave behind that queue anyway) and only makes small
+    // batches, which compress worse. Such a flush is deferred until the queue is empty, or 1 ms.
+    let mut flush_at: Option<tokio::time::Instant> = None;
     let result = loop {
+        if let Some(at) = flush_at {
+            if h.queued().0 == 0 || tokio::time::Instant::now() >= at {
+                flush_at = None;
+                enc.flush(&mut out);
+            }
+        }
         let ev = h.take_up();
         if let Some(r) = ev.reset {
             break Err(r);
@@ -147,6 +160,7 @@ async fn up_half(
             !eof && queued < ctx.send_queue_limit && enc.retained_bytes() < ctx.retain_limit;
         tokio::select! {
             _ = h.up_wait() => {}
+            _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
             r = rd.readable(), if can_read => {
                 if let Err(e) = r {
                     tracing::debug!(stream = h.id, "LAN socket error: {e}");
@@ -193,9 +207,15 @@ async fn up_half(
                     break Err(ResetReason::Reset);
                 }
                 if eof {
+                    flush_at = None;
                     enc.finish(&mut out);
                 } else if paused {
-                    enc.flush(&mut out);
+                    if queued == 0 {
+                        flush_at = None;
+                        enc.flush(&mut out);
+                    } else if flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + FLUSH_DEFER);
+                    }
                 }
                 if !out.is_empty() {
                     h.send_data(std::mem::take(&mut out));
