@@ -48,6 +48,10 @@ pub struct EncoderStats {
     pub store_errors: u64,
 }
 
+/// Literal bytes that close the first batch of a stream (later batches double up to the configured
+/// limit).
+const FIRST_BATCH_LITERALS: usize = 16 * 1024;
+
 /// What one op of a retained batch stands for.
 #[derive(Clone, Copy, Debug)]
 struct OpSpan {
@@ -367,7 +371,10 @@ impl State {
     }
 
     fn maybe_emit(&mut self, out: &mut Vec<u8>) {
-        if self.lits.len() >= self.cfg.batch_literal_bytes
+        // The decoder outputs nothing of a batch before all of it arrived: start a stream with small
+        // batches, so its first bytes leave early even on a slow link, and double up to the limit.
+        let ramp = FIRST_BATCH_LITERALS << self.stats.batches.min(16);
+        if self.lits.len() >= self.cfg.batch_literal_bytes.min(ramp)
             || self.raw.len() >= self.cfg.batch_stream_bytes
             || self.spans.len() >= wire::MAX_OPS - 2
         {
