@@ -523,7 +523,12 @@ fn wait_tunnel_up(ctx: &Ctx, ditto: &Path, role: Role, secs: u64) -> Result<()> 
             .ok()
             .and_then(|v| {
                 let peers = v.get("peers")?.as_array()?.clone();
-                Some(!peers.is_empty() && peers.iter().all(|p| p.get("up") == Some(&serde_json::Value::Bool(true))))
+                Some(
+                    !peers.is_empty()
+                        && peers
+                            .iter()
+                            .all(|p| p.get("up") == Some(&serde_json::Value::Bool(true))),
+                )
             })
             .unwrap_or(false);
         if up {
@@ -876,7 +881,10 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
             ],
         )?;
         if !warm.exact {
-            bail!("tunnel warm-up transfer was not byte-exact: {:?}", warm.errors);
+            bail!(
+                "tunnel warm-up transfer was not byte-exact: {:?}",
+                warm.errors
+            );
         }
     }
     let mut r = RunResult {

@@ -226,7 +226,10 @@ impl Topo {
         // The appliances are tuned as the README's deployment steps say: forwarding on, and warm
         // tunnel connections keep their congestion window across idle periods.
         for r in [Role::SiteA, Role::SiteB] {
-            for kv in ["net.ipv4.ip_forward=1", "net.ipv4.tcp_slow_start_after_idle=0"] {
+            for kv in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.tcp_slow_start_after_idle=0",
+            ] {
                 run(self.cmd(r, "sysctl").args(["-q", "-w", kv]))?;
             }
         }
