@@ -1,9 +1,12 @@
 //! The admin endpoint: a deliberately tiny HTTP/1.1 server (one request per connection, GET only)
-//! serving `/metrics` (Prometheus text), `/healthz` and `/status` (JSON for `ditto status`).
+//! serving `/metrics` (Prometheus text), `/healthz`, `/status` (JSON for `ditto status`), a status page
+//! at `/` (self-contained HTML that polls `/status` and `/history`) and `/history` (JSON: the savings
+//! totals sampled every [`HISTORY_INTERVAL`] over the last hour, then the current totals).
 //!
 //! Requests are bounded in size and time, and connections in number, so a misbehaving scraper
 //! cannot hold resources.
 
+use crate::metrics::HISTORY_INTERVAL;
 use crate::node::{refresh_gauges, status, Inner};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +17,20 @@ use tokio::sync::Semaphore;
 const MAX_REQUEST: usize = 8 * 1024;
 const MAX_CONNECTIONS: usize = 32;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const STATUS_PAGE: &str = include_str!("status_page.html");
 
 pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+    let sampler = inner.clone();
+    inner.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(HISTORY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => sampler.metrics.history.push(sampler.metrics.savings_now()),
+                _ = sampler.kill.cancelled() => return,
+            }
+        }
+    });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -67,6 +82,7 @@ async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
     match path {
         "/metrics" => {
             refresh_gauges(inner);
+            refresh_store_errors(inner);
             let body = inner.metrics.render();
             respond(&mut sock, 200, "text/plain; version=0.0.4", body.as_bytes()).await
         }
@@ -84,7 +100,29 @@ async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
             let body = serde_json::to_vec_pretty(&status(inner)).unwrap_or_default();
             respond(&mut sock, 200, "application/json", &body).await
         }
+        "/" => {
+            respond(
+                &mut sock,
+                200,
+                "text/html; charset=utf-8",
+                STATUS_PAGE.as_bytes(),
+            )
+            .await
+        }
+        "/history" => {
+            let mut samples = inner.metrics.history.samples();
+            samples.push(inner.metrics.savings_now());
+            let body = serde_json::to_vec(&samples).unwrap_or_default();
+            respond(&mut sock, 200, "application/json", &body).await
+        }
         _ => respond(&mut sock, 404, "text/plain", b"not found\n").await,
+    }
+}
+
+/// Feeds the store's running I/O error total into `ditto_store_errors_total`.
+fn refresh_store_errors(inner: &Inner) {
+    if let crate::codec::Engine::Dedup { store, .. } = &inner.engine {
+        inner.metrics.observe_store_errors(store.stats().io_errors);
     }
 }
 

@@ -4,6 +4,10 @@
 use prometheus::{
     Encoder as _, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Every metric the node exports.
 #[derive(Clone)]
@@ -29,8 +33,63 @@ pub struct Metrics {
     pub store_chunks: IntGauge,
     pub chunk_misses: IntCounter,
     pub verify_failures: IntCounter,
+    /// Store I/O errors (failed reads, writes, file creations, removals), fed from the store's own
+    /// total by [`Metrics::observe_store_errors`].
+    pub store_errors: IntCounter,
+    /// The store's I/O error total already counted into `store_errors`.
+    store_errors_seen: Arc<AtomicU64>,
     pub stream_resets: IntCounterVec,
     pub up_seconds: Gauge,
+    /// Savings totals of the last hour, for the admin status page.
+    pub history: Arc<History>,
+}
+
+/// Totals at one moment, as the status page charts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct SavingsSample {
+    /// Unix time, seconds.
+    pub t: f64,
+    pub lan_sent: u64,
+    pub wan_sent: u64,
+    pub dedup_saved: u64,
+    pub compression_saved: u64,
+}
+
+/// A bounded ring of [`SavingsSample`]s: the oldest is dropped once `capacity` are held.
+pub struct History {
+    samples: Mutex<VecDeque<SavingsSample>>,
+    capacity: usize,
+}
+
+/// How often the admin endpoint samples the totals, and how many samples it keeps (one hour).
+pub const HISTORY_INTERVAL: Duration = Duration::from_secs(10);
+pub const HISTORY_SAMPLES: usize = 361;
+
+impl History {
+    pub fn new(capacity: usize) -> History {
+        History {
+            samples: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<SavingsSample>> {
+        // A panic elsewhere while holding the lock leaves plain numbers behind: still usable.
+        self.samples.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, s: SavingsSample) {
+        let mut q = self.lock();
+        while q.len() >= self.capacity {
+            q.pop_front();
+        }
+        q.push_back(s);
+    }
+
+    /// The samples held, oldest first.
+    pub fn samples(&self) -> Vec<SavingsSample> {
+        self.lock().iter().copied().collect()
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -65,7 +124,7 @@ impl Metrics {
         )
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .inc();
-        Metrics {
+        let m = Metrics {
             lan_bytes: cv(
                 "ditto_lan_bytes_total",
                 "Payload bytes on LAN connections of accelerated flows.",
@@ -137,6 +196,11 @@ impl Metrics {
                 "ditto_verify_failures_total",
                 "Chunks whose bytes did not match their fingerprint.",
             ),
+            store_errors: c(
+                "ditto_store_errors_total",
+                "Chunk store I/O errors: failed reads, writes, file creations and removals.",
+            ),
+            store_errors_seen: Arc::new(AtomicU64::new(0)),
             stream_resets: cv(
                 "ditto_stream_resets_total",
                 "Accelerated streams reset, by reason.",
@@ -150,8 +214,21 @@ impl Metrics {
                 ))
                 .expect(BAD),
             ),
+            history: Arc::new(History::new(HISTORY_SAMPLES)),
             registry: r,
+        };
+        // Pass-through series exist from the start, at zero, so that dashboards show them and an
+        // alert on their increase sees the very first pass-through flow.
+        use crate::flows::reason;
+        for why in [
+            reason::PEER_DOWN,
+            reason::NO_PEER,
+            reason::BYPASS_RULE,
+            reason::TUNNEL_BUSY,
+        ] {
+            m.flows.with_label_values(&["passthrough", why]);
         }
+        m
     }
 
     /// The text exposition of all metrics.
@@ -162,6 +239,27 @@ impl Metrics {
             tracing::error!("encoding metrics: {e}");
         }
         String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Brings `ditto_store_errors_total` up to the store's own running total of I/O errors. Safe to
+    /// call concurrently: each error is counted once, and a total lower than one already seen is
+    /// ignored.
+    pub fn observe_store_errors(&self, total: u64) {
+        let seen = self.store_errors_seen.fetch_max(total, Ordering::Relaxed);
+        self.store_errors.inc_by(total.saturating_sub(seen));
+    }
+
+    /// The current savings totals (LAN and WAN bytes summed over peers).
+    pub fn savings_now(&self) -> SavingsSample {
+        SavingsSample {
+            t: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            lan_sent: sum_counter(&self.lan_bytes, "direction", "sent"),
+            wan_sent: sum_counter(&self.wan_bytes, "direction", "sent"),
+            dedup_saved: self.dedup_saved.get(),
+            compression_saved: self.compression_saved.get(),
+        }
     }
 
     /// Counts a flow.
@@ -210,9 +308,32 @@ mod tests {
             "ditto_dedup_saved_bytes_total",
             "ditto_peer_auth_failures_total",
             "ditto_store_chunks",
+            "ditto_store_errors_total 0",
+            "ditto_flows_total{outcome=\"passthrough\",reason=\"peer-down\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert_eq!(sum_counter(&m.lan_bytes, "direction", "sent"), 10);
+        m.observe_store_errors(3);
+        m.observe_store_errors(3);
+        m.observe_store_errors(2);
+        m.observe_store_errors(5);
+        assert_eq!(m.store_errors.get(), 5);
+        assert_eq!(m.savings_now().lan_sent, 10);
+    }
+
+    #[test]
+    fn history_is_bounded_and_ordered() {
+        let h = History::new(3);
+        for i in 0..5u64 {
+            h.push(SavingsSample {
+                t: i as f64,
+                lan_sent: i,
+                ..Default::default()
+            });
+        }
+        let got: Vec<u64> = h.samples().iter().map(|s| s.lan_sent).collect();
+        assert_eq!(got, [2, 3, 4]);
+        assert_eq!(History::new(0).capacity, 1);
     }
 }
