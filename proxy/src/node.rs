@@ -131,6 +131,8 @@ pub struct Peer {
     view: Mutex<Option<(u128, View)>>,
     up_tx: watch::Sender<usize>,
     ever_up: AtomicBool,
+    /// Connections lost and not yet replaced: the next ones added count as reconnects.
+    lost: AtomicU64,
     pub(crate) m: PeerMetrics,
 }
 
@@ -169,6 +171,7 @@ impl Peer {
             view: Mutex::new(None),
             up_tx: watch::channel(0).0,
             ever_up: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
             m,
         }
     }
@@ -200,7 +203,14 @@ impl Peer {
             c.push((conn, view));
             c.len()
         };
-        if self.ever_up.swap(true, Ordering::Relaxed) {
+        // A reconnect is a connection that replaces one that was lost, not the second of the
+        // connections opened at start or one the peer dialed on its own.
+        let replaced = self
+            .lost
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+            .is_ok();
+        self.ever_up.store(true, Ordering::Relaxed);
+        if replaced {
             self.m.reconnects.inc();
         }
         self.m.connections.set(n as i64);
@@ -211,7 +221,11 @@ impl Peer {
     pub(crate) fn remove(&self, conn: &Arc<Conn>) {
         let n = {
             let mut c = self.conns();
+            let before = c.len();
             c.retain(|(x, _)| !Arc::ptr_eq(x, conn));
+            if c.len() < before {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+            }
             c.len()
         };
         self.m.connections.set(n as i64);
