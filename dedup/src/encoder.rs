@@ -74,6 +74,8 @@ struct Retained {
 struct Run {
     first: ChunkId,
     last: ChunkId,
+    /// The successor hint of `last`, read when `last` was looked up.
+    next: Option<ChunkId>,
     count: u32,
     digest: blake3::Hasher,
     start: usize,
@@ -258,21 +260,22 @@ impl State {
             return;
         }
         let fresh = &chunk[self.sent_prefix..];
-        let known = self.store.slot(&id).is_some_and(|s| self.view.has(s));
+        let found = self.store.lookup(&id);
+        let known = found.is_some_and(|(s, _)| self.view.has(s));
+        let successor = found.and_then(|(_, next)| next);
         let start = self.raw.len();
         let mut old = known.then_some(id);
         if known && self.sent_prefix == 0 {
             self.stats.chunks_deduped += 1;
             let extends = match &self.run {
-                Some(run) => {
-                    run.count < self.cfg.max_run && self.store.successor(&run.last) == Some(id)
-                }
+                Some(run) => run.count < self.cfg.max_run && run.next == Some(id),
                 None => false,
             };
             if extends {
                 if let Some(run) = &mut self.run {
                     run.count += 1;
                     run.last = id;
+                    run.next = successor;
                     run.digest.update(id.as_bytes());
                 }
                 self.raw.extend_from_slice(fresh);
@@ -292,6 +295,7 @@ impl State {
                 self.run = Some(Run {
                     first: id,
                     last: id,
+                    next: successor,
                     count: 1,
                     digest,
                     start,

@@ -612,6 +612,14 @@ impl ChunkStore {
         self.lock().index.find(id)
     }
 
+    /// `slot` and `successor` of `id` under one lock: the encoder's per-chunk lookup.
+    #[inline]
+    pub fn lookup(&self, id: &ChunkId) -> Option<(u32, Option<ChunkId>)> {
+        let g = self.lock();
+        let slot = g.index.find(id)?;
+        Some((slot, g.index.successor_of(slot)))
+    }
+
     /// The chunk that followed `id` the last time a stream passed through it, if both are still
     /// stored. Only a hint: the slot it is kept as may in rare cases have been reused by another chunk.
     #[inline]
