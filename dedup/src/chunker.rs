@@ -99,7 +99,8 @@ impl Chunker {
             params,
             mask_s,
             mask_l,
-            buf: Vec::with_capacity(params.max_size as usize),
+            // Allocated on first use: a thousand idle streams should cost nothing here.
+            buf: Vec::new(),
             scanned_len: 0,
         }
     }
