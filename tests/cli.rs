@@ -1,85 +1,15 @@
 //! The `ditto` binary end to end: keygen, check-config, two `ditto run` daemons carrying a transfer,
 //! `ditto status`, and graceful stop on SIGTERM/SIGINT.
 
+mod common;
+
+use common::{
+    ditto, free_port, keygen, run_ok, start_daemon as start, start_server, Proc as Daemon,
+};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn ditto() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ditto"))
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn ditto");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A loopback port that was free a moment ago (the daemons bind it themselves).
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-fn keygen(dir: &Path, name: &str) -> String {
-    let out = run_ok(ditto().arg("keygen").arg("--out").arg(dir.join(name)));
-    let fp = String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_owned();
-    assert_eq!(fp.len(), 64, "fingerprint {fp:?}");
-    fp
-}
-
-/// Echo-after-EOF server: reads the request to EOF, then sends it back reversed.
-fn start_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).is_ok() {
-                    buf.reverse();
-                    let _ = s.write_all(&buf);
-                    let _ = s.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path) -> Daemon {
-    Daemon(
-        ditto()
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ditto run"),
-    )
-}
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;

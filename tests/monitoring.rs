@@ -6,35 +6,18 @@
 //! Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`); without them the test
 //! prints SKIPPED and passes.
 
+mod common;
+
+use common::{free_port, keygen, start_daemon, start_server, Proc};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ditto() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ditto"))
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn have(tool: &str) -> bool {
@@ -44,53 +27,6 @@ fn have(tool: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
-}
-
-fn keygen(dir: &Path, name: &str) -> String {
-    let out = ditto()
-        .arg("keygen")
-        .arg("--out")
-        .arg(dir.join(name))
-        .output()
-        .expect("spawn ditto keygen");
-    assert!(out.status.success(), "keygen failed");
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_owned()
-}
-
-/// Echo-after-EOF server: reads the request to EOF, then sends it back reversed.
-fn start_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).is_ok() {
-                    buf.reverse();
-                    let _ = s.write_all(&buf);
-                    let _ = s.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn start_daemon(config: &Path) -> Proc {
-    Proc(
-        ditto()
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn ditto run"),
-    )
 }
 
 /// Two daemons, site-a (dials, forwards `fwd` to an echo server through site-b) and site-b.

@@ -1,0 +1,85 @@
+//! Harness shared by the binary's integration tests: the `ditto` command, keys, free ports, an echo
+//! server and daemons that are killed whatever way a test ends.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+pub fn ditto() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ditto"))
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn ditto");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A loopback port that was free a moment ago (the daemons bind it themselves).
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Makes a key pair `dir/name.key` and returns its fingerprint.
+pub fn keygen(dir: &Path, name: &str) -> String {
+    let out = run_ok(ditto().arg("keygen").arg("--out").arg(dir.join(name)));
+    let fp = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    assert_eq!(fp.len(), 64, "fingerprint {fp:?}");
+    fp
+}
+
+/// Echo-after-EOF server: reads the request to EOF, then sends it back reversed.
+pub fn start_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).is_ok() {
+                    buf.reverse();
+                    let _ = s.write_all(&buf);
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `ditto run --config CONFIG`, output discarded.
+pub fn start_daemon(config: &Path) -> Proc {
+    Proc(
+        ditto()
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn ditto run"),
+    )
+}
