@@ -30,18 +30,23 @@ pub enum ConfigError {
     },
 }
 
+/// Splits "1.5GiB" into (1.5, "GiB"): a leading decimal number and the unit after it.
+fn number_and_unit(s: &str) -> Option<(f64, &str)> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    Some((num.parse().ok()?, unit))
+}
+
 /// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
     pub fn parse(s: &str) -> Option<ByteSize> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let num: f64 = num.parse().ok()?;
+        let (num, unit) = number_and_unit(s)?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kib" => 1 << 10,
@@ -87,12 +92,7 @@ pub struct Dur(pub Duration);
 
 impl Dur {
     pub fn parse(s: &str) -> Option<Dur> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let num: f64 = num.parse().ok()?;
+        let (num, unit) = number_and_unit(s)?;
         let secs = match unit.trim() {
             "ms" => num / 1000.0,
             "s" => num,

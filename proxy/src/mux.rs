@@ -742,34 +742,29 @@ impl StreamHandle {
 
     /// Queues encoded bytes for the peer's decoder.
     pub fn send_data(&self, bytes: Vec<u8>) {
-        if bytes.is_empty() {
-            return;
-        }
-        let b = Bytes::from(bytes);
-        if self
-            .with_slot(|sl| {
-                sl.data_bytes += b.len();
-                sl.data.push_back(b);
-            })
-            .is_some()
-        {
-            self.conn.writer_wake.notify_one();
-        }
+        self.enqueue(bytes, false);
     }
 
     /// Queues feedback for the peer's encoder.
     pub fn send_feedback(&self, bytes: Vec<u8>) {
+        self.enqueue(bytes, true);
+    }
+
+    fn enqueue(&self, bytes: Vec<u8>, feedback: bool) {
         if bytes.is_empty() {
             return;
         }
         let b = Bytes::from(bytes);
-        if self
-            .with_slot(|sl| {
-                sl.fb_bytes += b.len();
-                sl.fb.push_back(b);
-            })
-            .is_some()
-        {
+        let queued = self.with_slot(|sl| {
+            let (count, queue) = if feedback {
+                (&mut sl.fb_bytes, &mut sl.fb)
+            } else {
+                (&mut sl.data_bytes, &mut sl.data)
+            };
+            *count += b.len();
+            queue.push_back(b);
+        });
+        if queued.is_some() {
             self.conn.writer_wake.notify_one();
         }
     }
