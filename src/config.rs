@@ -5,7 +5,11 @@
 //! so toml's error already points at the offending key and line. Checks that relate several keys
 //! run in [`Config::validate`], which reports the line of the key at fault through its span.
 
+use ditto_proxy::intercept::{
+    InterceptSpec, Mode, PortRange, RouteAction, RouteSpec, RuleNames, MAX_INLINE_PORTS,
+};
 use ditto_proxy::Fingerprint;
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -151,6 +155,74 @@ impl<'de> Deserialize<'de> for HostPort {
     }
 }
 
+/// A TCP port or an inclusive range: `5001` or `"6000-6010"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports(pub PortRange);
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let bad = |s: String| {
+            serde::de::Error::custom(format!(
+                "invalid port {s}: expected a port (1-65535) or a range like \"6000-6010\""
+            ))
+        };
+        let port = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p != 0);
+        let r = match Raw::deserialize(d)? {
+            Raw::Int(n) => {
+                let p = u16::try_from(n)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad(n.to_string()))?;
+                PortRange { lo: p, hi: p }
+            }
+            Raw::Str(s) => {
+                let (lo, hi) = match s.split_once('-') {
+                    Some((a, b)) => (port(a), port(b)),
+                    None => (port(&s), port(&s)),
+                };
+                match (lo, hi) {
+                    (Some(lo), Some(hi)) if lo <= hi => PortRange { lo, hi },
+                    _ => return Err(bad(format!("{s:?}"))),
+                }
+            }
+        };
+        Ok(Ports(r))
+    }
+}
+
+/// An IP network: "10.2.0.0/16", "fd00:2::/48", or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Net(pub IpNet);
+
+impl<'de> Deserialize<'de> for Net {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let net = s
+            .parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "invalid network {s:?}: expected an address or a prefix like \"10.2.0.0/16\""
+                ))
+            })?;
+        Ok(Net(net.trunc()))
+    }
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeName {
+    Redirect,
+    Tproxy,
+    Inline,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -161,6 +233,46 @@ pub struct Config {
     pub peers: Vec<PeerSection>,
     #[serde(default, rename = "forward")]
     pub forwards: Vec<ForwardSection>,
+    pub intercept: Option<InterceptSection>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Spanned<RouteSection>>,
+}
+
+/// `[intercept]`: transparent interception (see docs/deploy.md).
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptSection {
+    pub mode: Spanned<ModeName>,
+    /// redirect/tproxy: where nftables diverts to (a wildcard address).
+    pub listen: Option<Spanned<SocketAddr>>,
+    /// Destination ports diverted (inline: required; else default all).
+    #[serde(default)]
+    pub ports: Vec<Spanned<Ports>>,
+    /// redirect/tproxy: only connections arriving on these interfaces.
+    #[serde(default)]
+    pub interfaces: Vec<Spanned<String>>,
+    /// inline: the bridge of the LAN and WAN ports.
+    pub bridge: Option<Spanned<String>>,
+    /// Connect to destinations from the client's own address (default: inline only).
+    pub preserve_client: Option<bool>,
+    pub table: Option<Spanned<String>>,
+    pub fwmark: Option<Spanned<u32>>,
+    pub route_table: Option<Spanned<u32>>,
+    /// The guard's timeout ("0s": no guard).
+    pub watchdog: Option<Spanned<Dur>>,
+}
+
+/// `[[route]]`: which peer carries intercepted flows to these destinations.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    #[serde(default)]
+    pub dest: Vec<Net>,
+    #[serde(default)]
+    pub ports: Vec<Ports>,
+    pub peer: Option<Spanned<String>>,
+    #[serde(default)]
+    pub bypass: bool,
 }
 
 #[derive(Deserialize, Debug)]
@@ -206,6 +318,9 @@ pub struct TunnelSection {
     pub keepalive: Option<Spanned<Dur>>,
     pub connect_timeout: Option<Dur>,
     pub drain_timeout: Option<Dur>,
+    /// MTU of the WAN path: tunnel sockets clamp their segment size to fit it (for paths that
+    /// drop big packets without telling, e.g. with ICMP filtered).
+    pub mtu: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -449,6 +564,161 @@ impl Config {
             }
             listens.push((l, "another [[forward]]"));
         }
+        if let Some(m) = &t.mtu {
+            if !(576..=65_535).contains(m.get_ref()) {
+                return Err((m.span(), "tunnel.mtu must be between 576 and 65535".into()));
+            }
+        }
+        self.validate_intercept(&listens)
+    }
+
+    fn validate_intercept(
+        &self,
+        listens: &[(SocketAddr, &str)],
+    ) -> Result<(), (std::ops::Range<usize>, String)> {
+        let Some(i) = &self.intercept else {
+            return match self.routes.first() {
+                Some(r) => Err((
+                    r.span(),
+                    "[[route]] picks peers for intercepted flows: add an [intercept] section"
+                        .into(),
+                )),
+                None => Ok(()),
+            };
+        };
+        let mode = *i.mode.get_ref();
+        let mode_span = i.mode.span();
+        let inline = mode == ModeName::Inline;
+        match (&i.listen, inline) {
+            (Some(l), true) => {
+                return Err((
+                    l.span(),
+                    "intercept.listen is not used inline: ditto listens on each intercepted port"
+                        .into(),
+                ))
+            }
+            (Some(l), false) => {
+                let a = l.get_ref();
+                if !a.ip().is_unspecified() || a.port() == 0 {
+                    return Err((
+                        l.span(),
+                        format!("intercept.listen {a} must be a wildcard address with a port, like \"[::]:7070\" (nftables diverts to the port on the address the packet arrived at)"),
+                    ));
+                }
+                if let Some((_, what)) = listens.iter().find(|(x, _)| x.port() == a.port()) {
+                    return Err((
+                        l.span(),
+                        format!(
+                            "intercept.listen port {} is already used by {what}",
+                            a.port()
+                        ),
+                    ));
+                }
+            }
+            (None, _) => {}
+        }
+        if inline {
+            let n: usize = i.ports.iter().map(|p| p.get_ref().0.len()).sum();
+            if n == 0 {
+                return Err((
+                    mode_span,
+                    "inline mode needs intercept.ports: ditto listens on each of them".into(),
+                ));
+            }
+            if n > MAX_INLINE_PORTS {
+                return Err((
+                    i.ports[0].span(),
+                    format!("intercept.ports lists {n} ports; inline mode takes at most {MAX_INLINE_PORTS}"),
+                ));
+            }
+            match &i.bridge {
+                None => return Err((mode_span, "inline mode needs intercept.bridge".into())),
+                Some(b) if !ditto_proxy::intercept::valid_ifname(b.get_ref()) => {
+                    return Err((
+                        b.span(),
+                        format!(
+                            "intercept.bridge {:?} is not an interface name",
+                            b.get_ref()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+            if let Some(f) = i.interfaces.first() {
+                return Err((f.span(), "intercept.interfaces is for redirect/tproxy; inline diverts what crosses intercept.bridge".into()));
+            }
+        } else if let Some(b) = &i.bridge {
+            return Err((b.span(), "intercept.bridge is only used inline".into()));
+        }
+        for f in &i.interfaces {
+            if !ditto_proxy::intercept::valid_ifname(f.get_ref()) {
+                return Err((
+                    f.span(),
+                    format!(
+                        "intercept.interfaces: {:?} is not an interface name",
+                        f.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = &i.table {
+            let ok = (1..=32).contains(&t.get_ref().len())
+                && t.get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err((
+                    t.span(),
+                    "intercept.table must be 1-32 letters, digits, '_' or '-'".into(),
+                ));
+            }
+        }
+        if let Some(m) = &i.fwmark {
+            if *m.get_ref() == 0 {
+                return Err((m.span(), "intercept.fwmark must not be 0".into()));
+            }
+        }
+        if let Some(r) = &i.route_table {
+            if matches!(*r.get_ref(), 0 | 253..=255) {
+                return Err((r.span(), "intercept.route_table must not be 0 or a reserved table (253 default, 254 main, 255 local)".into()));
+            }
+        }
+        if let Some(w) = &i.watchdog {
+            let d = w.get_ref().0;
+            if !d.is_zero() && !(Duration::from_millis(200)..=Duration::from_secs(300)).contains(&d)
+            {
+                return Err((
+                    w.span(),
+                    "intercept.watchdog must be 0s (off) or between 200ms and 300s".into(),
+                ));
+            }
+        }
+        for r in &self.routes {
+            let route = r.get_ref();
+            match (&route.peer, route.bypass) {
+                (Some(p), true) => {
+                    return Err((
+                        p.span(),
+                        "a [[route]] has either peer or bypass = true, not both".into(),
+                    ))
+                }
+                (None, false) => {
+                    return Err((
+                        r.span(),
+                        "a [[route]] needs peer = \"...\" or bypass = true".into(),
+                    ))
+                }
+                (Some(p), false) => {
+                    if !self.peers.iter().any(|x| x.name.get_ref() == p.get_ref()) {
+                        return Err((
+                            p.span(),
+                            format!("route.peer {:?} is not a configured [[peer]]", p.get_ref()),
+                        ));
+                    }
+                }
+                (None, true) => {}
+            }
+        }
         Ok(())
     }
 }
@@ -499,7 +769,81 @@ impl Loaded {
         if let Some(d) = &t.drain_timeout {
             s.drain_timeout = d.0;
         }
+        if let Some(m) = &t.mtu {
+            s.wan.mtu = Some(*m.get_ref());
+        }
         s
+    }
+
+    /// The interception spec and routes, if `[intercept]` is configured.
+    pub fn intercept(&self) -> (Option<InterceptSpec>, Vec<RouteSpec>) {
+        let c = &self.config;
+        let routes: Vec<RouteSpec> = c
+            .routes
+            .iter()
+            .map(|r| {
+                let r = r.get_ref();
+                RouteSpec {
+                    dest: r.dest.iter().map(|n| n.0).collect(),
+                    ports: r.ports.iter().map(|p| p.0).collect(),
+                    action: match &r.peer {
+                        Some(p) => RouteAction::Peer(p.get_ref().clone()),
+                        None => RouteAction::Bypass,
+                    },
+                }
+            })
+            .collect();
+        let Some(i) = &c.intercept else {
+            return (None, routes);
+        };
+        let mode = match i.mode.get_ref() {
+            ModeName::Redirect => Mode::Redirect,
+            ModeName::Tproxy => Mode::Tproxy,
+            ModeName::Inline => Mode::Inline,
+        };
+        let defaults = RuleNames::default();
+        // Bypass routes that come before every peer route, on destinations alone, are decided
+        // in nftables: those flows are never diverted at all.
+        let bypass = routes
+            .iter()
+            .take_while(|r| r.action == RouteAction::Bypass)
+            .filter(|r| r.ports.is_empty())
+            .flat_map(|r| r.dest.iter().copied())
+            .collect();
+        let spec = InterceptSpec {
+            mode,
+            listen: i
+                .listen
+                .as_ref()
+                .map_or(SocketAddr::from(([0u16; 8], 7070)), |l| *l.get_ref()),
+            ports: i.ports.iter().map(|p| p.get_ref().0).collect(),
+            interfaces: i.interfaces.iter().map(|f| f.get_ref().clone()).collect(),
+            bridge: i.bridge.as_ref().map(|b| b.get_ref().clone()),
+            preserve_client: i.preserve_client.unwrap_or(mode == Mode::Inline),
+            names: RuleNames {
+                table: i
+                    .table
+                    .as_ref()
+                    .map_or(defaults.table, |t| t.get_ref().clone()),
+                fwmark: i.fwmark.as_ref().map_or(defaults.fwmark, |m| *m.get_ref()),
+                route_table: i
+                    .route_table
+                    .as_ref()
+                    .map_or(defaults.route_table, |r| *r.get_ref()),
+            },
+            bypass,
+        };
+        (Some(spec), routes)
+    }
+
+    /// The guard's timeout: `None` when no guard should run (no interception, or turned off).
+    pub fn watchdog(&self) -> Option<Duration> {
+        let i = self.config.intercept.as_ref()?;
+        let d = i
+            .watchdog
+            .as_ref()
+            .map_or(Duration::from_secs(3), |w| w.get_ref().0);
+        (!d.is_zero()).then_some(d)
     }
 
     /// Peers and forwards as the proxy wants them.
@@ -601,6 +945,10 @@ mod tests {
             ("bad-size.toml", 4, "store_ram"),
             ("unreachable-peer.toml", 7, "never connect"),
             ("bad-target.toml", 7, "host:port"),
+            ("inline-no-bridge.toml", 6, "intercept.bridge"),
+            ("intercept-listen-not-wildcard.toml", 7, "wildcard"),
+            ("bad-port-range.toml", 7, "7000-6000"),
+            ("route-unknown-peer.toml", 10, "nobody"),
         ];
         for (file, line, word) in expect {
             let p = dir.join("invalid").join(file);

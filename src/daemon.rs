@@ -7,6 +7,7 @@ use ditto_proxy::{Engine, Identity, Node, NodeSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -66,6 +67,7 @@ pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
         }
     }
     let (peers, forwards) = l.peers_and_forwards();
+    let (intercept, routes) = l.intercept();
     Ok(NodeSpec {
         name: l.config.node.name.get_ref().clone(),
         identity,
@@ -74,6 +76,8 @@ pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
         peers,
         forwards,
         admin: l.config.node.admin.as_ref().map(|a| *a.get_ref()),
+        intercept,
+        routes,
         settings: l.settings(),
     })
 }
@@ -98,18 +102,51 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     init_logging();
     let l = Config::load(&args.config)?;
     let spec = node_spec(&l)?;
+    // The guard starts before any rule exists, so there is never a moment with rules and no guard.
+    let guard = match (&spec.intercept, l.watchdog()) {
+        (Some(i), Some(timeout)) => Some(crate::guard::Guard::spawn(&i.names, timeout)?),
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ditto")
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async move {
+    let guard = rt.block_on(async move {
         let node = Node::start(spec).await?;
         if let Some(a) = node.admin_addr {
             tracing::info!("admin endpoint on http://{a}/ (metrics, healthz, status)");
         }
+        crate::notify::notify("READY=1");
+        // Liveness, from the event loop itself: if it stops running tasks, these stop.
+        let guard = guard.map(|g| std::sync::Arc::new(std::sync::Mutex::new(g)));
+        if let Some(g) = guard.clone() {
+            let every = g
+                .lock()
+                .map(|g| g.interval)
+                .unwrap_or(Duration::from_millis(500));
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(every);
+                loop {
+                    t.tick().await;
+                    if let Ok(mut g) = g.lock() {
+                        g.beat();
+                    }
+                }
+            });
+        }
+        if let Some(every) = crate::notify::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(every);
+                loop {
+                    t.tick().await;
+                    crate::notify::notify("WATCHDOG=1");
+                }
+            });
+        }
         wait_for_signal().await?;
         tracing::info!("signal received: stopping (a second signal exits at once)");
+        crate::notify::notify("STOPPING=1");
         tokio::spawn(async {
             if wait_for_signal().await.is_ok() {
                 tracing::warn!("second signal: exiting without draining");
@@ -117,8 +154,63 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         });
         node.shutdown().await;
-        anyhow::Ok(())
+        anyhow::Ok(guard)
     })?;
+    // Rules are gone (shutdown removed them): let the guard go without acting.
+    if let Some(g) = guard {
+        if let Ok(g) = std::sync::Arc::try_unwrap(g) {
+            if let Ok(g) = g.into_inner() {
+                g.goodbye();
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CleanupArgs {
+    /// Configuration file whose [intercept] names the rules (table, fwmark, route_table).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Without a config: the nftables table name.
+    #[arg(long, default_value = "ditto", conflicts_with = "config")]
+    pub table: String,
+    #[arg(long, default_value_t = 0x1d1, conflicts_with = "config")]
+    pub fwmark: u32,
+    #[arg(long, default_value_t = 1881, conflicts_with = "config")]
+    pub route_table: u32,
+}
+
+/// `ditto cleanup`: removes ditto's nftables tables and policy routing (for ExecStopPost, or by hand
+/// after a crash). Idempotent.
+pub fn cleanup(args: CleanupArgs) -> Result<ExitCode> {
+    let names = match &args.config {
+        Some(c) => {
+            let l = Config::load(c)?;
+            match l.intercept().0 {
+                Some(i) => i.names,
+                None => {
+                    println!("{}: no [intercept] section: nothing to remove", c.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        None => ditto_proxy::intercept::RuleNames {
+            table: args.table,
+            fwmark: args.fwmark,
+            route_table: args.route_table,
+        },
+    };
+    let removed = ditto_proxy::rules::remove(&names)
+        .with_context(|| format!("removing table {}", names.table))?;
+    if removed {
+        println!("removed ditto's interception rules (table {})", names.table);
+    } else {
+        println!(
+            "no interception rules of ditto's (table {}) were installed",
+            names.table
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

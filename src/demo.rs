@@ -186,6 +186,8 @@ fn node(
             .into_iter()
             .collect(),
         admin: None,
+        intercept: None,
+        routes: Vec::new(),
         settings: Settings {
             connections: 1,
             ..Settings::default()

@@ -1,13 +1,16 @@
 //! The `ditto` command: CLI parsing and wiring of the engine and the proxy.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod analyze;
 mod config;
 mod daemon;
 mod demo;
+mod guard;
 mod keygen;
+mod notify;
 mod status;
+mod sys;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -36,6 +39,11 @@ enum Command {
     Run(daemon::RunArgs),
     /// Parse and validate a config file (and load its key) without starting anything.
     CheckConfig(daemon::CheckArgs),
+    /// Remove ditto's interception rules (nftables tables, policy routing); for ExecStopPost.
+    Cleanup(daemon::CleanupArgs),
+    /// Internal: the process that removes the rules if `ditto run` dies or hangs.
+    #[command(hide = true)]
+    Guard(guard::Args),
     /// Show a running node's peers, tunnels, flows and savings (from its admin endpoint).
     Status(status::Args),
     /// Two appliances in this process over an emulated slow WAN: plain vs ditto, twice.
@@ -50,6 +58,8 @@ fn main() -> ExitCode {
         Command::Fingerprint(args) => keygen::fingerprint(args),
         Command::Run(args) => daemon::run(args),
         Command::CheckConfig(args) => daemon::check_config(args),
+        Command::Cleanup(args) => daemon::cleanup(args),
+        Command::Guard(args) => guard::run(args),
         Command::Status(args) => status::run(args),
         Command::Demo(args) => demo::run(args),
     };

@@ -62,6 +62,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
         v["fingerprint"].as_str().unwrap_or("?"),
         v["uptime_seconds"].as_f64().unwrap_or(0.0)
     );
+    if let Some(i) = v["intercept"].as_object() {
+        println!(
+            "interception: {} (nftables table {}: {}), {} route(s){}",
+            i["mode"].as_str().unwrap_or("?"),
+            i["table"].as_str().unwrap_or("?"),
+            if i["rules_installed"].as_bool().unwrap_or(false) {
+                "installed"
+            } else {
+                "NOT installed"
+            },
+            i["routes"].as_u64().unwrap_or(0),
+            if i["preserve_client"].as_bool().unwrap_or(false) {
+                ", connecting from client addresses"
+            } else {
+                ""
+            }
+        );
+    }
     println!("peers:");
     for p in v["peers"].as_array().into_iter().flatten() {
         let pu = |k: &str| p[k].as_u64().unwrap_or(0);
@@ -107,6 +125,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     );
     if let (Some(b), Some(c)) = (v["store_bytes"].as_u64(), v["store_chunks"].as_u64()) {
         println!("store: {} in {c} chunks", mib(b));
+    }
+    if let Some(d) = v["store_degraded"].as_str() {
+        println!("store DEGRADED (disk tier off, new chunks kept in RAM only): {d}");
     }
     Ok(ExitCode::SUCCESS)
 }

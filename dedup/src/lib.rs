@@ -1,7 +1,7 @@
 //! # ditto-dedup: the sans-IO dedup engine
 //!
-//! Bytes in, bytes out: no sockets, no runtime, no clocks. The proxy drives these state machines; tests
-//! drive them in memory.
+//! Bytes in, bytes out: no sockets, no runtime, no clocks (except that the chunk store paces its
+//! retries of a failing disk). The proxy drives these state machines; tests drive them in memory.
 //!
 //! - [`chunker`]: content-defined chunk boundaries (FastCDC v2020) that do not depend on how the stream
 //!   was split into reads.

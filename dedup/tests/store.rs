@@ -308,11 +308,15 @@ fn injected_write_failure_leaves_store_consistent() {
     assert!(matches!(err, StoreError::Io { .. }), "{err}");
     assert!(!s.contains(&a));
     assert_eq!(get(&s, &a), None);
-    assert_eq!(s.stats().io_errors, 1);
+    let st = s.stats();
+    assert_eq!((st.io_errors, st.write_errors, st.read_errors), (1, 1, 0));
+    assert!(st.degraded && s.degraded().is_some());
     assert_all_present(&s, &chunks);
-    // Later inserts succeed, and the half-written record left no trace.
+    // Once the disk tier is retried, inserts succeed, and the half-written record left no trace.
+    s.retry_disk_now();
     let (b, db) = chunk(101, 800);
     s.insert(&b, &db).expect("insert after failure");
+    assert!(s.degraded().is_none());
     s.insert(&a, &da).expect("retry");
     drop(s);
     let s = open(&cfg);
@@ -336,8 +340,11 @@ fn os_error_creating_segment_is_an_err_and_recoverable() {
     assert!(matches!(s.insert(&a, &da), Err(StoreError::Io { .. })));
     assert!(!s.contains(&a));
     assert_eq!(get(&s, &first), Some(dfirst.clone()));
+    assert!(s.degraded().is_some());
     fs::remove_dir(&blocker).expect("rmdir");
+    s.retry_disk_now();
     s.insert(&a, &da).expect("insert once the path is free");
+    assert!(s.degraded().is_none());
     assert_eq!(get(&s, &a), Some(da.clone()));
     drop(s);
     let s = open(&cfg);
@@ -642,6 +649,9 @@ proptest! {
                     let (id, data) = model.get(&k).cloned().unwrap_or_else(|| model_chunk(k, len));
                     if n % fault_every == 0 {
                         s.inject_write_failures(1);
+                    } else if n % 3 != 0 {
+                        // Mostly retry at once after a failure, sometimes insert while the tier is off.
+                        s.retry_disk_now();
                     }
                     let res = s.insert(&id, &data);
                     s.inject_write_failures(0);

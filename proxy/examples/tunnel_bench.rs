@@ -115,6 +115,8 @@ async fn ditto_pair_via(
         }],
         forwards: vec![],
         admin: None,
+        intercept: None,
+        routes: Vec::new(),
         settings: settings.clone(),
     })
     .await
@@ -149,6 +151,8 @@ async fn ditto_pair_via(
             bypass: false,
         }],
         admin: None,
+        intercept: None,
+        routes: Vec::new(),
         settings,
     })
     .await

@@ -82,7 +82,6 @@ async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
     match path {
         "/metrics" => {
             refresh_gauges(inner);
-            refresh_store_errors(inner);
             let body = inner.metrics.render();
             respond(&mut sock, 200, "text/plain; version=0.0.4", body.as_bytes()).await
         }
@@ -116,13 +115,6 @@ async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
             respond(&mut sock, 200, "application/json", &body).await
         }
         _ => respond(&mut sock, 404, "text/plain", b"not found\n").await,
-    }
-}
-
-/// Feeds the store's running I/O error total into `ditto_store_errors_total`.
-fn refresh_store_errors(inner: &Inner) {
-    if let crate::codec::Engine::Dedup { store, .. } = &inner.engine {
-        inner.metrics.observe_store_errors(store.stats().io_errors);
     }
 }
 

@@ -1,12 +1,15 @@
-//! LAN flows: forward listeners, the near side (LAN client → OPEN), the far side (OPEN → connect to
-//! the destination), and pass-through when a flow cannot or must not be accelerated.
+//! LAN flows: forward and interception listeners, the near side (LAN client → OPEN), the far side
+//! (OPEN → connect to the destination), and pass-through when a flow cannot or must not be
+//! accelerated.
 
 use crate::codec::View;
-use crate::frame::{ResetReason, MAX_PAYLOAD};
+use crate::frame::{self, OpenTarget, ResetReason};
+use crate::intercept::{self, Mode, RouteAction};
 use crate::mux::{OpenError, StreamHandle};
 use crate::node::{ForwardSpec, Inner, Peer};
 use crate::sock;
 use crate::stream::{self, FlowCtx, FlowEnd};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -22,6 +25,8 @@ pub mod reason {
     pub const NO_PEER: &str = "no-peer";
     pub const BYPASS_RULE: &str = "bypass-rule";
     pub const TUNNEL_BUSY: &str = "tunnel-busy";
+    /// An intercepted flow whose destination matches no `[[route]]`.
+    pub const NO_ROUTE: &str = "no-route";
 }
 
 fn flow_ctx(inner: &Inner, peer: &Peer) -> FlowCtx {
@@ -55,9 +60,118 @@ impl Drop for ActiveFlow {
     }
 }
 
+/// What to do with one LAN connection.
+struct Plan {
+    /// Where the flow goes: "host:port" (forward) or the original destination (intercepted).
+    target: OpenTarget,
+    /// Pass-through connects from the client's own address.
+    spoof: bool,
+    route: Route,
+    /// The `reason` label of the flow once accelerated: how it reached us.
+    via: &'static str,
+}
+
+enum Route {
+    Peer(Arc<Peer>),
+    /// Pass through, with this reason.
+    Pass(&'static str),
+}
+
+impl Plan {
+    /// A client of a `[[forward]]` listener.
+    fn forward(inner: &Inner, spec: &ForwardSpec) -> Plan {
+        let route = match (&spec.peer, spec.bypass) {
+            (_, true) => Route::Pass(reason::BYPASS_RULE),
+            (None, _) => Route::Pass(reason::NO_PEER),
+            (Some(name), false) => match inner.peer(name) {
+                Some(p) => Route::Peer(p.clone()),
+                None => Route::Pass(reason::NO_PEER),
+            },
+        };
+        Plan {
+            target: OpenTarget {
+                dest: spec.target.clone(),
+                client: None,
+            },
+            spoof: false,
+            route,
+            via: "forward",
+        }
+    }
+
+    /// A diverted client that was connecting to `dst`.
+    fn intercepted(inner: &Inner, mode: Mode, client: SocketAddr, dst: SocketAddr) -> Plan {
+        let route = match intercept::classify(&inner.routes, dst) {
+            Some(RouteAction::Peer(name)) => match inner.peer(name) {
+                Some(p) => Route::Peer(p.clone()),
+                None => Route::Pass(reason::NO_PEER),
+            },
+            Some(RouteAction::Bypass) => Route::Pass(reason::BYPASS_RULE),
+            None => Route::Pass(reason::NO_ROUTE),
+        };
+        let preserve = inner.intercept.as_ref().is_some_and(|i| i.preserve_client);
+        Plan {
+            target: OpenTarget {
+                dest: dst.to_string(),
+                client: Some(SocketAddr::new(
+                    intercept::canonical(client.ip()),
+                    client.port(),
+                )),
+            },
+            spoof: preserve,
+            route,
+            via: mode.as_str(),
+        }
+    }
+
+    /// The address pass-through connects from, if not our own.
+    fn source(&self) -> Option<IpAddr> {
+        self.target.client.filter(|_| self.spoof).map(|c| c.ip())
+    }
+}
+
 /// Accepts LAN clients on a forward listener until the node stops.
 pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec: ForwardSpec) {
-    let spec = Arc::new(spec);
+    let label = spec.listen.to_string();
+    accept_loop(inner, listener, label, move |inner, _lan, _from| {
+        Some(Plan::forward(inner, &spec))
+    })
+    .await;
+}
+
+/// Accepts diverted LAN clients on an interception listener until the node stops.
+pub(crate) async fn intercept_loop(inner: Arc<Inner>, listener: TcpListener, mode: Mode) {
+    let label = format!(
+        "{} {}",
+        mode.as_str(),
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    accept_loop(inner, listener, label, move |inner, lan, from| {
+        let dst = match intercept::original_dst(mode, lan) {
+            Ok(d) => d.0,
+            Err(e) => {
+                tracing::warn!(%from, "{} connection without an original destination: {e}", mode.as_str());
+                return None;
+            }
+        };
+        // A connection to this host itself (possible inline, where ditto listens on the real
+        // ports): forwarding it would connect to ourselves, again and again.
+        if intercept::is_local(dst.ip()) {
+            tracing::debug!(%from, %dst, "intercepted connection to this host: refused");
+            return None;
+        }
+        Some(Plan::intercepted(inner, mode, from, dst))
+    })
+    .await;
+}
+
+async fn accept_loop<F>(inner: Arc<Inner>, listener: TcpListener, label: String, plan: F)
+where
+    F: Fn(&Inner, &TcpStream, SocketAddr) -> Option<Plan>,
+{
     loop {
         // Admission first: past the flow limit, clients wait in the kernel's backlog.
         let permit = tokio::select! {
@@ -68,7 +182,7 @@ pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec:
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(listen = %spec.listen, "accept: {e}");
+                    tracing::warn!(listen = %label, "accept: {e}");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                         _ = inner.stop.cancelled() => return,
@@ -78,31 +192,23 @@ pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec:
             _ = inner.stop.cancelled() => return,
         };
         sock::tune_lan(&lan);
-        tracing::debug!(%from, listen = %spec.listen, "LAN connection");
+        tracing::debug!(%from, listen = %label, "LAN connection");
+        let Some(p) = plan(&inner, &lan, from) else {
+            sock::reset(lan);
+            continue;
+        };
         let inner2 = inner.clone();
-        let spec2 = spec.clone();
         inner.flows.spawn(async move {
-            near_flow(inner2, lan, spec2, permit).await;
+            near_flow(inner2, lan, p, permit).await;
         });
     }
 }
 
-async fn near_flow(
-    inner: Arc<Inner>,
-    lan: TcpStream,
-    spec: Arc<ForwardSpec>,
-    permit: OwnedSemaphorePermit,
-) {
+async fn near_flow(inner: Arc<Inner>, lan: TcpStream, plan: Plan, permit: OwnedSemaphorePermit) {
     let _active = ActiveFlow::new(&inner.metrics.flows_active);
-    let peer = match (&spec.peer, spec.bypass) {
-        (_, true) => {
-            return passthrough(&inner, lan, &spec.target, reason::BYPASS_RULE, permit).await
-        }
-        (None, _) => return passthrough(&inner, lan, &spec.target, reason::NO_PEER, permit).await,
-        (Some(name), false) => match inner.peer(name) {
-            Some(p) => p.clone(),
-            None => return passthrough(&inner, lan, &spec.target, reason::NO_PEER, permit).await,
-        },
+    let peer = match &plan.route {
+        Route::Pass(why) => return passthrough(&inner, lan, &plan, why, permit).await,
+        Route::Peer(p) => p.clone(),
     };
     // Whatever the client already sent rides in the OPEN: no extra round trip, and a server-first
     // protocol (nothing sent yet) is not delayed either.
@@ -122,8 +228,7 @@ async fn near_flow(
             } else {
                 reason::TUNNEL_BUSY
             };
-            return passthrough_with(&inner, lan, &spec.target, why, permit, initial, initial_eof)
-                .await;
+            return passthrough_with(&inner, lan, &plan, why, permit, initial, initial_eof).await;
         };
         tries += 1;
         let (mut enc, dec) = inner.engine.pair(&view);
@@ -136,9 +241,8 @@ async fn near_flow(
         } else if !initial.is_empty() {
             enc.flush(&mut out);
         }
-        let room = MAX_PAYLOAD - 1 - spec.target.len();
-        let split = out.len().min(room);
-        match conn.open(&spec.target, &out[..split]) {
+        let split = out.len().min(frame::open_room(&plan.target));
+        match conn.open(&plan.target, &out[..split]) {
             Ok(h) => {
                 h.send_data(out[split..].to_vec());
                 inner
@@ -149,7 +253,7 @@ async fn near_flow(
                 break (h, enc, dec);
             }
             Err(OpenError::TooLarge) => {
-                tracing::error!(target = %spec.target, "destination too long for an OPEN frame");
+                tracing::error!(target = %plan.target.dest, "destination too long for an OPEN frame");
                 sock::reset(lan);
                 return;
             }
@@ -158,7 +262,7 @@ async fn near_flow(
                 return passthrough_with(
                     &inner,
                     lan,
-                    &spec.target,
+                    &plan,
                     reason::TUNNEL_BUSY,
                     permit,
                     initial,
@@ -168,7 +272,7 @@ async fn near_flow(
             }
         }
     };
-    inner.metrics.flow("accelerated", "forward");
+    inner.metrics.flow("accelerated", plan.via);
     let ctx = flow_ctx(&inner, &peer);
     run_bridge(&inner, lan, handle, enc, dec, initial_eof, &ctx).await;
     drop(permit);
@@ -195,7 +299,7 @@ pub(crate) fn spawn_far_flow(
     inner: &Arc<Inner>,
     peer: &Arc<Peer>,
     h: StreamHandle,
-    dest: String,
+    target: OpenTarget,
     view: View,
 ) {
     let Ok(permit) = inner.admission.clone().try_acquire_owned() else {
@@ -211,7 +315,14 @@ pub(crate) fn spawn_far_flow(
     let peer = peer.clone();
     inner.flows.spawn(async move {
         let _active = ActiveFlow::new(&inner2.metrics.flows_active);
-        let connect = connect(&dest, inner2.settings.connect_timeout);
+        // Servers see the real client when we are configured (and placed) to connect from its
+        // address.
+        let source = target
+            .client
+            .filter(|_| inner2.intercept.as_ref().is_some_and(|i| i.preserve_client))
+            .map(|c| c.ip());
+        let dest = target.dest;
+        let connect = connect(&dest, source, inner2.settings.connect_timeout);
         let r = tokio::select! {
             r = connect => r,
             _ = inner2.kill.cancelled() => Err(ResetReason::Shutdown),
@@ -233,27 +344,43 @@ pub(crate) fn spawn_far_flow(
     });
 }
 
-/// Connects to "host:port", mapping failures to the reason reported to the peer.
-async fn connect(dest: &str, timeout: Duration) -> Result<TcpStream, ResetReason> {
-    let attempt = async {
-        let mut last = ResetReason::Unreachable;
-        let addrs = tokio::net::lookup_host(dest)
-            .await
-            .map_err(|_| ResetReason::Unreachable)?;
-        for a in addrs {
-            match TcpStream::connect(a).await {
-                Ok(s) => return Ok(s),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    last = ResetReason::Refused
-                }
-                Err(_) => {}
-            }
-        }
-        Err(last)
+/// Connects to "host:port" (from `source`'s address when given), mapping failures to the reason
+/// reported to the peer.
+async fn connect(
+    dest: &str,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream, ResetReason> {
+    let reason = |e: &std::io::Error| match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => ResetReason::Refused,
+        _ => ResetReason::Unreachable,
     };
-    let s = tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| ResetReason::Unreachable)??;
+    let s = match (source, dest.parse::<SocketAddr>()) {
+        (Some(src), Ok(dst)) => intercept::connect_from(dst, Some(src), timeout)
+            .await
+            .map_err(|e| {
+                tracing::debug!(%dst, %src, "transparent connect: {e}");
+                reason(&e)
+            })?,
+        _ => {
+            let attempt = async {
+                let mut last = ResetReason::Unreachable;
+                let addrs = tokio::net::lookup_host(dest)
+                    .await
+                    .map_err(|_| ResetReason::Unreachable)?;
+                for a in addrs {
+                    match TcpStream::connect(a).await {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = reason(&e),
+                    }
+                }
+                Err(last)
+            };
+            tokio::time::timeout(timeout, attempt)
+                .await
+                .map_err(|_| ResetReason::Unreachable)??
+        }
+    };
     sock::tune_lan(&s);
     Ok(s)
 }
@@ -261,11 +388,11 @@ async fn connect(dest: &str, timeout: Duration) -> Result<TcpStream, ResetReason
 async fn passthrough(
     inner: &Inner,
     lan: TcpStream,
-    target: &str,
+    plan: &Plan,
     why: &'static str,
     permit: OwnedSemaphorePermit,
 ) {
-    passthrough_with(inner, lan, target, why, permit, Vec::new(), false).await;
+    passthrough_with(inner, lan, plan, why, permit, Vec::new(), false).await;
 }
 
 /// Connects the client straight to its destination, unaccelerated. Half-closes and resets are
@@ -273,16 +400,17 @@ async fn passthrough(
 async fn passthrough_with(
     inner: &Inner,
     lan: TcpStream,
-    target: &str,
+    plan: &Plan,
     why: &'static str,
     permit: OwnedSemaphorePermit,
     initial: Vec<u8>,
     initial_eof: bool,
 ) {
+    let target = &plan.target.dest;
     inner.metrics.flow("passthrough", why);
     tracing::debug!(%target, reason = why, "pass-through flow");
     let server = tokio::select! {
-        r = connect(target, inner.settings.connect_timeout) => r,
+        r = connect(target, plan.source(), inner.settings.connect_timeout) => r,
         _ = inner.kill.cancelled() => Err(ResetReason::Shutdown),
     };
     let mut server = match server {
@@ -298,7 +426,10 @@ async fn passthrough_with(
         ok = splice(&mut lan, &mut server, &initial, initial_eof) => ok,
         _ = inner.kill.cancelled() => false,
     };
-    if !ok {
+    if ok {
+        sock::finished(&lan);
+        sock::finished(&server);
+    } else {
         sock::set_reset_on_close(&lan);
         sock::set_reset_on_close(&server);
     }

@@ -145,33 +145,68 @@ pub fn put_frame(out: &mut Vec<u8>, kind: FrameType, stream: u32, payload: &[u8]
     out.extend_from_slice(payload);
 }
 
-/// Builds an OPEN payload: destination length (u8), destination, then initial encoded bytes.
-pub fn open_payload(dest: &str, initial: &[u8]) -> Option<Vec<u8>> {
-    if dest.is_empty() || dest.len() > MAX_DEST_LEN || 1 + dest.len() + initial.len() > MAX_PAYLOAD
-    {
+/// What an OPEN asks for: where the far node connects, and on whose behalf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenTarget {
+    /// "host:port" the far node connects to.
+    pub dest: String,
+    /// The LAN client's own address, sent for intercepted flows: a far node configured to preserve
+    /// client addresses connects from it, so servers see the real client.
+    pub client: Option<std::net::SocketAddr>,
+}
+
+/// Builds an OPEN payload: `dest_len u8`, destination, `client_len u8`, the client address as text
+/// (empty when unknown), then initial encoded bytes.
+pub fn open_payload(target: &OpenTarget, initial: &[u8]) -> Option<Vec<u8>> {
+    let dest = target.dest.as_bytes();
+    let client = target.client.map(|c| c.to_string()).unwrap_or_default();
+    let len = 2 + dest.len() + client.len() + initial.len();
+    if dest.is_empty() || dest.len() > MAX_DEST_LEN || len > MAX_PAYLOAD {
         return None;
     }
-    let mut p = Vec::with_capacity(1 + dest.len() + initial.len());
+    let mut p = Vec::with_capacity(len);
     p.push(dest.len() as u8);
-    p.extend_from_slice(dest.as_bytes());
+    p.extend_from_slice(dest);
+    p.push(client.len() as u8);
+    p.extend_from_slice(client.as_bytes());
     p.extend_from_slice(initial);
     Some(p)
 }
 
-/// Splits an OPEN payload into destination and initial bytes.
-pub fn parse_open(payload: &Bytes) -> Result<(String, Bytes), FrameError> {
+/// Room left for initial bytes in an OPEN to `target`.
+pub fn open_room(target: &OpenTarget) -> usize {
+    let client = target.client.map_or(0, |c| c.to_string().len());
+    MAX_PAYLOAD.saturating_sub(2 + target.dest.len() + client)
+}
+
+/// Splits an OPEN payload into target and initial bytes.
+pub fn parse_open(payload: &Bytes) -> Result<(OpenTarget, Bytes), FrameError> {
     let bad = || FrameError::BadPayload {
         kind: FrameType::Open,
         len: payload.len(),
     };
     let n = *payload.first().ok_or_else(bad)? as usize;
-    if n == 0 || payload.len() < 1 + n {
+    if n == 0 || payload.len() < 2 + n {
         return Err(bad());
     }
     let dest = std::str::from_utf8(&payload[1..1 + n])
         .map_err(|_| bad())?
         .to_owned();
-    Ok((dest, payload.slice(1 + n..)))
+    let c = payload[1 + n] as usize;
+    let start = 2 + n;
+    if payload.len() < start + c {
+        return Err(bad());
+    }
+    let client = match c {
+        0 => None,
+        _ => Some(
+            std::str::from_utf8(&payload[start..start + c])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)?,
+        ),
+    };
+    Ok((OpenTarget { dest, client }, payload.slice(start + c..)))
 }
 
 /// Checks a frame's payload length and stream id against its type.
@@ -299,7 +334,11 @@ mod tests {
         put_frame(&mut b, FrameType::Data, 7, b"hello");
         put_frame(&mut b, FrameType::Window, 7, &65536u32.to_be_bytes());
         put_frame(&mut b, FrameType::Ping, 0, &[1; 8]);
-        let open = open_payload("example.com:22", b"x").expect("fits");
+        let target = OpenTarget {
+            dest: "example.com:22".into(),
+            client: Some("[fd00::7]:40000".parse().expect("addr")),
+        };
+        let open = open_payload(&target, b"x").expect("fits");
         put_frame(&mut b, FrameType::Open, 9, &open);
         let got = read_all(b).await;
         assert_eq!(got.len(), 5);
@@ -307,8 +346,8 @@ mod tests {
             panic!("{got:?}")
         };
         assert_eq!(f.kind, FrameType::Open);
-        let (dest, init) = parse_open(&f.payload).expect("valid open");
-        assert_eq!(dest, "example.com:22");
+        let (got_target, init) = parse_open(&f.payload).expect("valid open");
+        assert_eq!(got_target, target);
         assert_eq!(&init[..], b"x");
         assert!(matches!(got[4], Ok(None)));
     }
@@ -343,6 +382,15 @@ mod tests {
         // Bad OPEN payloads.
         assert!(parse_open(&Bytes::from_static(&[5, b'a'])).is_err());
         assert!(parse_open(&Bytes::from_static(&[0, b'a'])).is_err());
-        assert!(parse_open(&Bytes::from_static(&[1, 0xff])).is_err());
+        assert!(parse_open(&Bytes::from_static(&[1, 0xff, 0])).is_err());
+        // No client length byte, a client longer than the payload, a client that is no address.
+        assert!(parse_open(&Bytes::from_static(&[1, b'a'])).is_err());
+        assert!(parse_open(&Bytes::from_static(&[1, b'a', 9, b'1'])).is_err());
+        assert!(parse_open(&Bytes::from_static(&[1, b'a', 3, b'x', b':', b'1'])).is_err());
+        let (t, init) = parse_open(&Bytes::from_static(&[1, b'a', 0, 7])).expect("no client");
+        assert_eq!(
+            (t.dest.as_str(), t.client, &init[..]),
+            ("a", None, &[7u8][..])
+        );
     }
 }

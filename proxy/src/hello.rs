@@ -11,7 +11,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The tunnel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: &[u8; 5] = b"DITTO";
 const MAX_BODY: usize = 1024;
 /// Smallest per-stream window a peer may advertise (it must hold a full OPEN).
@@ -188,9 +188,9 @@ mod tests {
 
         // A future version is reported as such.
         let (mut a, mut b) = tokio::io::duplex(4096);
-        let mut v2 = sample();
-        v2.version = 2;
-        let bytes = v2.encode();
+        let mut next = sample();
+        next.version = PROTOCOL_VERSION + 1;
+        let bytes = next.encode();
         tokio::spawn(async move {
             let _ = b.write_all(&bytes).await;
             let mut sink = [0u8; 256];
@@ -198,10 +198,12 @@ mod tests {
         });
         let err = exchange(&mut a, &sample()).await.expect_err("version");
         assert!(
-            matches!(err, HelloError::Version { ours: 1, theirs: 2 }),
+            matches!(err, HelloError::Version { ours: PROTOCOL_VERSION, theirs } if theirs == PROTOCOL_VERSION + 1),
             "{err}"
         );
-        assert!(err.to_string().contains("version 2"));
+        assert!(err
+            .to_string()
+            .contains(&format!("version {}", PROTOCOL_VERSION + 1)));
 
         // Not a hello at all.
         let (mut a, mut b) = tokio::io::duplex(4096);

@@ -8,6 +8,8 @@
 //! * [`node::Node`] runs everything: tunnel listener and dialers, forward listeners, admin endpoint.
 //! * [`mux`] is the per-connection multiplexer (stream table, credit, scheduler).
 //! * [`stream`] bridges one LAN socket to one stream; [`flows`] decides accelerate vs pass-through.
+//! * [`intercept`] accepts transparently diverted connections (redirect, tproxy, inline bridge);
+//!   [`rules`] owns the nftables tables and policy routing that divert them.
 //! * [`tls`] and [`identity`] do the pinned-key authentication; [`hello`] the version handshake.
 //! * [`emu`] is a small WAN emulator (delay + rate) for the demo and tests.
 
@@ -20,9 +22,11 @@ pub mod flows;
 pub mod frame;
 pub mod hello;
 pub mod identity;
+pub mod intercept;
 pub mod metrics;
 pub mod mux;
 pub mod node;
+pub mod rules;
 pub mod sock;
 pub mod stream;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! Prometheus metrics of one node. Each node has its own registry, so several nodes can live in one
 //! process (tests, `ditto demo`) without mixing their figures.
 
+use ditto_dedup::store::{FaultKind, StoreStats};
 use prometheus::{
     Encoder as _, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -33,11 +34,14 @@ pub struct Metrics {
     pub store_chunks: IntGauge,
     pub chunk_misses: IntCounter,
     pub verify_failures: IntCounter,
-    /// Store I/O errors (failed reads, writes, file creations, removals), fed from the store's own
-    /// total by [`Metrics::observe_store_errors`].
-    pub store_errors: IntCounter,
-    /// The store's I/O error total already counted into `store_errors`.
-    store_errors_seen: Arc<AtomicU64>,
+    /// Store errors by `kind` ([`STORE_ERROR_KINDS`]), fed from the store's own totals by
+    /// [`Metrics::observe_store`].
+    pub store_errors: IntCounterVec,
+    /// The store's totals already counted into `store_errors`, in the order of [`STORE_ERROR_KINDS`].
+    store_errors_seen: Arc<[AtomicU64; 3]>,
+    /// 1 while the store's disk tier is off after write failures, with the `reason` label set to the
+    /// kind of failure; all other reasons 0.
+    pub store_degraded: IntGaugeVec,
     pub stream_resets: IntCounterVec,
     pub up_seconds: Gauge,
     /// Savings totals of the last hour, for the admin status page.
@@ -60,6 +64,10 @@ pub struct History {
     samples: Mutex<VecDeque<SavingsSample>>,
     capacity: usize,
 }
+
+/// `kind` labels of `ditto_store_errors_total`: failed writes (fsyncs, file creations, removals),
+/// failed reads, and damaged data found (chunks that do not match their fingerprint, garbled records).
+pub const STORE_ERROR_KINDS: [&str; 3] = ["write", "read", "corrupt"];
 
 /// How often the admin endpoint samples the totals, and how many samples it keeps (one hour).
 pub const HISTORY_INTERVAL: Duration = Duration::from_secs(10);
@@ -196,11 +204,19 @@ impl Metrics {
                 "ditto_verify_failures_total",
                 "Chunks whose bytes did not match their fingerprint.",
             ),
-            store_errors: c(
+            store_errors: cv(
                 "ditto_store_errors_total",
-                "Chunk store I/O errors: failed reads, writes, file creations and removals.",
+                "Chunk store errors by kind: write (failed writes, fsyncs, file creations and \
+                 removals), read (failed reads), corrupt (stored data that failed verification).",
+                &["kind"],
             ),
-            store_errors_seen: Arc::new(AtomicU64::new(0)),
+            store_errors_seen: Arc::new(Default::default()),
+            store_degraded: gv(
+                "ditto_store_degraded",
+                "1 while the chunk store's disk tier is off after write failures, by reason \
+                 (disk-full, read-only, io-error); new chunks are then kept in RAM only.",
+                &["reason"],
+            ),
             stream_resets: cv(
                 "ditto_stream_resets_total",
                 "Accelerated streams reset, by reason.",
@@ -228,6 +244,12 @@ impl Metrics {
         ] {
             m.flows.with_label_values(&["passthrough", why]);
         }
+        for kind in STORE_ERROR_KINDS {
+            m.store_errors.with_label_values(&[kind]);
+        }
+        for kind in FaultKind::ALL {
+            m.store_degraded.with_label_values(&[kind.as_str()]);
+        }
         m
     }
 
@@ -241,12 +263,31 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// Brings `ditto_store_errors_total` up to the store's own running total of I/O errors. Safe to
+    /// Brings `ditto_store_errors_total` up to the store's own running totals, and sets
+    /// `ditto_store_degraded` from `degraded` (the kind of failure while the disk tier is off). Safe to
     /// call concurrently: each error is counted once, and a total lower than one already seen is
     /// ignored.
-    pub fn observe_store_errors(&self, total: u64) {
-        let seen = self.store_errors_seen.fetch_max(total, Ordering::Relaxed);
-        self.store_errors.inc_by(total.saturating_sub(seen));
+    pub fn observe_store(&self, stats: &StoreStats, degraded: Option<FaultKind>) {
+        let totals = [
+            stats.write_errors,
+            stats.read_errors,
+            stats.verify_failures + stats.corrupt_records,
+        ];
+        for ((kind, total), seen) in STORE_ERROR_KINDS
+            .iter()
+            .zip(totals)
+            .zip(self.store_errors_seen.iter())
+        {
+            let before = seen.fetch_max(total, Ordering::Relaxed);
+            self.store_errors
+                .with_label_values(&[kind])
+                .inc_by(total.saturating_sub(before));
+        }
+        for kind in FaultKind::ALL {
+            self.store_degraded
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(degraded == Some(kind)));
+        }
     }
 
     /// The current savings totals (LAN and WAN bytes summed over peers).
@@ -308,18 +349,43 @@ mod tests {
             "ditto_dedup_saved_bytes_total",
             "ditto_peer_auth_failures_total",
             "ditto_store_chunks",
-            "ditto_store_errors_total 0",
+            "ditto_store_errors_total{kind=\"write\"} 0",
+            "ditto_store_errors_total{kind=\"corrupt\"} 0",
+            "ditto_store_degraded{reason=\"disk-full\"} 0",
             "ditto_flows_total{outcome=\"passthrough\",reason=\"peer-down\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert_eq!(sum_counter(&m.lan_bytes, "direction", "sent"), 10);
-        m.observe_store_errors(3);
-        m.observe_store_errors(3);
-        m.observe_store_errors(2);
-        m.observe_store_errors(5);
-        assert_eq!(m.store_errors.get(), 5);
         assert_eq!(m.savings_now().lan_sent, 10);
+    }
+
+    #[test]
+    fn store_errors_by_kind_and_degraded_state() {
+        let m = Metrics::new();
+        let errors = |kind: &str| m.store_errors.with_label_values(&[kind]).get();
+        let degraded = |r: &str| m.store_degraded.with_label_values(&[r]).get();
+        let st = |write, read, verify, corrupt| StoreStats {
+            write_errors: write,
+            read_errors: read,
+            verify_failures: verify,
+            corrupt_records: corrupt,
+            ..StoreStats::default()
+        };
+        m.observe_store(&st(3, 1, 2, 1), Some(FaultKind::DiskFull));
+        m.observe_store(&st(3, 1, 2, 1), Some(FaultKind::DiskFull));
+        assert_eq!(
+            (errors("write"), errors("read"), errors("corrupt")),
+            (3, 1, 3)
+        );
+        assert_eq!((degraded("disk-full"), degraded("io-error")), (1, 0));
+        // A lower total (a scrape racing another) is not subtracted; the reason can change.
+        m.observe_store(&st(2, 1, 2, 1), Some(FaultKind::Io));
+        assert_eq!(errors("write"), 3);
+        assert_eq!((degraded("disk-full"), degraded("io-error")), (0, 1));
+        m.observe_store(&st(5, 1, 2, 1), None);
+        assert_eq!(errors("write"), 5);
+        assert_eq!(FaultKind::ALL.map(|k| degraded(k.as_str())), [0, 0, 0]);
     }
 
     #[test]

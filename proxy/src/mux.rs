@@ -15,7 +15,7 @@
 //! receiver stalls only its own stream. Exceeding the window is a protocol violation that closes
 //! the connection.
 
-use crate::frame::{self, Frame, FrameType, ResetReason, QUANTUM};
+use crate::frame::{self, Frame, FrameType, OpenTarget, ResetReason, QUANTUM};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -314,9 +314,13 @@ impl Conn {
         self.streams_gauge.store(s.slots.len(), Ordering::Relaxed);
     }
 
-    /// Opens a stream to `dest`, carrying `initial` (already encoded) in the OPEN frame.
-    pub fn open(self: &Arc<Self>, dest: &str, initial: &[u8]) -> Result<StreamHandle, OpenError> {
-        let payload = frame::open_payload(dest, initial).ok_or(OpenError::TooLarge)?;
+    /// Opens a stream to `target`, carrying `initial` (already encoded) in the OPEN frame.
+    pub fn open(
+        self: &Arc<Self>,
+        target: &OpenTarget,
+        initial: &[u8],
+    ) -> Result<StreamHandle, OpenError> {
+        let payload = frame::open_payload(target, initial).ok_or(OpenError::TooLarge)?;
         let mut s = self.lock();
         if s.closed || s.going_away || s.peer_going_away {
             return Err(OpenError::Closed);
@@ -504,7 +508,10 @@ impl Conn {
 
     /// Handles one frame from the peer. `Err` closes the connection; `Ok(Some(..))` is a new stream
     /// the caller must start a task for.
-    pub fn on_frame(self: &Arc<Self>, f: Frame) -> Result<Option<(StreamHandle, String)>, String> {
+    pub fn on_frame(
+        self: &Arc<Self>,
+        f: Frame,
+    ) -> Result<Option<(StreamHandle, OpenTarget)>, String> {
         let id = f.stream;
         match f.kind {
             FrameType::Open => self.on_open(f),
@@ -637,10 +644,10 @@ impl Conn {
         Ok(())
     }
 
-    fn on_open(self: &Arc<Self>, f: Frame) -> Result<Option<(StreamHandle, String)>, String> {
+    fn on_open(self: &Arc<Self>, f: Frame) -> Result<Option<(StreamHandle, OpenTarget)>, String> {
         let id = f.stream;
         let peer_parity = if self.params.dialer { 0 } else { 1 };
-        let (dest, initial) = match frame::parse_open(&f.payload) {
+        let (target, initial) = match frame::parse_open(&f.payload) {
             Ok(v) => v,
             Err(e) => return self.violation(e.to_string()).map(|_| None),
         };
@@ -703,7 +710,7 @@ impl Conn {
                 shared,
                 id,
             },
-            dest,
+            target,
         )))
     }
 
@@ -875,6 +882,13 @@ impl Drop for StreamHandle {
 mod tests {
     use super::*;
 
+    fn to(dest: &str) -> OpenTarget {
+        OpenTarget {
+            dest: dest.into(),
+            client: None,
+        }
+    }
+
     fn conn(peer_window: u32) -> Arc<Conn> {
         Conn::new(
             1,
@@ -909,8 +923,8 @@ mod tests {
     #[test]
     fn light_streams_overtake_bulk_and_bulk_streams_alternate() {
         let c = conn(16 << 20);
-        let bulk1 = c.open("a:1", b"").expect("open");
-        let bulk2 = c.open("a:2", b"").expect("open");
+        let bulk1 = c.open(&to("a:1"), b"").expect("open");
+        let bulk2 = c.open(&to("a:2"), b"").expect("open");
         bulk1.send_data(vec![1; 1 << 20]);
         bulk2.send_data(vec![2; 1 << 20]);
         let mut batch = Vec::new();
@@ -929,7 +943,7 @@ mod tests {
         assert!(f.iter().all(|x| x.2 <= QUANTUM + 300));
 
         // An interactive stream's bytes go out at the start of the very next batch.
-        let light = c.open("a:3", b"").expect("open");
+        let light = c.open(&to("a:3"), b"").expect("open");
         light.send_data(vec![3; 100]);
         batch.clear();
         c.next_batch(&mut batch);
@@ -941,7 +955,7 @@ mod tests {
     #[test]
     fn credit_limits_data_and_window_frames_restore_it() {
         let c = conn(64 * 1024);
-        let s = c.open("a:1", b"").expect("open");
+        let s = c.open(&to("a:1"), b"").expect("open");
         s.send_data(vec![0; 200_000]);
         let mut sent = 0;
         for _ in 0..10 {
@@ -974,7 +988,11 @@ mod tests {
     #[test]
     fn data_beyond_the_granted_window_is_a_violation() {
         let c = conn(1 << 20);
-        let open = frame::open_payload("a:1", b"").expect("open");
+        let target = OpenTarget {
+            dest: "a:1".into(),
+            client: None,
+        };
+        let open = frame::open_payload(&target, b"").expect("open");
         let r = c.on_frame(Frame {
             kind: FrameType::Open,
             stream: 2,
@@ -983,7 +1001,7 @@ mod tests {
         let Ok(Some((h, dest))) = r else {
             panic!("open refused")
         };
-        assert_eq!(dest, "a:1");
+        assert_eq!(dest, target);
         let big = Bytes::from(vec![0u8; 60_000]);
         let mut violated = false;
         for _ in 0..20 {

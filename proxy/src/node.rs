@@ -3,6 +3,7 @@
 
 use crate::codec::{Engine, View};
 use crate::identity::{Fingerprint, Identity};
+use crate::intercept::{InterceptSpec, RouteAction, RouteSpec};
 use crate::metrics::Metrics;
 use crate::mux::Conn;
 use crate::sock::WanTuning;
@@ -104,6 +105,9 @@ pub struct NodeSpec {
     pub forwards: Vec<ForwardSpec>,
     /// Admin HTTP endpoint (metrics, health, status).
     pub admin: Option<SocketAddr>,
+    /// Transparent interception (`[intercept]`), and the routes that pick a peer for its flows.
+    pub intercept: Option<InterceptSpec>,
+    pub routes: Vec<RouteSpec>,
     pub settings: Settings,
 }
 
@@ -120,6 +124,10 @@ pub enum NodeError {
     Tls(#[from] rustls::Error),
     #[error("forward on {listen} names peer {peer:?}, which is not configured")]
     UnknownPeer { listen: SocketAddr, peer: String },
+    #[error("route names peer {0:?}, which is not configured")]
+    UnknownRoutePeer(String),
+    #[error("installing interception rules: {0}")]
+    Rules(#[from] crate::rules::RulesError),
 }
 
 /// Per-peer state: live connections, the view of its store, metrics.
@@ -276,6 +284,10 @@ pub(crate) struct Inner {
     pub server_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Store verify failures already added to the counter.
     pub store_verify_seen: AtomicU64,
+    pub intercept: Option<InterceptSpec>,
+    pub routes: Vec<RouteSpec>,
+    /// Whether our nftables rules are in the kernel now.
+    pub rules_installed: AtomicBool,
 }
 
 impl Inner {
@@ -289,6 +301,8 @@ pub struct Node {
     pub(crate) inner: Arc<Inner>,
     pub tunnel_addr: Option<SocketAddr>,
     pub forward_addrs: Vec<SocketAddr>,
+    /// Interception listeners (one in redirect/tproxy mode, one per port inline).
+    pub intercept_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
 }
 
@@ -318,8 +332,19 @@ impl Node {
                 }
             }
         }
+        for r in &spec.routes {
+            if let RouteAction::Peer(p) = &r.action {
+                if !peers.iter().any(|x| &*x.name == p) {
+                    return Err(NodeError::UnknownRoutePeer(p.clone()));
+                }
+            }
+        }
         let tunnel_listener = match spec.tunnel_listen {
-            Some(a) => Some(bind("tunnel listener", a).await?),
+            Some(a) => {
+                let l = bind("tunnel listener", a).await?;
+                crate::sock::clamp_mss(socket2::SockRef::from(&l), &spec.settings.wan, a.is_ipv6());
+                Some(l)
+            }
             None => None,
         };
         let server_tls = match &tunnel_listener {
@@ -337,6 +362,28 @@ impl Node {
             Some(a) => Some(bind("admin endpoint", a).await?),
             None => None,
         };
+        // Interception listeners exist before the rules that divert to them, and rules are the
+        // last thing that can fail: an error leaves nothing behind in the kernel.
+        let mut intercept_listeners = Vec::new();
+        if let Some(i) = &spec.intercept {
+            for addr in crate::intercept::listen_addrs(i) {
+                let transparent = i.mode != crate::intercept::Mode::Redirect;
+                let l = crate::intercept::bind_listener(addr, transparent).map_err(|source| {
+                    NodeError::Bind {
+                        what: "interception listener",
+                        addr,
+                        source,
+                    }
+                })?;
+                intercept_listeners.push(l);
+            }
+            crate::rules::install(i)?;
+            tracing::info!(
+                mode = i.mode.as_str(),
+                table = %i.names.table,
+                "interception rules installed"
+            );
+        }
         let inner = Arc::new(Inner {
             name: spec.name,
             identity: spec.identity,
@@ -355,6 +402,9 @@ impl Node {
             started: Instant::now(),
             server_tls,
             store_verify_seen: AtomicU64::new(0),
+            rules_installed: AtomicBool::new(spec.intercept.is_some()),
+            intercept: spec.intercept,
+            routes: spec.routes,
         });
         let tunnel_addr = tunnel_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = tunnel_listener {
@@ -378,6 +428,17 @@ impl Node {
                 .tasks
                 .spawn(crate::flows::forward_loop(inner.clone(), l, f));
         }
+        let mut intercept_addrs = Vec::new();
+        if let Some(mode) = inner.intercept.as_ref().map(|i| i.mode) {
+            for l in intercept_listeners {
+                if let Ok(a) = l.local_addr() {
+                    intercept_addrs.push(a);
+                }
+                inner
+                    .tasks
+                    .spawn(crate::flows::intercept_loop(inner.clone(), l, mode));
+            }
+        }
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = admin_listener {
             inner.tasks.spawn(crate::admin::serve(inner.clone(), l));
@@ -393,8 +454,15 @@ impl Node {
             inner,
             tunnel_addr,
             forward_addrs,
+            intercept_addrs,
             admin_addr,
         })
+    }
+
+    /// Removes our interception rules now (new connections then go straight to their
+    /// destinations); idempotent. Shutdown does it too.
+    pub fn remove_rules(&self) {
+        remove_rules(&self.inner);
     }
 
     /// The node's metrics.
@@ -463,6 +531,8 @@ impl Node {
     pub async fn shutdown(self) {
         let inner = self.inner;
         tracing::info!(node = %inner.name, "shutting down: draining flows");
+        // New connections go straight to their destinations from now on.
+        remove_rules(&inner);
         inner.stop.cancel();
         for p in &inner.peers {
             for c in p.all_conns() {
@@ -489,6 +559,17 @@ impl Node {
     }
 }
 
+fn remove_rules(inner: &Inner) {
+    let Some(i) = &inner.intercept else { return };
+    if !inner.rules_installed.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    match crate::rules::remove(&i.names) {
+        Ok(_) => tracing::info!(table = %i.names.table, "interception rules removed"),
+        Err(e) => tracing::error!(table = %i.names.table, "removing interception rules: {e}"),
+    }
+}
+
 /// `GET /status`: what `ditto status` prints.
 #[derive(Serialize, Debug, Clone)]
 pub struct Status {
@@ -506,6 +587,21 @@ pub struct Status {
     pub compression_saved_bytes: u64,
     pub store_bytes: Option<u64>,
     pub store_chunks: Option<u64>,
+    /// Why the store's disk tier is off (new chunks kept in RAM only), while it is.
+    pub store_degraded: Option<String>,
+    /// Transparent interception, when configured.
+    pub intercept: Option<InterceptStatus>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct InterceptStatus {
+    pub mode: String,
+    /// The nftables table(s) ditto owns.
+    pub table: String,
+    /// Whether the rules are in the kernel now (false while stopping).
+    pub rules_installed: bool,
+    pub preserve_client: bool,
+    pub routes: usize,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -588,19 +684,43 @@ pub(crate) fn status(inner: &Inner) -> Status {
         compression_saved_bytes: m.compression_saved.get(),
         store_bytes: usage.map(|u| u.0),
         store_chunks: usage.map(|u| u.1),
+        intercept: inner.intercept.as_ref().map(|i| InterceptStatus {
+            mode: i.mode.as_str().to_owned(),
+            table: i.names.table.clone(),
+            rules_installed: inner.rules_installed.load(Ordering::Relaxed),
+            preserve_client: i.preserve_client,
+            routes: inner.routes.len(),
+        }),
+        store_degraded: match &inner.engine {
+            Engine::Dedup { store, .. } => store.degraded().map(|d| {
+                format!(
+                    "{}: {}; off for {}s, {} failed attempts, next retry in {}s",
+                    d.kind,
+                    d.reason,
+                    d.since.as_secs(),
+                    d.failures,
+                    d.retry_in.as_secs()
+                )
+            }),
+            Engine::Raw { .. } => None,
+        },
     }
 }
 
-/// Refreshes gauges that are sampled rather than counted (before a /metrics scrape).
+/// Refreshes gauges that are sampled rather than counted, and the counters fed from the store's own
+/// totals (before a /metrics scrape).
 pub(crate) fn refresh_gauges(inner: &Inner) {
     let m = &inner.metrics;
-    if let Some((bytes, chunks)) = inner.engine.store_usage() {
-        m.store_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    if let Engine::Dedup { store, .. } = &inner.engine {
+        let st = store.stats();
+        m.store_bytes
+            .set(i64::try_from(st.bytes).unwrap_or(i64::MAX));
         m.store_chunks
-            .set(i64::try_from(chunks).unwrap_or(i64::MAX));
+            .set(i64::try_from(st.chunks).unwrap_or(i64::MAX));
+        m.observe_store(&st, store.degraded().map(|d| d.kind));
+        let vf = st.verify_failures;
+        let seen = inner.store_verify_seen.fetch_max(vf, Ordering::Relaxed);
+        m.verify_failures.inc_by(vf.saturating_sub(seen));
     }
-    let vf = inner.engine.store_verify_failures();
-    let seen = inner.store_verify_seen.swap(vf, Ordering::Relaxed);
-    m.verify_failures.inc_by(vf.saturating_sub(seen));
     m.up_seconds.set(inner.started.elapsed().as_secs_f64());
 }

@@ -15,6 +15,10 @@ pub struct WanTuning {
     /// TCP_NOTSENT_LOWAT: unsent bytes the kernel may hold. Keeping this small keeps the queue in our
     /// scheduler, where interactive streams can overtake bulk ones, instead of in the kernel.
     pub notsent_lowat: Option<u32>,
+    /// MTU of the WAN path, when smaller than the interfaces' (and the path drops big packets
+    /// without an ICMP "fragmentation needed"): tunnel sockets clamp their segment size to fit.
+    /// The clamped MSS is also what we advertise, so the peer's segments fit too.
+    pub mtu: Option<u32>,
 }
 
 impl Default for WanTuning {
@@ -23,16 +27,35 @@ impl Default for WanTuning {
             congestion: Some("bbr".to_owned()),
             buffer: None,
             notsent_lowat: Some(128 * 1024),
+            mtu: None,
         }
     }
 }
 
+/// The TCP MSS that fits `mtu` (IP and TCP headers, no options: the kernel subtracts the
+/// timestamp option itself).
+pub fn mss_for(mtu: u32, ipv6: bool) -> u32 {
+    mtu.saturating_sub(if ipv6 { 60 } else { 40 }).max(88)
+}
+
 /// Applies the options that must precede `connect`/`listen` (buffer sizes influence the window
-/// scale negotiated in the SYN).
-pub fn tune_wan_pre_connect(sock: &tokio::net::TcpSocket, t: &WanTuning) {
+/// scale negotiated in the SYN; the MSS is advertised in it).
+pub fn tune_wan_pre_connect(sock: &tokio::net::TcpSocket, t: &WanTuning, ipv6: bool) {
     if let Some(b) = t.buffer {
         let _ = sock.set_send_buffer_size(b.min(u32::MAX as usize) as u32);
         let _ = sock.set_recv_buffer_size(b.min(u32::MAX as usize) as u32);
+    }
+    clamp_mss(SockRef::from(sock), t, ipv6);
+}
+
+/// Clamps the segment size of a tunnel socket, or of a tunnel listener (accepted connections
+/// inherit it, and its SYN-ACKs advertise it).
+pub fn clamp_mss(s: SockRef<'_>, t: &WanTuning, ipv6: bool) {
+    if let Some(mtu) = t.mtu {
+        let mss = mss_for(mtu, ipv6);
+        if let Err(e) = s.set_tcp_mss(mss) {
+            tracing::warn!("TCP_MAXSEG {mss} (tunnel.mtu {mtu}): {e}");
+        }
     }
 }
 
@@ -60,9 +83,18 @@ pub fn tune_wan(stream: &TcpStream, t: &WanTuning) {
     let _ = s.set_tcp_keepalive(&ka);
 }
 
-/// LAN sockets: NODELAY so we never add Nagle delay to what the client sent or expects.
+/// LAN sockets: NODELAY so we never add Nagle delay to what the client sent or expects; and
+/// reset-on-close while the flow is in progress, so that if this process dies (SIGKILL, crash)
+/// the kernel closes the socket with RST: the application at the other end sees a reset, never an
+/// orderly end of a stream that was cut short. A flow that completes clears it ([`finished`]).
 pub fn tune_lan(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    set_reset_on_close(stream);
+}
+
+/// Marks a LAN socket whose flow completed in order: closing it is an ordinary close.
+pub fn finished(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(None);
 }
 
 /// Makes the eventual close of this socket send RST instead of FIN (SO_LINGER 0), so a reset at one

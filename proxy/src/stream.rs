@@ -74,9 +74,12 @@ pub async fn bridge(
             (Err(r), _) | (_, Err(r)) => FlowEnd::Reset(r),
         }
     };
-    if let FlowEnd::Reset(r) = end {
-        ctx.resets.with_label_values(&[r.as_str()]).inc();
-        sock::set_reset_on_close(&lan);
+    match end {
+        FlowEnd::Reset(r) => {
+            ctx.resets.with_label_values(&[r.as_str()]).inc();
+            sock::set_reset_on_close(&lan);
+        }
+        FlowEnd::Closed => sock::finished(&lan),
     }
     drop(lan);
     end

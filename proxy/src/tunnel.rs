@@ -259,7 +259,7 @@ async fn dial_once(
         addr: addr.to_owned(),
         source,
     })?;
-    sock::tune_wan_pre_connect(&sock, &s.wan);
+    sock::tune_wan_pre_connect(&sock, &s.wan, target.is_ipv6());
     let tcp = tokio::time::timeout(s.connect_timeout, sock.connect(target))
         .await
         .map_err(|_| TunnelError::ConnectTimeout(addr.to_owned()))?

@@ -80,16 +80,20 @@ async fn bad_frames_close_the_connection_only() {
     frame::put_frame(&mut c, FrameType::Data, 0, b"x");
     cases.push(c);
     // OPEN with the acceptor's parity (the dialer must use odd ids), and a reused id.
+    let to = frame::OpenTarget {
+        dest: target.to_string(),
+        client: None,
+    };
     let mut c = Vec::new();
     frame::put_frame(
         &mut c,
         FrameType::Open,
         2,
-        &frame::open_payload(&target.to_string(), b"").expect("open"),
+        &frame::open_payload(&to, b"").expect("open"),
     );
     cases.push(c);
     let mut c = Vec::new();
-    let open = frame::open_payload(&target.to_string(), b"").expect("open");
+    let open = frame::open_payload(&to, b"").expect("open");
     frame::put_frame(&mut c, FrameType::Open, 1, &open);
     frame::put_frame(&mut c, FrameType::Open, 1, &open);
     cases.push(c);

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 pub fn ditto() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ditto"))
@@ -39,13 +40,36 @@ pub fn keygen(dir: &Path, name: &str) -> String {
     fp
 }
 
-/// Echo-after-EOF server: reads the request to EOF, then sends it back reversed.
+/// Echo-after-EOF server on loopback: reads the request to EOF, then sends it back reversed.
 pub fn start_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
+    serve_reverse(l);
+    addr
+}
+
+/// What a test server saw: the peer address of each accepted connection.
+#[derive(Clone, Default)]
+pub struct Seen(pub Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Seen {
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+/// Serves on `l`: reads each request to EOF, then sends it back reversed.
+pub fn serve_reverse(l: TcpListener) -> Seen {
+    let seen = Seen::default();
+    let s2 = seen.clone();
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
+            if let Ok(p) = s.peer_addr() {
+                if let Ok(mut v) = s2.0.lock() {
+                    v.push(p);
+                }
+            }
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 if s.read_to_end(&mut buf).is_ok() {
@@ -56,7 +80,7 @@ pub fn start_server() -> SocketAddr {
             });
         }
     });
-    addr
+    seen
 }
 
 /// A child process killed when the test ends, however it ends.
@@ -83,3 +107,4 @@ pub fn start_daemon(config: &Path) -> Proc {
             .expect("spawn ditto run"),
     )
 }
+pub mod netns;

@@ -183,11 +183,11 @@ pub(crate) fn wipe(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// Writes the snapshot of `slots` (every index slot, live or free) for the segments `segs` (seq, length).
-pub(crate) fn write_snapshot<'a>(
+pub(crate) fn write_snapshot(
     dir: &Path,
     id: StoreId,
     segs: &[(u32, u64)],
-    slots: impl ExactSizeIterator<Item = &'a Entry>,
+    slots: impl ExactSizeIterator<Item = Entry>,
 ) -> Result<(), StoreError> {
     write_atomic(dir, SNAPSHOT, |w| {
         let mut h = blake3::Hasher::new();

@@ -50,6 +50,14 @@ pub(crate) struct Entry {
 const _: () = assert!(std::mem::size_of::<Entry>() == 32);
 
 impl Entry {
+    /// A free slot, as a snapshot records it.
+    pub const FREE: Entry = Entry {
+        id: ChunkId([0; crate::CHUNK_ID_LEN]),
+        loc: LOC_FREE,
+        len: 0,
+        succ: NONE,
+    };
+
     #[inline]
     pub fn is_live(&self) -> bool {
         self.loc != LOC_FREE

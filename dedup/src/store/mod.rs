@@ -16,19 +16,35 @@
 //! # What is verified where
 //! - RAM-tier hits are trusted: the bytes were verified (or supplied by the caller) when cached.
 //! - Every disk read is re-hashed with blake3; a mismatch or read error drops the entry, counts a
-//!   `verify_failures` (or `io_errors`) and is reported as a miss. `get_into` never yields wrong bytes.
+//!   `verify_failures` (or `read_errors`) and is reported as a miss. `get_into` never yields wrong bytes.
+//!   After [`SEGMENT_DAMAGE_LIMIT`] damaged chunks in one segment, the rest of it is not trusted either:
+//!   the whole segment is dropped (`segments_dropped`).
 //! - Opening after an unclean shutdown scans every segment: record headers are checked, chunk payloads
 //!   are hashed, garbage is skipped by resynchronising on the next valid header, and a torn tail of the
 //!   newest segment is truncated. A clean [`ChunkStore::close`] writes an index snapshot so that the
 //!   next open skips the scan; it is used only if every segment file still has exactly the recorded
 //!   length (payloads are then verified lazily, on read).
 //!
+//! # When the disk fails
+//! A failed write (no space left, I/O error, read-only file system: [`FaultKind`]) leaves the store
+//! consistent and turns the disk tier *off* ([`ChunkStore::degraded`]) instead of failing again on every
+//! chunk: nothing is written to disk for [`RETRY_FIRST`], doubled after each failed retry up to
+//! [`RETRY_MAX`]; the first insert after the wait tries again, and a write that succeeds turns the tier
+//! back on. A tier that fails again within [`RETRY_MAX`] of coming back (a disk hovering at full)
+//! continues the doubling rather than starting over. Meanwhile chunks already on disk are still read,
+//! and new chunks are kept in the RAM tier only: an index entry without a disk location, dropped as
+//! soon as the RAM tier evicts the chunk, and never written to a snapshot. A chunk that does not fit
+//! the RAM tier is not stored ([`StoreError::Degraded`]), so the engine sends it without dedup. Each
+//! change of state is logged once (`tracing`, target `ditto_dedup::store`) with the error and the file.
+//!
 //! # What survives a restart
-//! Chunks whose insert returned `Ok` are on disk (in the page cache) at once; they survive a process
-//! crash. Only [`ChunkStore::flush`]/[`ChunkStore::close`] fsync, so a power loss may lose recent
-//! records, which recovery then drops (never returns). Successor hints are buffered (a few KiB) and
-//! written with the next chunk record, on flush/close, or on drop; a crash may lose the latest hints.
-//! A missing or garbled meta file wipes the store's files and starts empty with a new [`StoreId`].
+//! Chunks whose insert returned `Ok` are on disk (in the page cache) at once, unless the disk tier was
+//! off (then they live in the RAM tier only); they survive a process crash. Only
+//! [`ChunkStore::flush`]/[`ChunkStore::close`] fsync, so a power loss may lose recent records, which
+//! recovery then drops (never returns). Successor hints are buffered (a few KiB) and written with the
+//! next chunk record, on flush/close, or on drop; a crash may lose the latest hints. Hints are not
+//! written while the disk tier is off. A missing or garbled meta file wipes the store's files and starts
+//! empty with a new [`StoreId`].
 //!
 //! # Locking
 //! One mutex guards all state. `contains`, `slot`, `successor`, `set_successor` and RAM hits of
@@ -45,6 +61,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::ChunkId;
 use index::{loc_offset, loc_seg, pack_loc, Index, LOC_RAM};
@@ -61,6 +78,13 @@ pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 const PENDING_FLUSH: usize = 4096;
 /// Longest prefix of a segment file that recovery reads; anything beyond is treated as a garbage tail.
 const MAX_SEGMENT_FILE: u64 = MAX_SEGMENT_BYTES + 2 * MAX_CHUNK_LEN as u64;
+/// How long the disk tier stays off after a write failure; doubled after each failed retry.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts to write to a failing disk tier.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Damaged chunks (failed or mismatching reads) after which the rest of their segment is no longer
+/// trusted: the whole segment is dropped.
+pub const SEGMENT_DAMAGE_LIMIT: u32 = 8;
 
 /// Where and how much to store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,8 +157,20 @@ pub struct StoreStats {
     pub misses: u64,
     /// blake3 mismatches: on a disk read, or on a chunk record found by the recovery scan.
     pub verify_failures: u64,
-    /// Failed reads, writes, file creations and removals (each failed insert counts one).
+    /// Failed reads, writes, file creations and removals (each failed insert counts one):
+    /// `read_errors + write_errors`.
     pub io_errors: u64,
+    /// Failed reads (of a chunk, or of a segment by the recovery scan) and segments that could not be
+    /// opened.
+    pub read_errors: u64,
+    /// Failed writes, fsyncs, file creations, truncations and removals.
+    pub write_errors: u64,
+    /// Whether the disk tier is off after write failures (see [`ChunkStore::degraded`]).
+    pub degraded: bool,
+    /// Inserts that found the disk tier off: the chunk was kept in the RAM tier only, or not stored.
+    pub unpersisted: u64,
+    /// Segments dropped whole after [`SEGMENT_DAMAGE_LIMIT`] damaged chunks.
+    pub segments_dropped: u64,
     /// Chunks removed for capacity (oldest segment deleted, or RAM-only LRU eviction).
     pub evictions: u64,
     /// Garbled headers, garbage and torn tails skipped by the recovery scan.
@@ -161,6 +197,80 @@ pub enum StoreError {
     /// The configuration cannot work.
     #[error("invalid chunk store configuration: {0}")]
     Config(&'static str),
+    /// The disk tier is off after write failures (the reason is given) and the chunk does not fit the
+    /// RAM tier either: it is not stored.
+    #[error("chunk not stored: the chunk store disk tier is off ({0})")]
+    Degraded(String),
+}
+
+/// What kind of failure turned the disk tier off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FaultKind {
+    /// No space left on the device (or the disk quota is exhausted).
+    DiskFull,
+    /// The file system is read-only, or the store directory is not writable.
+    ReadOnly,
+    /// Any other I/O error (EIO, ...).
+    Io,
+}
+
+impl FaultKind {
+    /// Every kind, for metric labels.
+    pub const ALL: [FaultKind; 3] = [FaultKind::DiskFull, FaultKind::ReadOnly, FaultKind::Io];
+
+    /// A short label: `disk-full`, `read-only` or `io-error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::DiskFull => "disk-full",
+            FaultKind::ReadOnly => "read-only",
+            FaultKind::Io => "io-error",
+        }
+    }
+
+    fn of(e: &std::io::Error) -> FaultKind {
+        // Raw codes: ENOSPC and EROFS are 28 and 30 on Linux, the BSDs and macOS; EDQUOT differs.
+        #[cfg(unix)]
+        match e.raw_os_error() {
+            Some(28) => return FaultKind::DiskFull,
+            #[cfg(target_os = "linux")]
+            Some(122) => return FaultKind::DiskFull,
+            #[cfg(not(target_os = "linux"))]
+            Some(69) => return FaultKind::DiskFull,
+            Some(30) => return FaultKind::ReadOnly,
+            _ => {}
+        }
+        // ERROR_HANDLE_DISK_FULL, ERROR_DISK_FULL.
+        #[cfg(windows)]
+        if matches!(e.raw_os_error(), Some(39 | 112)) {
+            return FaultKind::DiskFull;
+        }
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            FaultKind::ReadOnly
+        } else {
+            FaultKind::Io
+        }
+    }
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The disk tier's state while it is off ([`ChunkStore::degraded`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Degraded {
+    pub kind: FaultKind,
+    /// The latest write error, with the file it concerned.
+    pub reason: String,
+    /// How long the tier has been off.
+    pub since: Duration,
+    /// Time until the next write is attempted (zero: the next insert tries).
+    pub retry_in: Duration,
+    /// Failed attempts, the first failure included.
+    pub failures: u32,
 }
 
 /// A content-addressed chunk store shared by many streams (`Send + Sync`, use it through an `Arc`).
@@ -175,9 +285,24 @@ struct Counters {
     disk_hits: u64,
     misses: u64,
     verify_failures: u64,
-    io_errors: u64,
+    read_errors: u64,
+    write_errors: u64,
     evictions: u64,
     corrupt_records: u64,
+    unpersisted: u64,
+    segments_dropped: u64,
+}
+
+/// The disk tier is off: no writes before `retry_at`.
+struct Off {
+    kind: FaultKind,
+    reason: String,
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    failures: u32,
+    /// `Counters::unpersisted` when the tier went off.
+    unpersisted_before: u64,
 }
 
 struct Segment {
@@ -188,6 +313,8 @@ struct Segment {
     /// Slots whose chunk record was written here. May hold stale slots (dropped or relocated entries):
     /// eviction checks that the entry still points into this segment.
     slots: Vec<u32>,
+    /// Chunks found damaged on read since open.
+    damage: u32,
 }
 
 struct Disk {
@@ -212,6 +339,11 @@ struct Inner {
     index: Index,
     ram: RamTier,
     disk: Option<Disk>,
+    /// Set while the disk tier is off after write failures.
+    off: Option<Off>,
+    /// When the disk tier last came back on, and the wait it had reached: a tier that fails again
+    /// soon (a disk hovering at full) continues that backoff instead of starting over.
+    last_on: Option<(Instant, Duration)>,
     c: Counters,
 }
 
@@ -243,6 +375,7 @@ impl Disk {
             file: Arc::new(file),
             len: 0,
             slots: Vec::new(),
+            damage: 0,
         };
         let old = std::mem::replace(&mut self.cur, new);
         self.sealed.push_back(old);
@@ -257,11 +390,7 @@ impl Disk {
         let res = if self.faults > 0 {
             self.faults -= 1;
             let half = &self.wbuf[..self.wbuf.len() / 2];
-            disk::write_at(&self.cur.file, half, off).and_then(|()| {
-                Err(std::io::Error::other(
-                    "injected write failure (no space left on device)",
-                ))
-            })
+            disk::write_at(&self.cur.file, half, off).and_then(|()| Err(disk_full_error()))
         } else {
             disk::write_at(&self.cur.file, &self.wbuf, off)
         };
@@ -281,11 +410,218 @@ impl Disk {
     }
 }
 
+/// The error an injected write failure reports: the platform's "no space left on device".
+fn disk_full_error() -> std::io::Error {
+    #[cfg(unix)]
+    return std::io::Error::from_raw_os_error(28);
+    #[cfg(windows)]
+    return std::io::Error::from_raw_os_error(112);
+    #[cfg(not(any(unix, windows)))]
+    return std::io::Error::other("no space left on device (injected)");
+}
+
 impl Inner {
     /// Removes a live entry from the index and the RAM tier.
     fn drop_slot(&mut self, slot: u32) {
         let e = self.index.remove(slot);
         self.ram.remove(&e.id);
+    }
+
+    /// Caches a chunk in the RAM tier. A chunk the RAM tier evicts to make room is gone from the store
+    /// if the RAM tier was its only copy (a RAM-only store, or a disk tier that was off).
+    fn cache(&mut self, id: &ChunkId, data: &[u8]) -> bool {
+        let Inner { index, ram, c, .. } = self;
+        ram.put(*id, data, |old| {
+            if let Some(s) = index.find(&old) {
+                if index.entry(s).loc == LOC_RAM {
+                    index.remove(s);
+                    c.evictions += 1;
+                }
+            }
+        })
+    }
+
+    /// Handles a failed write to the disk tier: turns the tier off, or keeps it off for longer.
+    fn disk_failed(&mut self, e: &StoreError) {
+        let (kind, reason) = match e {
+            StoreError::Io { path, source } => {
+                let name = path.file_name().unwrap_or(path.as_os_str());
+                (
+                    FaultKind::of(source),
+                    format!("{source} writing {}", name.to_string_lossy()),
+                )
+            }
+            other => (FaultKind::Io, other.to_string()),
+        };
+        let now = Instant::now();
+        if let Some(off) = self.off.as_mut() {
+            off.failures += 1;
+            off.backoff = (off.backoff * 2).min(RETRY_MAX);
+            off.retry_at = now + off.backoff;
+            if off.kind != kind {
+                tracing::warn!(
+                    "chunk store disk tier still off, now for another reason: {reason}; retrying in {}s",
+                    off.backoff.as_secs()
+                );
+            } else {
+                tracing::debug!(
+                    "chunk store disk tier: retry failed: {reason}; retrying in {}s",
+                    off.backoff.as_secs()
+                );
+            }
+            off.kind = kind;
+            off.reason = reason;
+            return;
+        }
+        let backoff = match self.last_on {
+            Some((on, b)) if now.duration_since(on) < RETRY_MAX => (b * 2).min(RETRY_MAX),
+            _ => RETRY_FIRST,
+        };
+        let meanwhile = if self.ram.capacity() > 0 {
+            "new chunks are kept in RAM only (dedup limited to what the RAM tier holds), chunks already \
+             on disk keep deduplicating"
+        } else {
+            "new chunks are not stored and are sent without dedup, chunks already on disk keep \
+             deduplicating"
+        };
+        tracing::warn!(
+            "chunk store disk tier disabled: {reason}; retrying in {}s; {meanwhile}",
+            backoff.as_secs()
+        );
+        if let Some(disk) = self.disk.as_mut() {
+            disk.pending.clear();
+        }
+        self.off = Some(Off {
+            kind,
+            reason,
+            since: now,
+            retry_at: now + backoff,
+            backoff,
+            failures: 1,
+            unpersisted_before: self.c.unpersisted,
+        });
+    }
+
+    /// A write to the disk tier succeeded: turn it back on if it was off.
+    fn disk_ok(&mut self) {
+        if let Some(off) = self.off.take() {
+            self.last_on = Some((Instant::now(), off.backoff));
+            tracing::info!(
+                "chunk store disk tier re-enabled after {:.1}s ({} failed attempts, last: {}); {} chunks \
+                 met the tier off and were kept in RAM only or not stored",
+                off.since.elapsed().as_secs_f64(),
+                off.failures,
+                off.reason,
+                self.c.unpersisted - off.unpersisted_before
+            );
+        }
+    }
+
+    /// Whether the disk tier is off and no retry is due.
+    fn disk_off(&self) -> bool {
+        self.off
+            .as_ref()
+            .is_some_and(|off| Instant::now() < off.retry_at)
+    }
+
+    /// Stores a chunk without writing it to the disk tier, which is off: in the RAM tier only, where it
+    /// lives until evicted. `err` is returned if it does not fit.
+    fn insert_unpersisted(
+        &mut self,
+        id: &ChunkId,
+        data: &[u8],
+        err: impl FnOnce(&Self) -> StoreError,
+    ) -> Result<(), StoreError> {
+        self.c.unpersisted += 1;
+        if data.len() as u64 > self.ram.capacity() {
+            return Err(err(self));
+        }
+        self.index.insert(*id, LOC_RAM, data.len() as u32);
+        self.cache(id, data);
+        Ok(())
+    }
+
+    /// Counts a damaged chunk (failed or mismatching read) of segment `seq`; logs the first of each
+    /// segment and drops the whole segment at [`SEGMENT_DAMAGE_LIMIT`].
+    fn segment_damaged(&mut self, seq: u32, what: &str) {
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        let seg = if disk.cur.seq == seq {
+            &mut disk.cur
+        } else {
+            match disk.sealed.binary_search_by_key(&seq, |s| s.seq) {
+                Ok(i) => &mut disk.sealed[i],
+                Err(_) => return,
+            }
+        };
+        seg.damage += 1;
+        if seg.damage == 1 {
+            tracing::warn!(
+                "chunk store: damaged chunk in {} ({what}); dropped it, its bytes will be sent in full",
+                disk::seg_name(seq)
+            );
+        }
+        if seg.damage >= SEGMENT_DAMAGE_LIMIT {
+            self.drop_segment(seq, what);
+        }
+    }
+
+    /// Drops a damaged segment: all its chunks leave the index, and the file is deleted (the current
+    /// segment is sealed first; if that fails its chunks are dropped and the file stays).
+    fn drop_segment(&mut self, seq: u32, what: &str) {
+        let sealed = match self.disk.as_mut() {
+            Some(disk) if disk.cur.seq == seq => disk.rotate(),
+            Some(_) => Ok(()),
+            None => return,
+        };
+        if let Err(e) = sealed {
+            if matches!(e, StoreError::Io { .. }) {
+                self.c.write_errors += 1;
+                self.disk_failed(&e);
+            }
+        }
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        let (slots, file) = match disk.sealed.binary_search_by_key(&seq, |s| s.seq) {
+            Ok(i) => {
+                let Some(seg) = disk.sealed.remove(i) else {
+                    return;
+                };
+                disk.total -= seg.len;
+                let path = disk.path(seq);
+                drop(seg.file);
+                if std::fs::remove_file(&path).is_ok() {
+                    (seg.slots, "file deleted")
+                } else {
+                    self.c.write_errors += 1;
+                    (seg.slots, "the file could not be deleted")
+                }
+            }
+            Err(_) if disk.cur.seq == seq => (
+                std::mem::take(&mut disk.cur.slots),
+                "the file stays: no new segment could be started",
+            ),
+            Err(_) => return,
+        };
+        let mut dropped = 0u64;
+        for slot in slots {
+            if self
+                .index
+                .live(slot)
+                .is_some_and(|e| e.loc != LOC_RAM && loc_seg(e.loc) == seq)
+            {
+                self.drop_slot(slot);
+                dropped += 1;
+            }
+        }
+        self.c.segments_dropped += 1;
+        tracing::warn!(
+            "chunk store: dropped segment {} after {SEGMENT_DAMAGE_LIMIT} damaged chunks (last: {what}); \
+             its other {dropped} chunks are no longer used ({file})",
+            disk::seg_name(seq),
+        );
     }
 
     fn evict_oldest_segment(&mut self) -> bool {
@@ -299,7 +635,7 @@ impl Inner {
         let path = disk.path(seg.seq);
         drop(seg.file);
         if std::fs::remove_file(&path).is_err() {
-            self.c.io_errors += 1;
+            self.c.write_errors += 1;
         }
         for &slot in &seg.slots {
             if self
@@ -343,15 +679,17 @@ impl Inner {
         }
     }
 
-    /// Writes buffered successor records. Failures are only counted: hints may be lost.
+    /// Writes buffered successor records. Failures are only counted (and turn the disk tier off): hints
+    /// may be lost. While the tier is off, hints are dropped.
     fn write_pending(&mut self) {
+        let off = self.off.is_some();
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
         if disk.pending.is_empty() {
             return;
         }
-        if disk.pending.len() as u64 > disk.cap {
+        if off || disk.pending.len() as u64 > disk.cap {
             disk.pending.clear();
             return;
         }
@@ -362,10 +700,13 @@ impl Inner {
             Some(disk) => disk.write_wbuf().map(drop),
             None => Ok(()),
         });
-        if res.is_err() {
-            self.c.io_errors += 1;
+        if let Err(e) = res {
             if let Some(disk) = self.disk.as_mut() {
                 disk.pending.clear();
+            }
+            if matches!(e, StoreError::Io { .. }) {
+                self.c.write_errors += 1;
+                self.disk_failed(&e);
             }
         }
     }
@@ -382,6 +723,35 @@ impl Inner {
                 limit: disk.cap.saturating_sub(HDR as u64),
             });
         }
+        if self.disk_off() {
+            return self.insert_unpersisted(id, data, |g| {
+                StoreError::Degraded(
+                    g.off
+                        .as_ref()
+                        .map_or_else(String::new, |o| o.reason.clone()),
+                )
+            });
+        }
+        match self.write_chunk(id, data) {
+            Ok(()) => {
+                self.disk_ok();
+                Ok(())
+            }
+            Err(e @ StoreError::Io { .. }) => {
+                self.c.write_errors += 1;
+                self.disk_failed(&e);
+                self.insert_unpersisted(id, data, |_| e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Appends a chunk record (after any buffered successor records) and indexes it.
+    fn write_chunk(&mut self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
+        let Some(disk) = self.disk.as_mut() else {
+            return Ok(());
+        };
+        let rec_len = (HDR + data.len()) as u64;
         if rec_len + disk.pending.len() as u64 > disk.cap {
             disk.pending.clear();
         }
@@ -394,15 +764,7 @@ impl Inner {
             Some(disk) => disk.write_wbuf().map(|off| (disk.cur.seq, off)),
             None => Err(StoreError::Config("no disk tier")),
         });
-        let (seq, off) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                if matches!(e, StoreError::Io { .. }) {
-                    self.c.io_errors += 1;
-                }
-                return Err(e);
-            }
-        };
+        let (seq, off) = res?;
         let payload_off = off + rec_at + HDR as u64;
         let slot = self
             .index
@@ -410,7 +772,7 @@ impl Inner {
         if let Some(disk) = self.disk.as_mut() {
             disk.cur.slots.push(slot);
         }
-        self.ram.put(*id, data, |_| {});
+        self.cache(id, data);
         Ok(())
     }
 
@@ -422,13 +784,7 @@ impl Inner {
             });
         }
         self.index.insert(*id, LOC_RAM, data.len() as u32);
-        let Inner { index, ram, c, .. } = self;
-        ram.put(*id, data, |old| {
-            if let Some(s) = index.find(&old) {
-                index.remove(s);
-                c.evictions += 1;
-            }
-        });
+        self.cache(id, data);
         Ok(())
     }
 
@@ -456,7 +812,12 @@ impl Inner {
             disk_hits: self.c.disk_hits,
             misses: self.c.misses,
             verify_failures: self.c.verify_failures,
-            io_errors: self.c.io_errors,
+            io_errors: self.c.read_errors + self.c.write_errors,
+            read_errors: self.c.read_errors,
+            write_errors: self.c.write_errors,
+            degraded: self.off.is_some(),
+            unpersisted: self.c.unpersisted,
+            segments_dropped: self.c.segments_dropped,
             evictions: self.c.evictions,
             corrupt_records: self.c.corrupt_records,
             index_bytes: self.index.heap_bytes() + slot_lists,
@@ -469,10 +830,16 @@ impl Inner {
         let Some(disk) = self.disk.as_ref() else {
             return Ok(());
         };
-        disk.cur
+        let res = disk
+            .cur
             .file
             .sync_data()
-            .map_err(|e| disk::io_err(&disk.path(disk.cur.seq), e))
+            .map_err(|e| disk::io_err(&disk.path(disk.cur.seq), e));
+        if let Err(e) = &res {
+            self.c.write_errors += 1;
+            self.disk_failed(e);
+        }
+        res
     }
 }
 
@@ -490,6 +857,8 @@ impl ChunkStore {
                 index: Index::new(),
                 ram,
                 disk: None,
+                off: None,
+                last_on: None,
                 c: Counters::default(),
             };
             return Ok(ChunkStore {
@@ -539,14 +908,21 @@ impl ChunkStore {
                 return true;
             }
             let g = &mut *g;
-            let found = g.index.find(id).and_then(|slot| {
-                let e = *g.index.entry(slot);
-                let seg = g.disk.as_ref()?.segment(loc_seg(e.loc))?;
-                Some((Arc::clone(&seg.file), e.loc, e.len))
-            });
-            match found {
-                Some(f) => f,
+            let Some(slot) = g.index.find(id) else {
+                g.c.misses += 1;
+                return false;
+            };
+            let e = *g.index.entry(slot);
+            let seg = match (&g.disk, e.loc) {
+                (Some(disk), loc) if loc != LOC_RAM => disk.segment(loc_seg(loc)),
+                _ => None,
+            };
+            match seg {
+                Some(seg) => (Arc::clone(&seg.file), e.loc, e.len),
                 None => {
+                    // Only the RAM tier held it, and no longer does (eviction normally drops such
+                    // entries at once): it is gone.
+                    g.drop_slot(slot);
                     g.c.misses += 1;
                     return false;
                 }
@@ -561,20 +937,26 @@ impl ChunkStore {
         if good {
             g.c.disk_hits += 1;
             if g.index.find(id).is_some() {
-                g.ram.put(*id, &out[old..], |_| {});
+                g.cache(id, &out[old..]);
             }
             return true;
         }
         out.truncate(old);
         g.c.misses += 1;
-        if read.is_err() {
-            g.c.io_errors += 1;
-        } else {
-            g.c.verify_failures += 1;
-        }
+        let what = match &read {
+            Err(e) => {
+                g.c.read_errors += 1;
+                format!("read error: {e}")
+            }
+            Ok(()) => {
+                g.c.verify_failures += 1;
+                "contents do not match the fingerprint".to_owned()
+            }
+        };
         if let Some(slot) = g.index.find(id) {
             if g.index.entry(slot).loc == loc {
                 g.drop_slot(slot);
+                g.segment_damaged(loc_seg(loc), &what);
             }
         }
         false
@@ -639,6 +1021,10 @@ impl ChunkStore {
         if !g.index.set_successor(p, n) {
             return;
         }
+        if g.off.is_some() {
+            // Not persisted while the disk tier is off.
+            return;
+        }
         if let Some(disk) = g.disk.as_mut() {
             record::encode_succ(&mut disk.pending, prev, next);
             if disk.pending.len() >= PENDING_FLUSH {
@@ -670,14 +1056,51 @@ impl ChunkStore {
             .chain(std::iter::once(&disk.cur))
             .map(|s| (s.seq, s.len))
             .collect();
-        disk::write_snapshot(&disk.dir, self.id, &segs, g.index.iter_slots())
+        // Chunks held only by the RAM tier (stored while the disk tier was off) do not survive.
+        let slots = g.index.iter_slots().map(|e| {
+            if e.is_live() && e.loc == LOC_RAM {
+                index::Entry::FREE
+            } else {
+                *e
+            }
+        });
+        disk::write_snapshot(&disk.dir, self.id, &segs, slots)
     }
 
-    /// Test hook: the next `n` disk writes write half their bytes and then fail like a full disk.
+    /// The disk tier's state if it is off after write failures, `None` while it is written normally
+    /// (or there is no disk tier).
+    ///
+    /// A write that fails (no space, I/O error, read-only file system, ...) turns the tier off: for
+    /// [`RETRY_FIRST`], doubled after each failed retry up to [`RETRY_MAX`]. Meanwhile nothing is
+    /// written to disk, new chunks are kept in the RAM tier only (or, if they do not fit, not stored)
+    /// and chunks already on disk are still read. The first insert after the wait tries the disk
+    /// again; if that write succeeds the tier is back on.
+    pub fn degraded(&self) -> Option<Degraded> {
+        let g = self.lock();
+        let off = g.off.as_ref()?;
+        Some(Degraded {
+            kind: off.kind,
+            reason: off.reason.clone(),
+            since: off.since.elapsed(),
+            retry_in: off.retry_at.saturating_duration_since(Instant::now()),
+            failures: off.failures,
+        })
+    }
+
+    /// Test hook: the next `n` disk writes write half their bytes and then fail like a full disk
+    /// (the platform's "no space left on device" error).
     #[doc(hidden)]
     pub fn inject_write_failures(&self, n: u32) {
         if let Some(d) = self.lock().disk.as_mut() {
             d.faults = n;
+        }
+    }
+
+    /// Test hook: if the disk tier is off, the next insert tries it again without waiting.
+    #[doc(hidden)]
+    pub fn retry_disk_now(&self) {
+        if let Some(off) = self.lock().off.as_mut() {
+            off.retry_at = Instant::now();
         }
     }
 }
@@ -715,8 +1138,15 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
                 file: Arc::new(file),
                 len,
                 slots: Vec::new(),
+                damage: 0,
             }),
-            Err(_) => c.io_errors += 1,
+            Err(e) => {
+                c.read_errors += 1;
+                tracing::warn!(
+                    "chunk store: cannot open {}: {e}; its chunks are not used",
+                    disk::seg_name(seq)
+                );
+            }
         }
     }
 
@@ -759,6 +1189,7 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
                 file: Arc::new(file),
                 len: 0,
                 slots: Vec::new(),
+                damage: 0,
             }
         }
     };
@@ -777,6 +1208,8 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
         index,
         ram,
         disk: Some(disk),
+        off: None,
+        last_on: None,
         c,
     };
     // The capacity may have shrunk since the files were written.
@@ -793,8 +1226,12 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
         let want = seg.len.min(MAX_SEGMENT_FILE) as usize;
         buf.clear();
         buf.resize(want, 0);
-        if disk::read_at(&seg.file, &mut buf, 0).is_err() {
-            c.io_errors += 1;
+        if let Err(e) = disk::read_at(&seg.file, &mut buf, 0) {
+            c.read_errors += 1;
+            tracing::warn!(
+                "chunk store: cannot read {}: {e}; its chunks are not used",
+                disk::seg_name(seg.seq)
+            );
             // Unreadable: index nothing from it; it is evicted in turn like any other segment.
             continue;
         }
@@ -820,10 +1257,20 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
         });
         c.verify_failures += sum.bad_payloads;
         c.corrupt_records += sum.bad_regions;
-        if seq == last_seq && (sum.good_end as u64) < seg.len {
+        let torn = seq == last_seq && (sum.good_end as u64) < seg.len;
+        if sum.bad_payloads > 0 || sum.bad_regions > u64::from(torn) {
+            tracing::warn!(
+                "chunk store: {} is damaged: skipped {} chunk records that do not match their \
+                 fingerprint and {} garbled regions",
+                disk::seg_name(seq),
+                sum.bad_payloads,
+                sum.bad_regions
+            );
+        }
+        if torn {
             match seg.file.set_len(sum.good_end as u64) {
                 Ok(()) => seg.len = sum.good_end as u64,
-                Err(_) => c.io_errors += 1,
+                Err(_) => c.write_errors += 1,
             }
         }
     }

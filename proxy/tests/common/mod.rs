@@ -322,6 +322,8 @@ pub fn spec_a(
             bypass: false,
         }],
         admin: Some(any_port()),
+        intercept: None,
+        routes: Vec::new(),
         settings: test_settings(),
     }
 }
@@ -350,6 +352,8 @@ pub fn spec_b(
             bypass: false,
         }],
         admin: Some(any_port()),
+        intercept: None,
+        routes: Vec::new(),
         settings: test_settings(),
     }
 }

@@ -1,0 +1,83 @@
+//! Throughput of the disk-backed chunk store's hot paths (insert, verified disk read, RAM hit). Not part
+//! of the normal test run:
+//!
+//! `cargo test --release -p ditto-dedup --test store_bench -- --ignored --nocapture`
+//!
+//! `DITTO_BENCH_MIB` sets the data size (default 256). Prints the best of three rounds.
+
+use std::time::{Duration, Instant};
+
+use ditto_dedup::store::{ChunkStore, StoreConfig};
+use ditto_dedup::ChunkId;
+
+const CHUNK: usize = 8 << 10;
+
+fn gbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn chunks(total: usize) -> Vec<(ChunkId, Vec<u8>)> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..total / CHUNK)
+        .map(|_| {
+            let data: Vec<u8> = (0..CHUNK)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            (ChunkId::of(&data), data)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "a measurement; run with --ignored --release"]
+fn store_disk_throughput() {
+    let mib: usize = std::env::var("DITTO_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let input = chunks(mib << 20);
+    let bytes = input.len() * CHUNK;
+    let (mut ins, mut disk, mut ram) = (0f64, 0f64, 0f64);
+    for _ in 0..3 {
+        let d = tempfile::tempdir().expect("tempdir");
+        // A RAM tier of a quarter of the data: inserts and disk hits keep evicting from it.
+        let cfg = StoreConfig::on_disk(d.path(), (bytes / 4) as u64, (bytes * 2) as u64);
+        let s = ChunkStore::open(cfg).expect("open");
+        let t = Instant::now();
+        for (id, data) in &input {
+            s.insert(id, data).expect("insert");
+        }
+        ins = ins.max(gbps(bytes, t.elapsed()));
+
+        // Oldest first: every read misses the RAM tier, goes to disk and is verified.
+        let mut out = Vec::with_capacity(CHUNK);
+        let t = Instant::now();
+        for (id, _) in &input {
+            out.clear();
+            assert!(s.get_into(id, &mut out));
+        }
+        disk = disk.max(gbps(bytes, t.elapsed()));
+
+        // The last quarter is now in RAM.
+        let hot = &input[input.len() * 3 / 4 + 1..];
+        let t = Instant::now();
+        for _ in 0..4 {
+            for (id, _) in hot {
+                out.clear();
+                assert!(s.get_into(id, &mut out));
+            }
+        }
+        ram = ram.max(gbps(hot.len() * CHUNK * 4, t.elapsed()));
+        let st = s.stats();
+        assert_eq!(st.verify_failures + st.io_errors, 0);
+    }
+    println!(
+        "store ({mib} MiB of {CHUNK} B chunks, best of 3): insert {ins:.2} GB/s, \
+         disk hit (verified) {disk:.2} GB/s, RAM hit {ram:.2} GB/s"
+    );
+}

@@ -1,0 +1,384 @@
+//! The kernel state ditto owns for interception: its nftables tables and the policy routing that
+//! delivers diverted packets locally.
+//!
+//! ditto installs its tables in one atomic `nft -f` transaction when it starts and deletes exactly
+//! those tables when it stops; it never reads, changes or flushes anything else. The rules are
+//! written to fail open where the kernel allows it:
+//!
+//! * tproxy: nft's `tproxy` statement with no socket to divert to does not match, so the packet is
+//!   routed on untouched (a dead ditto is a plain router).
+//! * inline: a SYN is diverted only if a transparent ditto socket listens on its port (`socket
+//!   transparent 1`), so a dead ditto leaves frames bridged. `socket wildcard 1 accept` keeps
+//!   mid-stream packets of connections that existed before ditto started on the bridge.
+//! * redirect: nat REDIRECT to a dead listener refuses connections; only removing the table
+//!   restores traffic, which the daemon's guard process does when the daemon dies or hangs.
+//!
+//! Only SYNs (without ACK) are diverted: connections that were passing before ditto started are
+//! never captured mid-stream.
+//!
+//! Marked packets (diverted ones, and replies to ditto's transparent sockets) are delivered
+//! locally by `ip rule fwmark MARK lookup TABLE` with `local default dev lo` in that table.
+
+use crate::intercept::{InterceptSpec, Mode, RuleNames};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+/// Installing or removing rules failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("running {cmd}: {source} (is it installed? ditto needs nftables and iproute2)")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("{cmd} failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("bridge {bridge}: {why}")]
+    Bridge { bridge: String, why: String },
+}
+
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<(), RulesError> {
+    let name = format!("{cmd:?}").replace('"', "");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| RulesError::Spawn {
+        cmd: name.clone(),
+        source,
+    })?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes())
+            .map_err(|source| RulesError::Spawn {
+                cmd: name.clone(),
+                source,
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| RulesError::Spawn {
+            cmd: name.clone(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RulesError::Failed {
+            cmd: name,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn nft(script: &str) -> Result<(), RulesError> {
+    run(Command::new("nft").args(["-f", "-"]), Some(script))
+}
+
+fn ip(args: &[&str]) -> Result<(), RulesError> {
+    run(Command::new("ip").args(args), None)
+}
+
+/// The bridge's MAC address: diverted frames are re-addressed to it so the host takes them.
+fn bridge_mac(bridge: &str) -> Result<String, RulesError> {
+    let bad = |why: String| RulesError::Bridge {
+        bridge: bridge.to_owned(),
+        why,
+    };
+    if !crate::intercept::valid_ifname(bridge) {
+        return Err(bad("invalid interface name".into()));
+    }
+    let path = format!("/sys/class/net/{bridge}/address");
+    let mac = std::fs::read_to_string(&path).map_err(|e| bad(format!("reading {path}: {e}")))?;
+    let mac = mac.trim().to_owned();
+    let valid = mac.len() == 17
+        && mac
+            .split(':')
+            .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
+    if !valid || !std::path::Path::new(&format!("/sys/class/net/{bridge}/bridge")).exists() {
+        return Err(bad("not a bridge (or has no MAC address)".into()));
+    }
+    Ok(mac)
+}
+
+fn quote_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| format!("\"{}\"", i.replace(['"', '\\'], "")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The nft script that atomically replaces ditto's tables with the ones `spec` needs.
+/// `mac` is the bridge's address (inline mode only).
+pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
+    let n = &spec.names;
+    let t = &n.table;
+    let mark = format!("{:#x}", n.fwmark);
+    let mut s = String::new();
+    // Declaring then deleting makes the delete succeed whether or not the table existed; the whole
+    // file is one transaction, so traffic never sees a moment without rules or with both sets.
+    let _ = writeln!(s, "table inet {t}\ndelete table inet {t}");
+    let _ = writeln!(s, "table bridge {t}\ndelete table bridge {t}");
+    let _ = writeln!(s, "table inet {t} {{");
+    let _ = writeln!(
+        s,
+        "  comment \"ditto interception ({}); removed when ditto stops\"",
+        spec.mode.as_str()
+    );
+    let ports = spec.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    if !ports.is_empty() {
+        let _ = writeln!(
+            s,
+            "  set ports {{ type inet_service; flags interval; elements = {{ {} }} }}",
+            ports.join(", ")
+        );
+    }
+    let (b4, b6): (Vec<&ipnet::IpNet>, Vec<&ipnet::IpNet>) =
+        spec.bypass.iter().partition(|n| n.addr().is_ipv4());
+    for (name, ty, nets) in [("bypass4", "ipv4_addr", &b4), ("bypass6", "ipv6_addr", &b6)] {
+        if !nets.is_empty() {
+            let list = nets.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+            let _ = writeln!(
+                s,
+                "  set {name} {{ type {ty}; flags interval; elements = {{ {} }} }}",
+                list.join(", ")
+            );
+        }
+    }
+    let syn = "tcp flags & (syn | ack) == syn";
+    let dport = if ports.is_empty() {
+        String::new()
+    } else {
+        " tcp dport @ports".to_owned()
+    };
+    let mut bypass = String::new();
+    if !b4.is_empty() {
+        let _ = writeln!(bypass, "    {syn} ip daddr @bypass4 accept");
+    }
+    if !b6.is_empty() {
+        let _ = writeln!(bypass, "    {syn} ip6 daddr @bypass6 accept");
+    }
+    let iif = if spec.interfaces.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "    iifname != {{ {} }} accept\n",
+            quote_list(&spec.interfaces)
+        )
+    };
+    let _ = writeln!(
+        s,
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;"
+    );
+    match spec.mode {
+        Mode::Tproxy => {
+            let port = spec.listen.port();
+            // Packets of connections ditto holds with foreign addresses (accepted diverted ones,
+            // and its own connections from a client's address) go to those sockets.
+            let _ = writeln!(
+                s,
+                "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
+            );
+            let _ = writeln!(s, "    fib daddr type local accept");
+            s.push_str(&iif);
+            s.push_str(&bypass);
+            let _ = writeln!(
+                s,
+                "    {syn}{dport} tproxy to :{port} meta mark set {mark} accept"
+            );
+        }
+        Mode::Redirect => {
+            let _ = writeln!(
+                s,
+                "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
+            );
+        }
+        Mode::Inline => {
+            s.push_str(&bypass);
+            let _ = writeln!(
+                s,
+                "    {syn}{dport} socket transparent 1 meta mark set {mark} accept"
+            );
+            let _ = writeln!(s, "    meta l4proto tcp socket wildcard 1 accept");
+            let _ = writeln!(
+                s,
+                "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
+            );
+        }
+    }
+    let _ = writeln!(s, "  }}");
+    if spec.mode == Mode::Redirect {
+        let port = spec.listen.port();
+        let _ = writeln!(
+            s,
+            "  chain nat_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;"
+        );
+        let _ = writeln!(s, "    fib daddr type local accept");
+        s.push_str(&iif);
+        s.push_str(&bypass);
+        let _ = writeln!(s, "    {syn}{dport} redirect to :{port}");
+        let _ = writeln!(s, "  }}");
+    }
+    let _ = writeln!(s, "}}");
+    if let (Mode::Inline, Some(mac)) = (spec.mode, mac) {
+        // br_netfilter runs the inet prerouting chain above for bridged frames first (priority 0
+        // in the bridge family); frames it marked are handed to the host instead of bridged.
+        let _ = writeln!(s, "table bridge {t} {{");
+        let _ = writeln!(
+            s,
+            "  comment \"ditto interception (inline); removed when ditto stops\""
+        );
+        let _ = writeln!(
+            s,
+            "  chain prerouting {{\n    type filter hook prerouting priority 100; policy accept;"
+        );
+        let _ = writeln!(
+            s,
+            "    meta mark {mark} ether daddr set {mac} meta pkttype set host"
+        );
+        let _ = writeln!(s, "  }}\n}}");
+    }
+    s
+}
+
+/// Turns on what inline mode needs from the bridge: br_netfilter must show bridged IP traffic to
+/// the inet hooks (the per-namespace default is on; an operator may have turned it off).
+fn bridge_sysctls() {
+    for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let p = format!("/proc/sys/net/bridge/{f}");
+        if let Err(e) = std::fs::write(&p, "1") {
+            tracing::warn!("setting {p} to 1: {e} (inline interception needs it)");
+        }
+    }
+}
+
+fn routing(n: &RuleNames, add: bool) -> Result<(), RulesError> {
+    let mark = format!("{:#x}", n.fwmark);
+    let table = n.route_table.to_string();
+    for (fam, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        // Remove every copy first (a previous run may have died before cleaning up), bounded.
+        for _ in 0..16 {
+            if ip(&[fam, "rule", "del", "fwmark", &mark, "lookup", &table]).is_err() {
+                break;
+            }
+        }
+        let _ = ip(&[fam, "route", "flush", "table", &table]);
+        if add {
+            let r = ip(&[fam, "rule", "add", "fwmark", &mark, "lookup", &table]).and_then(|_| {
+                ip(&[
+                    fam, "route", "replace", "local", any, "dev", "lo", "table", &table,
+                ])
+            });
+            match r {
+                Ok(()) => {}
+                // A kernel without IPv6 still intercepts IPv4.
+                Err(e) if fam == "-6" => tracing::warn!("IPv6 policy routing: {e}"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Installs the tables and policy routing `spec` needs, replacing any left by an earlier run.
+pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
+    let mac = match (spec.mode, &spec.bridge) {
+        (Mode::Inline, Some(b)) => {
+            bridge_sysctls();
+            Some(bridge_mac(b)?)
+        }
+        (Mode::Inline, None) => {
+            return Err(RulesError::Bridge {
+                bridge: String::new(),
+                why: "inline mode needs a bridge".into(),
+            })
+        }
+        _ => None,
+    };
+    routing(&spec.names, true)?;
+    if let Err(e) = nft(&render(spec, mac.as_deref())) {
+        let _ = routing(&spec.names, false);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether ditto's table of `family` exists.
+fn exists(family: &str, table: &str) -> bool {
+    run(
+        Command::new("nft").args(["list", "table", family, table]),
+        None,
+    )
+    .is_ok()
+}
+
+/// Removes ditto's tables and policy routing. Idempotent; true if a table was there.
+pub fn remove(n: &RuleNames) -> Result<bool, RulesError> {
+    let t = &n.table;
+    let present = exists("inet", t) || exists("bridge", t);
+    nft(&format!(
+        "table inet {t}\ndelete table inet {t}\ntable bridge {t}\ndelete table bridge {t}\n"
+    ))?;
+    routing(n, false)?;
+    Ok(present)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intercept::PortRange;
+
+    fn spec(mode: Mode) -> InterceptSpec {
+        InterceptSpec {
+            mode,
+            listen: "[::]:7070".parse().expect("addr"),
+            ports: vec![
+                PortRange { lo: 5001, hi: 5001 },
+                PortRange { lo: 6000, hi: 6010 },
+            ],
+            interfaces: vec!["lan0".into()],
+            bridge: Some("br0".into()),
+            preserve_client: false,
+            names: RuleNames::default(),
+            bypass: vec!["10.2.9.0/24".parse().expect("net")],
+        }
+    }
+
+    #[test]
+    fn tproxy_diverts_only_syns_and_fails_open() {
+        let s = render(&spec(Mode::Tproxy), None);
+        assert!(
+            s.starts_with("table inet ditto\ndelete table inet ditto\n"),
+            "{s}"
+        );
+        assert!(s.contains("elements = { 5001, 6000-6010 }"), "{s}");
+        assert!(s.contains(
+            "tcp flags & (syn | ack) == syn tcp dport @ports tproxy to :7070 meta mark set 0x1d1 accept"
+        ));
+        assert!(s.contains("iifname != { \"lan0\" } accept"), "{s}");
+        assert!(s.contains("ip daddr @bypass4 accept"), "{s}");
+        assert!(!s.contains("bypass6"), "{s}");
+        assert!(!s.contains("table bridge ditto {"), "{s}");
+    }
+
+    #[test]
+    fn redirect_uses_nat_and_inline_depends_on_the_socket() {
+        let r = render(&spec(Mode::Redirect), None);
+        assert!(
+            r.contains("type nat hook prerouting priority dstnat"),
+            "{r}"
+        );
+        assert!(r.contains("tcp dport @ports redirect to :7070"), "{r}");
+        let i = render(&spec(Mode::Inline), Some("02:00:00:00:00:01"));
+        assert!(
+            i.contains("tcp dport @ports socket transparent 1 meta mark set 0x1d1 accept"),
+            "{i}"
+        );
+        assert!(i.contains("socket wildcard 1 accept"), "{i}");
+        assert!(
+            i.contains("meta mark 0x1d1 ether daddr set 02:00:00:00:00:01 meta pkttype set host")
+        );
+        assert!(!i.contains("tproxy"), "{i}");
+    }
+}
