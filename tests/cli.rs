@@ -159,3 +159,59 @@ fn keygen_check_config_run_status_and_stop() {
         "the disk store lives beside the config"
     );
 }
+
+/// `Type=notify` and `WatchdogSec=` as systemd runs them: READY=1 once the node serves, WATCHDOG=1
+/// at half the watchdog interval from the event loop, STOPPING=1 on SIGTERM. A datagram socket
+/// plays systemd's part.
+#[test]
+fn systemd_readiness_and_watchdog_notifications() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    keygen(d, "n");
+    let admin = free_port();
+    let cfg = d.join("n.toml");
+    std::fs::write(
+        &cfg,
+        format!("[node]\nname = \"n\"\nkey = \"n.key\"\nadmin = \"{admin}\"\n"),
+    )
+    .expect("write");
+    let sock_path = d.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let child = ditto()
+        .arg("run")
+        .arg("--config")
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut daemon = Daemon(child);
+    let mut buf = [0u8; 256];
+    let mut recv = || {
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(recv(), "READY=1");
+    // Serving by then.
+    assert!(http_get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    let start = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(recv(), "WATCHDOG=1");
+    }
+    // Three pings at 100 ms intervals (the first at once).
+    assert!(start.elapsed() < Duration::from_secs(2));
+    signal(&daemon.0, "TERM");
+    let mut seen_stopping = false;
+    for _ in 0..20 {
+        if recv() == "STOPPING=1" {
+            seen_stopping = true;
+            break;
+        }
+    }
+    assert!(seen_stopping);
+    assert!(wait_exit(&mut daemon).success());
+}
