@@ -201,7 +201,8 @@ pub fn cleanup(args: CleanupArgs) -> Result<ExitCode> {
             route_table: args.route_table,
         },
     };
-    let removed = ditto_proxy::rules::remove(&names)
+    let removed = ditto_proxy::rules::installed(&names);
+    ditto_proxy::rules::remove(&names)
         .with_context(|| format!("removing table {}", names.table))?;
     if removed {
         println!("removed ditto's interception rules (table {})", names.table);

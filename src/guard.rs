@@ -131,11 +131,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     };
     let hung = why.starts_with("the daemon stopped");
     match ditto_proxy::rules::remove(&names) {
-        Ok(true) => tracing::warn!(
+        Ok(()) => tracing::warn!(
             table = %names.table,
             "guard: {why}; interception rules removed, traffic passes unaccelerated"
         ),
-        Ok(false) => tracing::info!(table = %names.table, "guard: {why}; no rules were installed"),
         Err(e) => tracing::error!(table = %names.table, "guard: {why}; removing rules failed: {e}"),
     }
     if hung {

@@ -565,7 +565,7 @@ fn remove_rules(inner: &Inner) {
         return;
     }
     match crate::rules::remove(&i.names) {
-        Ok(_) => tracing::info!(table = %i.names.table, "interception rules removed"),
+        Ok(()) => tracing::info!(table = %i.names.table, "interception rules removed"),
         Err(e) => tracing::error!(table = %i.names.table, "removing interception rules: {e}"),
     }
 }

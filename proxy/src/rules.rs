@@ -304,24 +304,27 @@ pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
     Ok(())
 }
 
-/// Whether ditto's table of `family` exists.
-fn exists(family: &str, table: &str) -> bool {
-    run(
-        Command::new("nft").args(["list", "table", family, table]),
-        None,
-    )
-    .is_ok()
+/// Whether ditto's tables are in the kernel (one `nft list tables`).
+pub fn installed(n: &RuleNames) -> bool {
+    let out = Command::new("nft").args(["list", "tables"]).output();
+    let Ok(out) = out else { return false };
+    let ours = [
+        format!("table inet {}", n.table),
+        format!("table bridge {}", n.table),
+    ];
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| ours.iter().any(|o| l.trim() == o))
 }
 
-/// Removes ditto's tables and policy routing. Idempotent; true if a table was there.
-pub fn remove(n: &RuleNames) -> Result<bool, RulesError> {
+/// Removes ditto's tables, then its policy routing; idempotent. The tables go first, in one
+/// transaction: that alone restores traffic.
+pub fn remove(n: &RuleNames) -> Result<(), RulesError> {
     let t = &n.table;
-    let present = exists("inet", t) || exists("bridge", t);
     nft(&format!(
         "table inet {t}\ndelete table inet {t}\ntable bridge {t}\ndelete table bridge {t}\n"
     ))?;
-    routing(n, false)?;
-    Ok(present)
+    routing(n, false)
 }
 
 #[cfg(test)]
