@@ -3,6 +3,7 @@
 
 pub mod link;
 pub mod linktest;
+pub mod modes;
 pub mod procs;
 pub mod report;
 pub mod scenarios;

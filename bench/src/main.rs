@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ditto_bench::topo::{LinkSpec, Topo};
-use ditto_bench::{linktest, procs, scenarios, traffic};
+use ditto_bench::{linktest, modes, procs, scenarios, traffic};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,6 +26,14 @@ enum Cmd {
     Linktest(linktest::LinktestArgs),
     /// Run benchmark scenarios (all, or the named ones).
     Scenarios(scenarios::ScenarioArgs),
+    /// Compare ditto's forward, tproxy and redirect modes (throughput, latency, fail-to-wire).
+    Modes(modes::ModesArgs),
+    /// Request/response exchanges on new connections, every sample as JSON (used by `modes`).
+    #[command(hide = true)]
+    RrSamples(modes::RrSamplesArgs),
+    /// Open a new connection every interval and report each (used by `modes`).
+    #[command(hide = true)]
+    ConnectProbe(modes::ProbeArgs),
     /// Serve RAND/FILE/ECHO requests (runs inside a namespace).
     Serve(traffic::ServeArgs),
     /// Download and verify data from a `serve`; prints JSON.
@@ -133,6 +141,9 @@ fn main() -> ExitCode {
         Cmd::Topo { action } => topo_cmd(action),
         Cmd::Linktest(a) => linktest::run(&a).and_then(|r| print_json(&r)),
         Cmd::Scenarios(a) => scenarios::run(&a),
+        Cmd::Modes(a) => modes::run(&a),
+        Cmd::RrSamples(a) => modes::rr_samples(&a).and_then(|r| print_json(&r)),
+        Cmd::ConnectProbe(a) => modes::connect_probe(&a).and_then(|r| print_json(&r)),
         Cmd::Serve(a) => traffic::serve(a),
         Cmd::Fetch(a) => traffic::fetch(&a).and_then(|r| print_json(&r)),
         Cmd::Rr(a) => traffic::rr(&a).and_then(|r| print_json(&r)),

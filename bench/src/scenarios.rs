@@ -47,6 +47,10 @@ pub struct ScenarioArgs {
     /// The ditto binary (default: `ditto` next to this binary).
     #[arg(long)]
     pub ditto: Option<PathBuf>,
+    /// How clients reach the ditto pair: `forward` (a `[[forward]]` listener on site A),
+    /// `tproxy` or `redirect` (site A intercepts connections to the server's own address).
+    #[arg(long, default_value = "forward")]
+    pub ditto_mode: String,
     /// Where to write results (default: the crate's results/ directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -129,6 +133,39 @@ impl Contender {
     }
 }
 
+/// How clients reach the ditto pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DittoMode {
+    /// The client connects to site A's `[[forward]]` listener.
+    Forward,
+    /// The client connects to the server; site A's nftables `tproxy` rule diverts it.
+    Tproxy,
+    /// The client connects to the server; site A's nftables nat `redirect` rule diverts it.
+    Redirect,
+}
+
+impl DittoMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DittoMode::Forward => "forward",
+            DittoMode::Tproxy => "tproxy",
+            DittoMode::Redirect => "redirect",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s.trim() {
+            "forward" => DittoMode::Forward,
+            "tproxy" => DittoMode::Tproxy,
+            "redirect" => DittoMode::Redirect,
+            o => bail!("unknown ditto mode {o:?} (forward, tproxy, redirect)"),
+        })
+    }
+    pub fn intercepts(self) -> bool {
+        self != DittoMode::Forward
+    }
+}
+
 /// The outcome of one scenario x contender.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunResult {
@@ -165,7 +202,7 @@ pub struct RunReport {
     pub results: Vec<RunResult>,
 }
 
-const SERVER_PORT: u16 = 5001;
+pub(crate) const SERVER_PORT: u16 = 5001;
 const PROXY_PORT: u16 = 5000;
 
 fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
@@ -266,19 +303,22 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
 }
 
 /// Shared state of a run.
-struct Ctx {
-    topo: TopoGuard,
-    bench: PathBuf,
-    wanem: PathBuf,
-    ditto: Option<PathBuf>,
-    data: PathBuf,
+pub(crate) struct Ctx {
+    pub(crate) topo: TopoGuard,
+    pub(crate) bench: PathBuf,
+    pub(crate) wanem: PathBuf,
+    pub(crate) ditto: Option<PathBuf>,
+    pub(crate) data: PathBuf,
+    pub(crate) ditto_mode: DittoMode,
 }
 
 /// The processes of a started contender.
-struct Running {
-    target: String,
+pub(crate) struct Running {
+    pub(crate) target: String,
     side_a: Vec<(KillOnDrop, PathBuf)>,
     side_b: Vec<(KillOnDrop, PathBuf)>,
+    /// Run after stopping (`ditto cleanup` for an intercepting site A).
+    cleanup: Option<Command>,
 }
 
 impl Running {
@@ -287,13 +327,14 @@ impl Running {
             target: format!("{}:{SERVER_PORT}", addr::SERVER),
             side_a: Vec::new(),
             side_b: Vec::new(),
+            cleanup: None,
         }
     }
 
     /// Stops the processes (SIGTERM via the rusage wrappers) and collects their usage. The
     /// client side goes first, so that tunnels close from the client end and the server side
     /// can reap its per-connection children before it is stopped.
-    fn stop(self) -> (Option<Usage>, Option<Usage>) {
+    pub(crate) fn stop(mut self) -> (Option<Usage>, Option<Usage>) {
         let collect = |procs: Vec<(KillOnDrop, PathBuf)>| -> Option<Usage> {
             if procs.is_empty() {
                 return None;
@@ -318,16 +359,24 @@ impl Running {
             }
             Some(total)
         };
-        let a = collect(self.side_a);
+        let a = collect(std::mem::take(&mut self.side_a));
+        if let Some(mut c) = self.cleanup.take() {
+            // ditto removes its rules when it stops; this only matters if it could not.
+            let _ = c
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let b = collect(self.side_b);
+        let b = collect(std::mem::take(&mut self.side_b));
         (a, b)
     }
 }
 
 /// Kills whatever still runs in the appliance namespaces (a contender that ignored SIGTERM),
 /// so the next contender finds its ports free.
-fn clear_sites(topo: &Topo) {
+pub(crate) fn clear_sites(topo: &Topo) {
     for role in [Role::SiteA, Role::SiteB, Role::Client] {
         let out = Command::new("ip")
             .args(["netns", "pids", &topo.ns(role)])
@@ -346,14 +395,14 @@ fn clear_sites(topo: &Topo) {
 }
 
 impl Ctx {
-    fn dir(&self, sub: &str) -> Result<PathBuf> {
+    pub(crate) fn dir(&self, sub: &str) -> Result<PathBuf> {
         let d = self.topo.state_dir().join(sub);
         std::fs::create_dir_all(&d)?;
         Ok(d)
     }
 
     /// Starts `program args` in `role` under the rusage wrapper.
-    fn spawn_wrapped(
+    pub(crate) fn spawn_wrapped(
         &self,
         role: Role,
         tag: &str,
@@ -388,7 +437,7 @@ impl Ctx {
     }
 }
 
-fn ditto_available(ditto: Option<&Path>) -> std::result::Result<PathBuf, String> {
+pub(crate) fn ditto_available(ditto: Option<&Path>) -> std::result::Result<PathBuf, String> {
     let Some(d) = ditto else {
         return Err("not available yet: ditto binary not built".into());
     };
@@ -427,115 +476,196 @@ fn keygen(ditto: &Path, out: &Path) -> Result<String> {
         .context("ditto keygen printed no hex fingerprint")
 }
 
-fn start_ditto(ctx: &Ctx, ditto: &Path, scenario: &str) -> Result<Running> {
-    let dir = ctx.dir(&format!("ditto-{scenario}"))?;
+/// The configuration files of a ditto pair.
+pub(crate) struct DittoConfigs {
+    pub(crate) a: PathBuf,
+    pub(crate) b: PathBuf,
+}
+
+/// Writes keys and configurations of a fresh ditto pair under `<state>/ditto-<tag>` (fresh
+/// stores, as long as `tag` is new). Site A serves the client in `mode`; site B is the far side
+/// and needs nothing for interception. `watchdog` sets site A's `[intercept] watchdog`;
+/// `forward_too` adds the `[[forward]]` listener to an intercepting site A.
+pub(crate) fn ditto_configs(
+    ctx: &Ctx,
+    ditto: &Path,
+    tag: &str,
+    mode: DittoMode,
+    watchdog: Option<&str>,
+    forward_too: bool,
+) -> Result<DittoConfigs> {
+    let dir = ctx.dir(&format!("ditto-{tag}"))?;
     let fp_a = keygen(ditto, &dir.join("site-a"))?;
     let fp_b = keygen(ditto, &dir.join("site-b"))?;
-    let conf = |me: &str,
-                key: &str,
-                listen: &str,
-                peer: &str,
-                peer_addr: &str,
-                peer_fp: &str,
-                fwd: bool| {
+    let conf = |me: &str, key: &str, listen: &str, peer: &str, peer_addr: &str, peer_fp: &str| {
         let store = dir.join(format!("store-{me}"));
-        let mut s = format!(
+        format!(
             "[node]\nname = \"{me}\"\nkey = \"{}\"\nadmin = \"127.0.0.1:9090\"\nstore_dir = \"{}\"\n\n\
              [tunnel]\nlisten = \"{listen}:7878\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{peer_addr}:7878\"\n\
              fingerprint = \"{peer_fp}\"\n",
             dir.join(key).display(),
             store.display()
-        );
-        if fwd {
-            s += &format!(
-                "\n[[forward]]\nlisten = \"{}:{PROXY_PORT}\"\npeer = \"{peer}\"\ntarget = \"{}:{SERVER_PORT}\"\n",
-                addr::A_LAN,
-                addr::SERVER
-            );
-        }
-        s
+        )
     };
-    let ca = dir.join("site-a.toml");
-    let cb = dir.join("site-b.toml");
-    std::fs::write(
-        &ca,
-        conf(
-            "site-a",
-            "site-a.key",
-            addr::A_WAN,
-            "site-b",
-            addr::B_WAN,
-            &fp_b,
-            true,
-        ),
-    )?;
-    std::fs::write(
-        &cb,
-        conf(
-            "site-b",
-            "site-b.key",
-            addr::B_WAN,
-            "site-a",
-            addr::A_WAN,
-            &fp_a,
-            false,
-        ),
-    )?;
+    let mut a = conf(
+        "site-a",
+        "site-a.key",
+        addr::A_WAN,
+        "site-b",
+        addr::B_WAN,
+        &fp_b,
+    );
+    if mode.intercepts() {
+        a += &format!(
+            "\n[intercept]\nmode = \"{}\"\ninterfaces = [\"lan0\"]\nports = [{SERVER_PORT}]\n",
+            mode.name()
+        );
+        if let Some(w) = watchdog {
+            a += &format!("watchdog = \"{w}\"\n");
+        }
+        a += &format!(
+            "\n[[route]]\ndest = [\"{}\"]\npeer = \"site-b\"\n",
+            addr::SERVER_NET
+        );
+    }
+    if !mode.intercepts() || forward_too {
+        a += &format!(
+            "\n[[forward]]\nlisten = \"{}:{PROXY_PORT}\"\npeer = \"site-b\"\ntarget = \"{}:{SERVER_PORT}\"\n",
+            addr::A_LAN,
+            addr::SERVER
+        );
+    }
+    let b = conf(
+        "site-b",
+        "site-b.key",
+        addr::B_WAN,
+        "site-a",
+        addr::A_WAN,
+        &fp_a,
+    );
+    let c = DittoConfigs {
+        a: dir.join("site-a.toml"),
+        b: dir.join("site-b.toml"),
+    };
+    std::fs::write(&c.a, a)?;
+    std::fs::write(&c.b, b)?;
+    Ok(c)
+}
+
+/// Where the client connects in `mode`.
+pub(crate) fn ditto_target(mode: DittoMode) -> String {
+    if mode.intercepts() {
+        format!("{}:{SERVER_PORT}", addr::SERVER)
+    } else {
+        format!("{}:{PROXY_PORT}", addr::A_LAN)
+    }
+}
+
+/// Starts a fresh ditto pair (both under the rusage wrapper) and waits until it carries flows.
+pub(crate) fn start_ditto(ctx: &Ctx, ditto: &Path, tag: &str, mode: DittoMode) -> Result<Running> {
+    start_ditto_with(ctx, ditto, tag, mode, false)
+}
+
+/// [`start_ditto`]; with `via_forward`, an intercepting site A also has the `[[forward]]`
+/// listener and the client uses that (the rules are installed but divert none of its flows).
+pub(crate) fn start_ditto_with(
+    ctx: &Ctx,
+    ditto: &Path,
+    tag: &str,
+    mode: DittoMode,
+    via_forward: bool,
+) -> Result<Running> {
+    let c = ditto_configs(ctx, ditto, tag, mode, None, via_forward)?;
     let d = ditto.to_string_lossy().into_owned();
     let b = ctx.spawn_wrapped(
         Role::SiteB,
         "ditto-b",
         &d,
-        &["run".into(), "--config".into(), cb.display().to_string()],
+        &["run".into(), "--config".into(), c.b.display().to_string()],
     )?;
     let a = ctx.spawn_wrapped(
         Role::SiteA,
         "ditto-a",
         &d,
-        &["run".into(), "--config".into(), ca.display().to_string()],
+        &["run".into(), "--config".into(), c.a.display().to_string()],
     )?;
-    let target = format!("{}:{PROXY_PORT}", addr::A_LAN);
+    let mut cleanup = None;
+    if mode.intercepts() {
+        let mut cmd = ctx.topo.cmd(Role::SiteA, ditto);
+        cmd.arg("cleanup").arg("--config").arg(&c.a);
+        cleanup = Some(cmd);
+    }
+    let target = if via_forward {
+        ditto_target(DittoMode::Forward)
+    } else {
+        ditto_target(mode)
+    };
     let r = Running {
         target: target.clone(),
         side_a: vec![a],
         side_b: vec![b],
+        cleanup,
     };
-    wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &target, 15)?;
     // The forward listener opens before the tunnel is up, and a flow that finds no tunnel passes
     // through unaccelerated (by design): wait for the tunnel so the warm-up really warms the stores.
-    wait_tunnel_up(ctx, ditto, Role::SiteA, 15)?;
+    // An intercepting site A must also have its rules in place (before that, connections to the
+    // server simply go straight to it).
+    wait_ditto_ready(ctx, ditto, Role::SiteA, mode, 15)?;
+    if !mode.intercepts() || via_forward {
+        wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &target, 15)?;
+    }
     Ok(r)
 }
 
-/// Polls `ditto status` in `role` until every peer reports its tunnel up.
-fn wait_tunnel_up(ctx: &Ctx, ditto: &Path, role: Role, secs: u64) -> Result<()> {
+/// `ditto status --json` of the node in `role`.
+pub(crate) fn ditto_status(ctx: &Ctx, ditto: &Path, role: Role) -> Option<serde_json::Value> {
+    let out = ctx
+        .topo
+        .cmd(role, ditto)
+        .args(["status", "--admin", "127.0.0.1:9090", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `ditto status` in `role` until every peer reports its tunnel up and, when `mode`
+/// intercepts, the interception rules are installed.
+pub(crate) fn wait_ditto_ready(
+    ctx: &Ctx,
+    ditto: &Path,
+    role: Role,
+    mode: DittoMode,
+    secs: u64,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
-        let out = ctx
-            .topo
-            .cmd(role, ditto)
-            .args(["status", "--admin", "127.0.0.1:9090", "--json"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .context("running ditto status")?;
-        let up = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
+        let up = ditto_status(ctx, ditto, role)
             .and_then(|v| {
                 let peers = v.get("peers")?.as_array()?.clone();
-                Some(
-                    !peers.is_empty()
-                        && peers
-                            .iter()
-                            .all(|p| p.get("up") == Some(&serde_json::Value::Bool(true))),
-                )
+                let tunnel = !peers.is_empty()
+                    && peers
+                        .iter()
+                        .all(|p| p.get("up") == Some(&serde_json::Value::Bool(true)));
+                let rules = !mode.intercepts()
+                    || v.pointer("/intercept/rules_installed")
+                        == Some(&serde_json::Value::Bool(true));
+                Some(tunnel && rules)
             })
             .unwrap_or(false);
         if up {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!("the ditto tunnel did not come up within {secs} s");
+            bail!(
+                "the ditto tunnel{} did not come up within {secs} s",
+                if mode.intercepts() {
+                    " (or the interception rules)"
+                } else {
+                    ""
+                }
+            );
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -633,6 +763,7 @@ fn start_ssh(ctx: &Ctx, scenario: &str) -> Result<Running> {
         target: target.clone(),
         side_a: vec![a],
         side_b: std::mem::take(&mut side_b),
+        cleanup: None,
     };
     wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &target, 15)?;
     Ok(r)
@@ -674,6 +805,7 @@ fn start_zstd(ctx: &Ctx) -> Result<Running> {
         target: target.clone(),
         side_a: vec![a],
         side_b: vec![b],
+        cleanup: None,
     };
     wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &target, 10)?;
     Ok(r)
@@ -759,6 +891,7 @@ fn run_rsync(
         target: String::new(),
         side_a: Vec::new(),
         side_b: vec![daemon],
+        cleanup: None,
     }
     .stop();
     let payload = std::fs::metadata(&out)?.len();
@@ -855,7 +988,7 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
         Contender::Plain | Contender::Rsync => Running::direct(),
         Contender::Ditto => {
             let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
-            start_ditto(ctx, &d, &sc.name)?
+            start_ditto(ctx, &d, &sc.name, ctx.ditto_mode)?
         }
         Contender::Ssh => start_ssh(ctx, &sc.name)?,
         Contender::Zstd => start_zstd(ctx)?,
@@ -979,7 +1112,7 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
     Ok(r)
 }
 
-fn civil_date(unix: u64) -> String {
+pub(crate) fn civil_date(unix: u64) -> String {
     // Days since 1970-01-01 to (y, m, d), proleptic Gregorian.
     let z = (unix / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -993,7 +1126,7 @@ fn civil_date(unix: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-fn tool_versions() -> Vec<String> {
+pub(crate) fn tool_versions() -> Vec<String> {
     let first_line = |prog: &str, args: &[&str]| -> Option<String> {
         let o = Command::new(prog)
             .args(args)
@@ -1092,6 +1225,7 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         wanem,
         ditto,
         data,
+        ditto_mode: DittoMode::parse(&args.ditto_mode)?,
     };
     ctx.topo.up()?;
     let started = std::time::SystemTime::now()
@@ -1134,6 +1268,11 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
             };
             r.scenario = sc.name.clone();
             r.contender = c.name().into();
+            if c == Contender::Ditto && ctx.ditto_mode.intercepts() && r.status != "n/a" {
+                r.note = format!("{} mode; {}", ctx.ditto_mode.name(), r.note)
+                    .trim_end_matches("; ")
+                    .to_string();
+            }
             if let Some(p50) = r.rtt_p50_ms {
                 if c == Contender::Plain {
                     plain_rtt = Some(p50);
