@@ -241,6 +241,7 @@ impl Metrics {
             reason::NO_PEER,
             reason::BYPASS_RULE,
             reason::TUNNEL_BUSY,
+            reason::NO_ROUTE,
         ] {
             m.flows.with_label_values(&["passthrough", why]);
         }

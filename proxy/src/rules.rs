@@ -247,6 +247,9 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
 fn bridge_sysctls() {
     for f in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
         let p = format!("/proc/sys/net/bridge/{f}");
+        if std::fs::read_to_string(&p).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
         if let Err(e) = std::fs::write(&p, "1") {
             tracing::warn!("setting {p} to 1: {e} (inline interception needs it)");
         }
