@@ -4,22 +4,12 @@
 mod common;
 
 use common::{
-    ditto, free_port, keygen, run_ok, start_daemon as start, start_server, Proc as Daemon,
+    ditto, free_port, http_get, keygen, run_ok, start_daemon as start, start_server, Proc as Daemon,
 };
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    Some(r)
-}
 
 /// Waits (polling the admin endpoint: the only view into another process) for `cond`.
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -112,7 +102,7 @@ fn keygen_check_config_run_status_and_stop() {
     let mut a = start(&cfg_a);
     wait_for("site-a's tunnel", || {
         http_get(admin_a, "/metrics")
-            .is_some_and(|m| m.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
+            .is_some_and(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
     });
 
     // A transfer through the pair, both directions, with half-close.
@@ -147,7 +137,7 @@ fn keygen_check_config_run_status_and_stop() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     assert_eq!(v["node"], "site-b");
     assert_eq!(v["peers"][0]["up"], true);
-    assert!(http_get(admin_b, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert!(http_get(admin_b, "/healthz").is_some_and(|r| r.0 == 200));
 
     // Graceful stop: SIGTERM for one, SIGINT for the other; both exit 0.
     signal(&b.0, "TERM");
@@ -197,7 +187,7 @@ fn systemd_readiness_and_watchdog_notifications() {
     };
     assert_eq!(recv(), "READY=1");
     // Serving by then.
-    assert!(http_get(admin, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert!(http_get(admin, "/healthz").is_some_and(|r| r.0 == 200));
     let start = Instant::now();
     for _ in 0..3 {
         assert_eq!(recv(), "WATCHDOG=1");

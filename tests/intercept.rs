@@ -13,8 +13,8 @@ use common::netns::{
 };
 use common::{keygen, serve_reverse, Proc, Seen};
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -98,21 +98,12 @@ impl Daemon {
     }
 }
 
-/// GET on the admin endpoint (loopback of `ns`).
+/// GET on the admin endpoint (loopback of `ns`): the body.
 fn admin_get(ns: &Ns, path: &str) -> Option<String> {
     let path = path.to_owned();
-    ns.run(move || {
-        let mut s =
-            TcpStream::connect_timeout(&sa("127.0.0.1:9090"), Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .ok()?;
-        let mut r = String::new();
-        s.read_to_string(&mut r).ok()?;
-        Some(r.split_once("\r\n\r\n")?.1.to_owned())
-    })
+    ns.run(move || common::http_get(sa("127.0.0.1:9090"), &path))
+        .filter(|r| r.0 == 200)
+        .map(|r| r.1)
 }
 
 fn status(ns: &Ns) -> Option<Value> {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_port, keygen, start_daemon, start_server, Proc};
+use common::{free_port, http_get, keygen, start_daemon, start_server, Proc};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -85,20 +85,6 @@ fn payload() -> Vec<u8> {
     (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect()
-}
-
-/// A plain HTTP/1.0 GET (no chunked encoding, connection closed at the end): (status, body).
-fn http_get(addr: SocketAddr, target: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut r = Vec::new();
-    s.read_to_end(&mut r).ok()?;
-    let r = String::from_utf8_lossy(&r).into_owned();
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
 }
 
 fn urlencode(s: &str) -> String {

@@ -7,64 +7,15 @@
 
 mod common;
 
+use common::disk::{segments, Tmpfs};
 use common::{ditto, free_port, keygen, start_server, Proc};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// A tmpfs mounted on a fresh temporary directory, unmounted when dropped (also on panic).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when this process cannot mount: not root, or no privilege.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Busy (the daemon not reaped yet): detach now, the kernel frees it with the last user.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
-}
 
 /// `ditto run --config CONFIG` with its log (stderr) in `log`.
 fn start_daemon_logged(config: &Path, log: &Path) -> Proc {
@@ -83,16 +34,11 @@ fn start_daemon_logged(config: &Path, log: &Path) -> Proc {
     )
 }
 
+/// GET, the body of a 200 answer.
 fn http_get(addr: SocketAddr, target: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut r = Vec::new();
-    s.read_to_end(&mut r).ok()?;
-    let r = String::from_utf8_lossy(&r).into_owned();
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    common::http_get(addr, target)
+        .filter(|r| r.0 == 200)
+        .map(|r| r.1)
 }
 
 /// The value of one series (`name{labels}` exactly as rendered) in a scrape.
@@ -157,20 +103,6 @@ fn round_trip(fwd: SocketAddr, data: &[u8], what: &str) {
     );
     let first_diff = back.iter().zip(data).position(|(a, b)| a != b);
     assert!(first_diff.is_none(), "{what}: byte {first_diff:?} differs");
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("read store dir")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".dat"))
-        })
-        .collect();
-    v.sort();
-    v
 }
 
 fn count(log: &Path, needle: &str) -> usize {

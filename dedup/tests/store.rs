@@ -1,9 +1,13 @@
 //! Integration tests of the chunk store: restart, damage, disk errors, eviction, hints, and a model test.
 
+#[path = "../../tests/common/disk.rs"]
+mod disk;
+
+use disk::{dir_bytes, segments};
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use ditto_dedup::store::{ChunkStore, StoreConfig, StoreError, StoreStats};
@@ -46,27 +50,6 @@ fn get(s: &ChunkStore, id: &ChunkId) -> Option<Vec<u8>> {
         assert!(out.is_empty(), "a miss must leave the output untouched");
         None
     }
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("dirent").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".dat"))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    segments(dir)
-        .iter()
-        .map(|p| fs::metadata(p).expect("metadata").len())
-        .sum()
 }
 
 fn flip_byte(path: &Path, at: u64) {

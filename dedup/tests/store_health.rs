@@ -5,10 +5,13 @@
 
 #![cfg(unix)]
 
+#[path = "../../tests/common/disk.rs"]
+mod disk;
+
+use disk::{dir_bytes, segments, Tmpfs};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ditto_dedup::store::{
@@ -40,27 +43,6 @@ fn get(s: &ChunkStore, id: &ChunkId) -> Option<Vec<u8>> {
 /// Whether the store returns exactly `data` for `id` (no multi-megabyte dump when it does not).
 fn holds(s: &ChunkStore, id: &ChunkId, data: &[u8]) -> bool {
     get(s, id).as_deref() == Some(data)
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("dirent").path())
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("seg-") && n.ends_with(".dat"))
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    segments(dir)
-        .iter()
-        .map(|p| fs::metadata(p).expect("metadata").len())
-        .sum()
 }
 
 #[test]
@@ -316,56 +298,6 @@ fn damage_in_the_current_segment_seals_and_drops_it() {
     let (n, dn) = chunk(99, 1000);
     s.insert(&n, &dn).expect("insert into the next segment");
     assert!(holds(&s, &n, &dn));
-}
-
-/// A tmpfs mounted on a fresh temporary directory, unmounted when dropped (also on panic).
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when this process cannot mount: not root, or no privilege.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            // Busy (a file still open): detach it now, the kernel frees it when the last user goes.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
 }
 
 #[test]

@@ -3,10 +3,11 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub fn ditto() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ditto"))
@@ -21,6 +22,20 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A plain HTTP/1.0 GET (no chunked encoding, connection closed at the end): (status, body).
+pub fn http_get(addr: SocketAddr, target: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut r = Vec::new();
+    s.read_to_end(&mut r).ok()?;
+    let r = String::from_utf8_lossy(&r).into_owned();
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
 }
 
 /// A loopback port that was free a moment ago (the daemons bind it themselves).
@@ -107,4 +122,5 @@ pub fn start_daemon(config: &Path) -> Proc {
             .expect("spawn ditto run"),
     )
 }
+pub mod disk;
 pub mod netns;
