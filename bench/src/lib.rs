@@ -1,6 +1,7 @@
 //! ditto's benchmark kit: a packet-level WAN emulator (`ditto-wanem`), a network-namespace
 //! topology (client, site A, WAN, site B, server), traffic tools and the scenario runner.
 
+pub mod bridged;
 pub mod link;
 pub mod linktest;
 pub mod modes;

@@ -26,7 +26,7 @@ enum Cmd {
     Linktest(linktest::LinktestArgs),
     /// Run benchmark scenarios (all, or the named ones).
     Scenarios(scenarios::ScenarioArgs),
-    /// Compare ditto's forward, tproxy and redirect modes (throughput, latency, fail-to-wire).
+    /// Compare ditto's forward mode with its intercepting modes (tproxy, redirect; inline on --topology bridged) (throughput, latency, fail-to-wire).
     Modes(modes::ModesArgs),
     /// Request/response exchanges on new connections, every sample as JSON (used by `modes`).
     #[command(hide = true)]

@@ -18,12 +18,19 @@
 //! Fail-to-wire: a client opens a new connection every `--probe-interval-ms` (each sends a small
 //! request and must get the answer within `--probe-timeout-ms`); after 1.5 s site A's daemon gets
 //! SIGKILL or SIGSTOP; the gap is the time from the signal until new connections work again.
+//!
+//! `--topology bridged` measures `inline` mode instead, on the bridged topology of
+//! [`crate::bridged`] (client and server in one subnet, site A and B bridges with the same emulated
+//! link between them): in `forward` mode the client connects to site A's `[[forward]]` listener on
+//! its bridge address, in `inline` mode to the server, and site A intercepts at its bridge. Site B
+//! is the same in both (no `[intercept]`).
 
 use crate::linktest::{run_json, sibling_binary, start_server, KillOnDrop};
 use crate::procs::Usage;
 use crate::scenarios::{
     civil_date, clear_sites, ditto_available, ditto_configs, ditto_status, ditto_target,
-    start_ditto_with, tool_versions, wait_ditto_ready, Ctx, DittoMode, SERVER_PORT,
+    start_ditto_with, tool_versions, wait_ditto_ready, Ctx, DittoConfigs, DittoMode, Running,
+    SERVER_PORT,
 };
 use crate::topo::{Link, LinkSpec, Role, Topo, TopoGuard};
 use crate::traffic::FetchResult;
@@ -41,11 +48,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 #[derive(Args, Debug, Clone)]
 pub struct ModesArgs {
     /// Modes to compare, comma-separated; `forward` is the baseline. Diagnostics:
-    /// `forward+tproxy-rules`, `forward+redirect-rules` (site A intercepts, with its rules
-    /// installed, but the client uses the forward listener: the rules' cost on forwarded traffic;
-    /// fast link only).
-    #[arg(long, default_value = "forward,tproxy,redirect")]
-    pub modes: String,
+    /// `forward+tproxy-rules`, `forward+redirect-rules`, `forward+inline-rules` (site A
+    /// intercepts, with its rules installed, but the client uses the forward listener: the rules'
+    /// cost on forwarded traffic; fast link only). Default: forward,tproxy,redirect (routed) or
+    /// forward,inline (bridged).
+    #[arg(long)]
+    pub modes: Option<String>,
+    /// `routed` (site A and B route between three subnets: forward, tproxy, redirect) or
+    /// `bridged` (one subnet, site A and B bridge it: forward, inline).
+    #[arg(long, default_value = "routed")]
+    pub topology: String,
     /// Parts to run: bulk (fast link: throughput and latency), wan (typical WAN: throughput),
     /// ftw (fail-to-wire).
     #[arg(long, default_value = "bulk,wan,ftw")]
@@ -248,6 +260,9 @@ pub struct ModesReport {
     pub machine: String,
     pub tools: Vec<String>,
     pub command: String,
+    /// "routed" or "bridged".
+    #[serde(default = "routed_name")]
+    pub topology: String,
     pub fast_link: String,
     pub wan_link: String,
     pub rounds: usize,
@@ -261,12 +276,133 @@ pub struct ModesReport {
     pub ftw_runs: Vec<FtwResult>,
 }
 
+fn routed_name() -> String {
+    "routed".into()
+}
+
 const TEXT_FILE: &str = "modes-text.txt";
+
+/// The topology a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// [`crate::topo`]: forward, tproxy, redirect.
+    Routed,
+    /// [`crate::bridged`]: forward, inline.
+    Bridged,
+}
+
+impl Topology {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s.trim() {
+            "routed" => Topology::Routed,
+            "bridged" => Topology::Bridged,
+            o => bail!("unknown topology {o:?} (routed, bridged)"),
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Topology::Routed => "routed",
+            Topology::Bridged => "bridged",
+        }
+    }
+    fn default_modes(self) -> &'static str {
+        match self {
+            Topology::Routed => "forward,tproxy,redirect",
+            Topology::Bridged => "forward,inline",
+        }
+    }
+    fn supports(self, m: Mode) -> bool {
+        match self {
+            Topology::Routed => m != Mode::Inline,
+            Topology::Bridged => matches!(m, Mode::Forward | Mode::Inline),
+        }
+    }
+}
+
+/// How the client reaches the pair: the routed topology's [`DittoMode`]s, and `inline`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Forward,
+    Tproxy,
+    Redirect,
+    Inline,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Forward => "forward",
+            Mode::Tproxy => "tproxy",
+            Mode::Redirect => "redirect",
+            Mode::Inline => "inline",
+        }
+    }
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s.trim() {
+            "forward" => Mode::Forward,
+            "tproxy" => Mode::Tproxy,
+            "redirect" => Mode::Redirect,
+            "inline" => Mode::Inline,
+            o => bail!("unknown mode {o:?} (forward, tproxy, redirect, inline)"),
+        })
+    }
+    fn intercepts(self) -> bool {
+        self != Mode::Forward
+    }
+    /// The routed topology's mode (inline has none).
+    fn routed(self) -> Result<DittoMode> {
+        Ok(match self {
+            Mode::Forward => DittoMode::Forward,
+            Mode::Tproxy => DittoMode::Tproxy,
+            Mode::Redirect => DittoMode::Redirect,
+            Mode::Inline => bail!("inline mode needs --topology bridged"),
+        })
+    }
+}
+
+/// A started pair of either topology.
+enum Started {
+    Routed(Running),
+    Bridged(crate::bridged::Pair),
+}
+
+impl Started {
+    fn start(ctx: &Ctx, ditto: &Path, topo: Topology, tag: &str, v: Variant) -> Result<Self> {
+        Ok(match topo {
+            Topology::Routed => Started::Routed(start_ditto_with(
+                ctx,
+                ditto,
+                tag,
+                v.mode.routed()?,
+                v.via_forward,
+            )?),
+            Topology::Bridged => Started::Bridged(crate::bridged::start_pair(
+                ctx,
+                ditto,
+                tag,
+                v.mode == Mode::Inline,
+                v.via_forward,
+            )?),
+        })
+    }
+    fn target(&self) -> String {
+        match self {
+            Started::Routed(r) => r.target.clone(),
+            Started::Bridged(p) => p.target.clone(),
+        }
+    }
+    fn stop(self) -> (Option<Usage>, Option<Usage>) {
+        match self {
+            Started::Routed(r) => r.stop(),
+            Started::Bridged(p) => p.stop(),
+        }
+    }
+}
 
 /// A way to run the pair: a mode, and whether the client uses the forward listener anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Variant {
-    mode: DittoMode,
+    mode: Mode,
     via_forward: bool,
 }
 
@@ -284,9 +420,9 @@ impl Variant {
             .strip_prefix("forward+")
             .and_then(|r| r.strip_suffix("-rules"))
         {
-            let mode = DittoMode::parse(m)?;
+            let mode = Mode::parse(m)?;
             if !mode.intercepts() {
-                bail!("{s:?}: forward+<tproxy|redirect>-rules");
+                bail!("{s:?}: forward+<tproxy|redirect|inline>-rules");
             }
             return Ok(Variant {
                 mode,
@@ -294,7 +430,7 @@ impl Variant {
             });
         }
         Ok(Variant {
-            mode: DittoMode::parse(s)?,
+            mode: Mode::parse(s)?,
             via_forward: false,
         })
     }
@@ -312,7 +448,7 @@ impl Variant {
 }
 
 const FORWARD: Variant = Variant {
-    mode: DittoMode::Forward,
+    mode: Mode::Forward,
     via_forward: false,
 };
 
@@ -505,6 +641,7 @@ struct PairPlan {
 fn measure_pair(
     ctx: &Ctx,
     ditto: &Path,
+    topo: Topology,
     link: &Link,
     plan: &PairPlan,
     round: usize,
@@ -518,7 +655,7 @@ fn measure_pair(
         ..Default::default()
     };
     let tag = format!("{}-r{round}-{}", plan.link, v.name().replace('+', "-"));
-    let running = match start_ditto_with(ctx, ditto, &tag, v.mode, v.via_forward) {
+    let running = match Started::start(ctx, ditto, topo, &tag, v) {
         Ok(x) => x,
         Err(e) => {
             r.status = "failed".into();
@@ -527,7 +664,7 @@ fn measure_pair(
             return r;
         }
     };
-    let target = running.target.clone();
+    let target = running.target();
     let mut conns = 0u64;
     let measured = (|| -> Result<()> {
         // As the scenarios do: the tunnel is long-lived in real use, so warm it (other bytes).
@@ -648,8 +785,9 @@ fn log_time_us(line: &str) -> Option<u64> {
 fn ftw_case(
     ctx: &Ctx,
     ditto: &Path,
+    topo: Topology,
     args: &ModesArgs,
-    mode: DittoMode,
+    mode: Mode,
     signal: i32,
     guard: bool,
     rep: usize,
@@ -678,7 +816,14 @@ fn ftw_case(
         Some("0s")
     };
     let res = (|| -> Result<()> {
-        let c = ditto_configs(ctx, ditto, &tag, mode, watchdog, false)?;
+        let c: DittoConfigs = match topo {
+            Topology::Routed => ditto_configs(ctx, ditto, &tag, mode.routed()?, watchdog, false)?,
+            Topology::Bridged => crate::bridged::configs(ctx, ditto, &tag, true, false, watchdog)?,
+        };
+        let target = match topo {
+            Topology::Routed => ditto_target(mode.routed()?),
+            Topology::Bridged => crate::bridged::target(true),
+        };
         let dir = ctx.dir(&format!("ditto-{tag}"))?;
         let spawn = |role: Role, conf: &Path, log: &str| -> Result<KillOnDrop> {
             let log = std::fs::File::create(dir.join(log))?;
@@ -704,7 +849,10 @@ fn ftw_case(
         if comm.trim() != "ditto" {
             bail!("pid {pid} is {:?}, not the ditto daemon", comm.trim());
         }
-        wait_ditto_ready(ctx, ditto, Role::SiteA, mode, 15)?;
+        match topo {
+            Topology::Routed => wait_ditto_ready(ctx, ditto, Role::SiteA, mode.routed()?, 15)?,
+            Topology::Bridged => crate::bridged::wait_ready(ctx, ditto, true, 15)?,
+        }
         let pre = Duration::from_millis(1500);
         let total = pre + post;
         let mut prober = ctx
@@ -713,7 +861,7 @@ fn ftw_case(
             .args([
                 "connect-probe",
                 "--connect",
-                &ditto_target(mode),
+                &target,
                 "--interval-ms",
                 &args.probe_interval_ms.to_string(),
                 "--timeout-ms",
@@ -1024,6 +1172,12 @@ pub fn markdown(r: &ModesReport) -> String {
         "Fast link: {}; typical WAN: {}; {} rounds, modes interleaved (rotated order per round), a fresh ditto pair (empty stores) per measurement.\n",
         r.fast_link, r.wan_link, r.rounds
     );
+    if r.topology == "bridged" {
+        let _ = writeln!(
+            s,
+            "Topology: bridged (client, server and both appliances' bridges in one subnet; the bridges' WAN ports are VXLAN devices across the emulator; site B has no `[intercept]`).\n"
+        );
+    }
     if !r.throughput.is_empty() {
         let _ = writeln!(
             s,
@@ -1206,14 +1360,24 @@ pub fn run(args: &ModesArgs) -> Result<()> {
     if !crate::sys::is_root() {
         bail!("the modes benchmark needs root (network namespaces, TUN devices, nftables)");
     }
+    let topology = Topology::parse(&args.topology)?;
     let modes: Vec<Variant> = args
         .modes
+        .as_deref()
+        .unwrap_or(topology.default_modes())
         .split(',')
         .filter(|s| !s.trim().is_empty())
         .map(Variant::parse)
         .collect::<Result<_>>()?;
     if modes.is_empty() {
         bail!("no modes given");
+    }
+    if let Some(v) = modes.iter().find(|v| !topology.supports(v.mode)) {
+        bail!(
+            "mode {} is not measured on the {} topology (routed: forward, tproxy, redirect; bridged: forward, inline)",
+            v.name(),
+            topology.name()
+        );
     }
     let parts: Vec<&str> = args.parts.split(',').map(str::trim).collect();
     for p in &parts {
@@ -1256,12 +1420,18 @@ pub fn run(args: &ModesArgs) -> Result<()> {
         data,
         ditto_mode: DittoMode::Forward,
     };
-    ctx.topo.up()?;
+    match topology {
+        Topology::Routed => ctx.topo.up()?,
+        Topology::Bridged => crate::bridged::up(&ctx.topo)?,
+    }
     std::fs::create_dir_all(&ctx.data)?;
     if parts.contains(&"bulk") && fast_text > 0 {
         write_text(&ctx.data.join(TEXT_FILE), fast_text)?;
     }
-    let _server = start_server(&ctx.topo, &ctx.bench, SERVER_PORT, Some(&ctx.data))?;
+    let _server = match topology {
+        Topology::Routed => start_server(&ctx.topo, &ctx.bench, SERVER_PORT, Some(&ctx.data))?,
+        Topology::Bridged => crate::bridged::start_server(&ctx.topo, &ctx.bench, Some(&ctx.data))?,
+    };
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -1275,7 +1445,11 @@ pub fn run(args: &ModesArgs) -> Result<()> {
             rtt: Some(rtt.into()),
             ..Default::default()
         };
-        ctx.topo.start_link(&ctx.wanem, &spec.to_args()?)
+        let mut a = spec.to_args()?;
+        if topology == Topology::Bridged {
+            a.extend(crate::bridged::link_extra());
+        }
+        ctx.topo.start_link(&ctx.wanem, &a)
     };
     let report_pair = |p: &PairResult| {
         let mut parts = Vec::new();
@@ -1310,15 +1484,15 @@ pub fn run(args: &ModesArgs) -> Result<()> {
             for round in 0..args.rounds {
                 for m in rotated(&modes, round) {
                     eprint!("[fast {}/{}] {} ... ", round + 1, args.rounds, m.name());
-                    let p = measure_pair(&ctx, &ditto, &link, &plan, round, m);
+                    let p = measure_pair(&ctx, &ditto, topology, &link, &plan, round, m);
                     report_pair(&p);
                     pairs.push(p);
                 }
             }
         }
         if parts.contains(&"ftw") {
-            let mut cases: Vec<(DittoMode, i32, bool)> = Vec::new();
-            let intercepting: Vec<DittoMode> = modes
+            let mut cases: Vec<(Mode, i32, bool)> = Vec::new();
+            let intercepting: Vec<Mode> = modes
                 .iter()
                 .filter(|v| v.mode.intercepts() && !v.via_forward)
                 .map(|v| v.mode)
@@ -1328,9 +1502,11 @@ pub fn run(args: &ModesArgs) -> Result<()> {
                     cases.push((m, sig, true));
                 }
             }
-            if intercepting.contains(&DittoMode::Tproxy) {
-                // tproxy's own fail-open, without the guard removing the rules.
-                cases.push((DittoMode::Tproxy, libc::SIGKILL, false));
+            for m in [Mode::Tproxy, Mode::Inline] {
+                if intercepting.contains(&m) {
+                    // The rules' own fail-open, without the guard removing them.
+                    cases.push((m, libc::SIGKILL, false));
+                }
             }
             for rep in 0..args.ftw_reps {
                 for (m, sig, guard) in rotated(&cases, rep) {
@@ -1339,7 +1515,7 @@ pub fn run(args: &ModesArgs) -> Result<()> {
                     } else {
                         Duration::from_millis(2500)
                     };
-                    let r = ftw_case(&ctx, &ditto, args, m, sig, guard, rep, post);
+                    let r = ftw_case(&ctx, &ditto, topology, args, m, sig, guard, rep, post);
                     eprintln!(
                         "[ftw {}/{}] {}: {} gap {} ms, {} new connections failed, guard removed rules at {} ms{}",
                         rep + 1,
@@ -1378,7 +1554,7 @@ pub fn run(args: &ModesArgs) -> Result<()> {
         for round in 0..args.rounds {
             for m in rotated(&base, round) {
                 eprint!("[wan {}/{}] {} ... ", round + 1, args.rounds, m.name());
-                let p = measure_pair(&ctx, &ditto, &link, &plan, round, m);
+                let p = measure_pair(&ctx, &ditto, topology, &link, &plan, round, m);
                 report_pair(&p);
                 pairs.push(p);
             }
@@ -1413,6 +1589,7 @@ pub fn run(args: &ModesArgs) -> Result<()> {
             )
             .collect(),
         command,
+        topology: topology.name().into(),
         fast_link: format!("{}, RTT {}", args.fast_rate, args.fast_rtt),
         wan_link: format!("{}, RTT {}", args.wan_rate, args.wan_rtt),
         rounds: args.rounds,
@@ -1431,11 +1608,16 @@ pub fn run(args: &ModesArgs) -> Result<()> {
     summarize(&mut report);
     drop(ctx);
     std::fs::create_dir_all(&out_dir)?;
-    let mut stem = format!("{}-modes", report.date);
+    // The bridged topology is there for inline mode.
+    let base = match topology {
+        Topology::Routed => format!("{}-modes", report.date),
+        Topology::Bridged => format!("{}-modes-inline", report.date),
+    };
+    let mut stem = base.clone();
     let mut n = 1;
     while out_dir.join(format!("{stem}.json")).exists() {
         n += 1;
-        stem = format!("{}-modes-{n}", report.date);
+        stem = format!("{base}-{n}");
     }
     for (name, text) in [
         (
@@ -1615,6 +1797,25 @@ mod tests {
         let s = sorted((1..=100).map(f64::from));
         assert_eq!(pct(&s, 50.0), 51.0);
         assert_eq!(pct(&s, 99.0), 99.0);
+    }
+
+    #[test]
+    fn modes_and_topologies() {
+        let v = Variant::parse("forward+inline-rules").expect("diagnostic");
+        assert_eq!(v.mode, Mode::Inline);
+        assert!(v.via_forward && v.is_diagnostic());
+        assert_eq!(v.name(), "forward+inline-rules");
+        assert_eq!(v.reason(), "forward");
+        assert_eq!(Variant::parse("inline").expect("inline").reason(), "inline");
+        assert!(Variant::parse("forward+forward-rules").is_err());
+        assert!(Mode::Inline.routed().is_err());
+        for t in [Topology::Routed, Topology::Bridged] {
+            for m in t.default_modes().split(',') {
+                assert!(t.supports(Variant::parse(m).expect("default mode").mode));
+            }
+        }
+        assert!(!Topology::Routed.supports(Mode::Inline));
+        assert!(!Topology::Bridged.supports(Mode::Tproxy));
     }
 
     #[test]
