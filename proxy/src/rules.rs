@@ -174,13 +174,15 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
     match spec.mode {
         Mode::Tproxy => {
             let port = spec.listen.port();
+            // Traffic to this host (the tunnel, above all) is delivered as it is: one route
+            // lookup, and no socket lookup on the busiest path.
+            let _ = writeln!(s, "    fib daddr type local accept");
             // Packets of connections ditto holds with foreign addresses (accepted diverted ones,
             // and its own connections from a client's address) go to those sockets.
             let _ = writeln!(
                 s,
                 "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
             );
-            let _ = writeln!(s, "    fib daddr type local accept");
             s.push_str(&iif);
             s.push_str(&bypass);
             let _ = writeln!(
@@ -189,12 +191,14 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
             );
         }
         Mode::Redirect => {
+            let _ = writeln!(s, "    fib daddr type local accept");
             let _ = writeln!(
                 s,
                 "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
             );
         }
         Mode::Inline => {
+            let _ = writeln!(s, "    fib daddr type local accept");
             s.push_str(&bypass);
             let _ = writeln!(
                 s,
