@@ -204,6 +204,9 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
                 s,
                 "    {syn}{dport} socket transparent 1 meta mark set {mark} accept"
             );
+            // Two lookups, not one `socket transparent 1 socket wildcard 0` rule: `wildcard`
+            // cannot be evaluated on a connection still in its handshake (a request socket), so
+            // that rule would miss the handshake's last ACK and break every diverted connection.
             let _ = writeln!(s, "    meta l4proto tcp socket wildcard 1 accept");
             let _ = writeln!(
                 s,
