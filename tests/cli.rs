@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    ditto, free_port, http_get, keygen, run_ok, start_daemon as start, start_server, Proc as Daemon,
+    ditto, free_port, http_get, keygen, run_ok, start_daemon as start, start_server, write_pair,
+    PairConfig, Proc as Daemon,
 };
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -68,23 +69,20 @@ fn keygen_check_config_run_status_and_stop() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fp_b);
 
     let target = start_server();
-    let (tunnel, admin_a, admin_b, fwd) = (free_port(), free_port(), free_port(), free_port());
-    let cfg_b = d.join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        format!(
-            "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n\n[tunnel]\nlisten = \"{tunnel}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
-        ),
-    )
-    .expect("write");
-    let cfg_a = d.join("a.toml");
-    std::fs::write(
-        &cfg_a,
-        format!(
-            "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\nstore_dir = \"store-a\"\nstore_ram = \"64MiB\"\nstore_disk = \"256MiB\"\n\n[tunnel]\nconnections = 2\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\nfingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\ntarget = \"{target}\"\n"
-        ),
-    )
-    .expect("write");
+    let PairConfig {
+        cfg_a,
+        cfg_b,
+        admin_a,
+        admin_b,
+        fwd,
+        ..
+    } = write_pair(
+        d,
+        target,
+        "store_dir = \"store-a\"\nstore_ram = \"64MiB\"\nstore_disk = \"256MiB\"",
+        "connections = 2",
+        "",
+    );
     let out = run_ok(ditto().arg("check-config").arg(&cfg_a));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&fp_a));
     // A broken config is refused with its line.

@@ -9,9 +9,9 @@
 mod common;
 
 use common::netns::{
-    addr, echo_round, exchange, link, payload, serve_echo, skip_unless_root, unique, wait_until, Ns,
+    addr, echo_round, exchange, link, serve_echo, skip_unless_root, unique, wait_until, Ns,
 };
-use common::{keygen, serve_reverse, Proc, Seen};
+use common::{keygen, payload, serve_reverse, Proc, Seen};
 use serde_json::Value;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -652,8 +652,9 @@ fn killed_redirect_appliance_guard_restores_traffic_within_3s() {
         .map(|_| start.elapsed())
         .expect("no traffic within 3 s after SIGKILL");
     eprintln!("redirect, SIGKILL: traffic after {t:?}");
-    assert!(wait_until(Duration::from_secs(2), || !has_table(&r.a, "ditto")).is_some());
-    assert!(!has_fwmark_rule(&r.a));
+    // The guard deletes the table first (that restores traffic), then the policy routing.
+    let gone = || !has_table(&r.a, "ditto") && !has_fwmark_rule(&r.a);
+    assert!(wait_until(Duration::from_secs(2), gone).is_some());
     assert_exact(&r.c, sa(&format!("[{S6}]:{PORT}")), 2, 100_000);
 }
 

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{free_port, http_get, keygen, start_daemon, start_server, Proc};
+use common::{free_port, http_get, start_daemon, start_server, write_pair, PairConfig, Proc};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -42,26 +42,21 @@ struct Pair {
 fn start_pair() -> Pair {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
-    let fp_a = keygen(d, "a");
-    let fp_b = keygen(d, "b");
     let target = start_server();
-    let (tunnel, admin_a, admin_b, fwd) = (free_port(), free_port(), free_port(), free_port());
-    let cfg_b = d.join("b.toml");
-    std::fs::write(
-        &cfg_b,
-        format!(
-            "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\nstore_ram = \"64MiB\"\n\n[tunnel]\nlisten = \"{tunnel}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
-        ),
-    )
-    .expect("write");
-    let cfg_a = d.join("a.toml");
-    std::fs::write(
-        &cfg_a,
-        format!(
-            "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\nstore_ram = \"64MiB\"\n\n[tunnel]\nconnections = 2\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\nfingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\ntarget = \"{target}\"\n"
-        ),
-    )
-    .expect("write");
+    let PairConfig {
+        cfg_a,
+        cfg_b,
+        admin_a,
+        admin_b,
+        fwd,
+        ..
+    } = write_pair(
+        d,
+        target,
+        "store_ram = \"64MiB\"",
+        "connections = 2",
+        "store_ram = \"64MiB\"",
+    );
     let b = start_daemon(&cfg_b);
     let a = start_daemon(&cfg_a);
     Pair {

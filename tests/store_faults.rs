@@ -8,7 +8,7 @@
 mod common;
 
 use common::disk::{segments, Tmpfs};
-use common::{ditto, free_port, keygen, start_server, Proc};
+use common::{ditto, payload, start_server, write_pair, PairConfig, Proc};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -69,19 +69,6 @@ fn wait_for<T>(what: &str, secs: u64, mut cond: impl FnMut() -> Option<T>) -> T 
     }
 }
 
-/// Incompressible bytes, different for every `seed`.
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Sends `data` through the forward listener (to the echo server behind site-b) and checks that the
 /// reply is exactly `data` reversed.
 fn round_trip(fwd: SocketAddr, data: &[u8], what: &str) {
@@ -132,32 +119,24 @@ fn full_disk_and_corrupt_segments_keep_traffic_exact() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let fp_a = keygen(d, "a");
-    let fp_b = keygen(d, "b");
     let target = start_server();
-    let (tunnel, admin_a, admin_b, fwd) = (free_port(), free_port(), free_port(), free_port());
-    let cfg_b = d.join("b.toml");
-    fs::write(
-        &cfg_b,
-        format!(
-            "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\nstore_dir = \"{}\"\n\
-             store_ram = \"1MiB\"\nstore_disk = \"16MiB\"\n\n[tunnel]\nlisten = \"{tunnel}\"\n\n\
-             [[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n",
+    let PairConfig {
+        cfg_a,
+        cfg_b,
+        admin_a,
+        admin_b,
+        fwd,
+        ..
+    } = write_pair(
+        d,
+        target,
+        "store_ram = \"64MiB\"",
+        "connections = 1",
+        &format!(
+            "store_dir = \"{}\"\nstore_ram = \"1MiB\"\nstore_disk = \"16MiB\"",
             store.display()
         ),
-    )
-    .expect("write config");
-    let cfg_a = d.join("a.toml");
-    fs::write(
-        &cfg_a,
-        format!(
-            "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\nstore_ram = \"64MiB\"\n\n\
-             [tunnel]\nconnections = 1\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\n\
-             fingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\n\
-             target = \"{target}\"\n"
-        ),
-    )
-    .expect("write config");
+    );
     let log_b = d.join("b.log");
     // Declared after the tmpfs guard: dropped (killed) first, so the unmount finds no open file.
     let _b = start_daemon_logged(&cfg_b, &log_b);

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,86 @@ pub fn http_get(addr: SocketAddr, target: &str) -> Option<(u16, String)> {
 pub fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A two-node pair on loopback, configured in one directory: site-b listens for the tunnel,
+/// site-a dials it and forwards `fwd` to a target through it.
+pub struct PairConfig {
+    pub cfg_a: PathBuf,
+    pub cfg_b: PathBuf,
+    pub fp_a: String,
+    pub fp_b: String,
+    pub tunnel: SocketAddr,
+    pub admin_a: SocketAddr,
+    pub admin_b: SocketAddr,
+    pub fwd: SocketAddr,
+}
+
+/// Writes keys and configs of a [`PairConfig`] into `d`. `a_node`/`b_node` are extra `[node]`
+/// lines of each site (stores), `a_tunnel` extra `[tunnel]` lines of site-a.
+pub fn write_pair(
+    d: &Path,
+    target: SocketAddr,
+    a_node: &str,
+    a_tunnel: &str,
+    b_node: &str,
+) -> PairConfig {
+    let fp_a = key(d, "a");
+    let fp_b = key(d, "b");
+    let (tunnel, admin_a, admin_b, fwd) = (free_port(), free_port(), free_port(), free_port());
+    let cfg_b = d.join("b.toml");
+    std::fs::write(
+        &cfg_b,
+        format!(
+            "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n{b_node}\n\n\
+             [tunnel]\nlisten = \"{tunnel}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
+        ),
+    )
+    .expect("write config");
+    let cfg_a = d.join("a.toml");
+    std::fs::write(
+        &cfg_a,
+        format!(
+            "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\n{a_node}\n\n\
+             [tunnel]\n{a_tunnel}\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\n\
+             fingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\n\
+             target = \"{target}\"\n"
+        ),
+    )
+    .expect("write config");
+    PairConfig {
+        cfg_a,
+        cfg_b,
+        fp_a,
+        fp_b,
+        tunnel,
+        admin_a,
+        admin_b,
+        fwd,
+    }
+}
+
+/// The fingerprint of `dir/name.key`, made first if it does not exist.
+pub fn key(dir: &Path, name: &str) -> String {
+    let k = dir.join(format!("{name}.key"));
+    if !k.exists() {
+        return keygen(dir, name);
+    }
+    let out = run_ok(ditto().arg("fingerprint").arg(&k));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Makes a key pair `dir/name.key` and returns its fingerprint.

@@ -174,19 +174,6 @@ pub fn addr(ns: &Ns, dev: &str, cidrs: &[&str]) {
     }
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// One request through `s` to a [`serve_reverse`] server; true if the answer is exact.
 pub fn exchange(mut s: TcpStream, data: &[u8], timeout: Duration) -> std::io::Result<bool> {
     s.set_read_timeout(Some(timeout))?;
