@@ -7,7 +7,6 @@ use ditto_proxy::{Engine, Identity, Node, NodeSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -118,23 +117,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             tracing::info!("admin endpoint on http://{a}/ (metrics, healthz, status)");
         }
         crate::notify::notify("READY=1");
-        // Liveness, from the event loop itself: if it stops running tasks, these stop.
-        let guard = guard.map(|g| std::sync::Arc::new(std::sync::Mutex::new(g)));
-        if let Some(g) = guard.clone() {
-            let every = g
-                .lock()
-                .map(|g| g.interval)
-                .unwrap_or(Duration::from_millis(500));
+        // Liveness, from the event loop itself: if it stops running tasks, these stop. The
+        // heartbeat task owns the guard and hands it back when the node has stopped.
+        let stop_beats = tokio_util::sync::CancellationToken::new();
+        let beats = guard.map(|mut g| {
+            let stop = stop_beats.clone();
             tokio::spawn(async move {
-                let mut t = tokio::time::interval(every);
+                let mut t = tokio::time::interval(g.interval);
                 loop {
-                    t.tick().await;
-                    if let Ok(mut g) = g.lock() {
-                        g.beat();
+                    tokio::select! {
+                        _ = t.tick() => g.beat(),
+                        _ = stop.cancelled() => return g,
                     }
                 }
-            });
-        }
+            })
+        });
         if let Some(every) = crate::notify::watchdog_interval() {
             tokio::spawn(async move {
                 let mut t = tokio::time::interval(every);
@@ -154,15 +151,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         });
         node.shutdown().await;
+        stop_beats.cancel();
+        let guard = match beats {
+            Some(h) => h.await.ok(),
+            None => None,
+        };
         anyhow::Ok(guard)
     })?;
     // Rules are gone (shutdown removed them): let the guard go without acting.
     if let Some(g) = guard {
-        if let Ok(g) = std::sync::Arc::try_unwrap(g) {
-            if let Ok(g) = g.into_inner() {
-                g.goodbye();
-            }
-        }
+        g.goodbye();
     }
     Ok(ExitCode::SUCCESS)
 }

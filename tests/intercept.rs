@@ -354,9 +354,17 @@ fn routed_mode(tag: &str, a_intercept: &str, a_reason: &str, preserve: bool) {
             );
         }
     }
-    // Graceful stop takes the rules with it.
+    // Graceful stop takes the rules with it, and tells the guard so (it stays quiet).
     a.stop("TERM");
     b.stop("TERM");
+    std::thread::sleep(Duration::from_millis(200));
+    for d in [&a, &b] {
+        assert!(
+            !d.log().contains("guard:"),
+            "guard acted on a clean stop:\n{}",
+            d.log()
+        );
+    }
     for ns in [&r.a, &r.b] {
         assert!(!has_table(ns, "ditto"), "table left behind");
         assert!(!has_fwmark_rule(ns), "ip rule left behind");
