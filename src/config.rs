@@ -618,7 +618,7 @@ impl Config {
             (None, _) => {}
         }
         if inline {
-            let n: usize = i.ports.iter().map(|p| p.get_ref().0.len()).sum();
+            let n: usize = i.ports.iter().map(|p| p.get_ref().0.count()).sum();
             if n == 0 {
                 return Err((
                     mode_span,

@@ -130,14 +130,6 @@ impl Engine {
         }
     }
 
-    /// Chunks the store found damaged (hash mismatch) since it was opened.
-    pub fn store_verify_failures(&self) -> u64 {
-        match self {
-            Engine::Raw { .. } => 0,
-            Engine::Dedup { store, .. } => store.stats().verify_failures,
-        }
-    }
-
     /// An encoder/decoder pair for one stream.
     pub fn pair(&self, view: &View) -> (Box<dyn SendCodec>, Box<dyn RecvCodec>) {
         match (self, view) {

@@ -356,7 +356,7 @@ async fn connect(
         _ => ResetReason::Unreachable,
     };
     let s = match (source, dest.parse::<SocketAddr>()) {
-        (Some(src), Ok(dst)) => intercept::connect_from(dst, Some(src), timeout)
+        (Some(src), Ok(dst)) => intercept::connect_from(dst, src, timeout)
             .await
             .map_err(|e| {
                 tracing::debug!(%dst, %src, "transparent connect: {e}");

@@ -47,12 +47,9 @@ impl PortRange {
         (self.lo..=self.hi).contains(&p)
     }
 
-    pub fn len(&self) -> usize {
+    /// How many ports the range holds.
+    pub fn count(&self) -> usize {
         usize::from(self.hi - self.lo) + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -236,41 +233,29 @@ pub fn original_dst(mode: Mode, s: &TcpStream) -> std::io::Result<OrigDst> {
     }
 }
 
-/// Connects to `dest`, from `source`'s address when given (IP_TRANSPARENT: the packets carry an
-/// address this host does not own; the `socket transparent` rule brings the replies back to us).
+/// Connects to `dest` from `source`, an address this host does not own (IP_TRANSPARENT; the
+/// `socket transparent` rule brings the replies back to this socket).
 pub async fn connect_from(
     dest: SocketAddr,
-    source: Option<IpAddr>,
+    source: IpAddr,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
-    let source = source.map(canonical).filter(|s| !s.is_unspecified());
-    let dest = canonical_sa(dest);
-    let sock = match source {
-        None => {
-            return tokio::time::timeout(timeout, TcpStream::connect(dest))
-                .await
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-        }
-        Some(src) => {
-            if src.is_ipv4() != dest.is_ipv4() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "client address {src} and destination {dest} are of different families"
-                    ),
-                ));
-            }
-            let s = Socket::new(Domain::for_address(dest), Type::STREAM, None)?;
-            if dest.is_ipv4() {
-                s.set_ip_transparent_v4(true)?;
-            } else {
-                s.set_ip_transparent_v6(true)?;
-            }
-            s.set_nonblocking(true)?;
-            s.bind(&SocketAddr::new(src, 0).into())?;
-            tokio::net::TcpSocket::from_std_stream(s.into())
-        }
-    };
+    let (src, dest) = (canonical(source), canonical_sa(dest));
+    if src.is_unspecified() || src.is_ipv4() != dest.is_ipv4() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cannot connect to {dest} from client address {src}"),
+        ));
+    }
+    let s = Socket::new(Domain::for_address(dest), Type::STREAM, None)?;
+    if dest.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::new(src, 0).into())?;
+    let sock = tokio::net::TcpSocket::from_std_stream(s.into());
     tokio::time::timeout(timeout, sock.connect(dest))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?

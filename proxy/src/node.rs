@@ -301,8 +301,6 @@ pub struct Node {
     pub(crate) inner: Arc<Inner>,
     pub tunnel_addr: Option<SocketAddr>,
     pub forward_addrs: Vec<SocketAddr>,
-    /// Interception listeners (one in redirect/tproxy mode, one per port inline).
-    pub intercept_addrs: Vec<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
 }
 
@@ -428,12 +426,8 @@ impl Node {
                 .tasks
                 .spawn(crate::flows::forward_loop(inner.clone(), l, f));
         }
-        let mut intercept_addrs = Vec::new();
         if let Some(mode) = inner.intercept.as_ref().map(|i| i.mode) {
             for l in intercept_listeners {
-                if let Ok(a) = l.local_addr() {
-                    intercept_addrs.push(a);
-                }
                 inner
                     .tasks
                     .spawn(crate::flows::intercept_loop(inner.clone(), l, mode));
@@ -454,15 +448,8 @@ impl Node {
             inner,
             tunnel_addr,
             forward_addrs,
-            intercept_addrs,
             admin_addr,
         })
-    }
-
-    /// Removes our interception rules now (new connections then go straight to their
-    /// destinations); idempotent. Shutdown does it too.
-    pub fn remove_rules(&self) {
-        remove_rules(&self.inner);
     }
 
     /// The node's metrics.
