@@ -119,17 +119,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         }
     });
-    let why = loop {
+    let hung = loop {
         match rx.recv_timeout(timeout) {
             Ok(Event::Beat) => continue,
             Ok(Event::Bye) => return Ok(ExitCode::SUCCESS),
-            Ok(Event::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break "the daemon exited without stopping cleanly"
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => break "the daemon stopped responding",
+            Ok(Event::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+            Err(mpsc::RecvTimeoutError::Timeout) => break true,
         }
     };
-    let hung = why.starts_with("the daemon stopped");
+    let why = if hung {
+        "the daemon stopped responding"
+    } else {
+        "the daemon exited without stopping cleanly"
+    };
     match ditto_proxy::rules::remove(&names) {
         Ok(()) => tracing::warn!(
             table = %names.table,
