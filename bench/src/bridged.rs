@@ -20,8 +20,8 @@
 
 use crate::linktest::{wait_port_in, KillOnDrop};
 use crate::procs::Usage;
-use crate::scenarios::{ditto_status, wait_ditto_ready, Ctx, DittoConfigs, DittoMode};
-use crate::topo::{Role, Topo};
+use crate::scenarios::{ditto_status, keygen, wait_ditto_ready, Ctx, DittoConfigs, DittoMode};
+use crate::topo::{ip, run, Role, Topo};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -48,25 +48,6 @@ pub const PROXY_PORT: u16 = 5000;
 /// Emulator arguments the bridged topology needs in addition to the link's.
 pub fn link_extra() -> Vec<String> {
     vec!["--dev-mtu".into(), DEV_MTU.to_string()]
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args)).map(|_| ())
 }
 
 /// Builds the bridged topology (tearing down any leftover of the same prefix first). The
@@ -172,26 +153,6 @@ pub fn target(to_server: bool) -> String {
     } else {
         format!("{}:{PROXY_PORT}", addr::A_BR)
     }
-}
-
-fn keygen(ditto: &Path, out: &Path) -> Result<String> {
-    let o = Command::new(ditto)
-        .arg("keygen")
-        .arg("--out")
-        .arg(out)
-        .stdin(Stdio::null())
-        .output()?;
-    if !o.status.success() {
-        bail!(
-            "ditto keygen: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    let text = String::from_utf8_lossy(&o.stdout);
-    text.split(|c: char| !c.is_ascii_hexdigit())
-        .rfind(|t| t.len() >= 32)
-        .map(str::to_string)
-        .context("ditto keygen printed no hex fingerprint")
 }
 
 /// Writes keys and configurations of a fresh pair under `<state>/ditto-<tag>`. Site B is the

@@ -456,7 +456,8 @@ pub(crate) fn ditto_available(ditto: Option<&Path>) -> std::result::Result<PathB
     }
 }
 
-fn keygen(ditto: &Path, out: &Path) -> Result<String> {
+/// `ditto keygen --out OUT`: the fingerprint it printed.
+pub(crate) fn keygen(ditto: &Path, out: &Path) -> Result<String> {
     let o = Command::new(ditto)
         .arg("keygen")
         .arg("--out")

@@ -67,7 +67,8 @@ pub struct Topo {
     prefix: String,
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs a command to completion; its stdout, or an error with its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -82,7 +83,7 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) -> Result<String> {
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     run(Command::new("ip").args(args))
 }
 
