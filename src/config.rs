@@ -316,6 +316,12 @@ pub struct TunnelSection {
     pub congestion: Option<String>,
     pub notsent_lowat: Option<Spanned<ByteSize>>,
     pub keepalive: Option<Spanned<Dur>>,
+    /// A tunnel connection silent this long is suspect: new flows avoid it (or pass through).
+    pub suspect_after: Option<Spanned<Dur>>,
+    /// How long streams wait for an unreachable peer before their LAN sides are reset.
+    pub hold: Option<Spanned<Dur>>,
+    /// Bytes all flows together keep until their peers acknowledge them.
+    pub retain_budget: Option<Spanned<ByteSize>>,
     pub connect_timeout: Option<Dur>,
     pub drain_timeout: Option<Dur>,
     /// MTU of the WAN path: tunnel sockets clamp their segment size to fit it (for paths that
@@ -484,6 +490,29 @@ impl Config {
                 return Err((
                     k.span(),
                     "tunnel.keepalive must be between 100ms and 300s".into(),
+                ));
+            }
+        }
+        if let Some(k) = &t.suspect_after {
+            if k.get_ref().0 < Duration::from_millis(300) || k.get_ref().0 > Duration::from_secs(60)
+            {
+                return Err((
+                    k.span(),
+                    "tunnel.suspect_after must be between 300ms and 60s".into(),
+                ));
+            }
+        }
+        if let Some(h) = &t.hold {
+            if h.get_ref().0 < Duration::from_secs(1) || h.get_ref().0 > Duration::from_secs(86_400)
+            {
+                return Err((h.span(), "tunnel.hold must be between 1s and 24h".into()));
+            }
+        }
+        if let Some(b) = &t.retain_budget {
+            if b.get_ref().0 < 16 << 20 || b.get_ref().0 > 1 << 40 {
+                return Err((
+                    b.span(),
+                    "tunnel.retain_budget must be between 16MiB and 1TiB".into(),
                 ));
             }
         }
@@ -761,6 +790,15 @@ impl Loaded {
         if let Some(k) = &t.keepalive {
             s.ping_interval = k.get_ref().0;
             s.dead_after = (k.get_ref().0 * 6).max(Duration::from_secs(2));
+        }
+        if let Some(a) = &t.suspect_after {
+            s.suspect_after = a.get_ref().0;
+        }
+        if let Some(h) = &t.hold {
+            s.hold = h.get_ref().0;
+        }
+        if let Some(b) = &t.retain_budget {
+            s.retain_budget = usize::try_from(b.get_ref().0).unwrap_or(usize::MAX);
         }
         if let Some(c) = &t.connect_timeout {
             s.connect_timeout = c.0;

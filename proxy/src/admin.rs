@@ -6,8 +6,9 @@
 //! Requests are bounded in size and time, and connections in number, so a misbehaving scraper
 //! cannot hold resources.
 
+use crate::lifecycle::Lifecycle;
 use crate::metrics::HISTORY_INTERVAL;
-use crate::node::{refresh_gauges, status, Inner};
+use crate::status::StatusSource;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,15 +20,16 @@ const MAX_CONNECTIONS: usize = 32;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
-pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
+pub(crate) async fn serve(inner: Arc<StatusSource>, life: Lifecycle, listener: TcpListener) {
     let sampler = inner.clone();
-    inner.tasks.spawn(async move {
+    let kill = life.kill.clone();
+    life.tasks.spawn(async move {
         let mut tick = tokio::time::interval(HISTORY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => sampler.metrics.history.push(sampler.metrics.savings_now()),
-                _ = sampler.kill.cancelled() => return,
+                _ = kill.cancelled() => return,
             }
         }
     });
@@ -35,7 +37,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = inner.kill.cancelled() => return,
+            _ = life.kill.cancelled() => return,
         };
         let (sock, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -44,21 +46,26 @@ pub(crate) async fn serve(inner: Arc<Inner>, listener: TcpListener) {
                     tracing::warn!("admin accept: {e}");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                        _ = inner.kill.cancelled() => return,
+                        _ = life.kill.cancelled() => return,
                     }
                 }
             },
-            _ = inner.kill.cancelled() => return,
+            _ = life.kill.cancelled() => return,
         };
         let inner2 = inner.clone();
-        inner.tasks.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(&inner2, sock)).await;
+        let stopping = life.stop.clone();
+        life.tasks.spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(&inner2, &stopping, sock)).await;
             drop(permit);
         });
     }
 }
 
-async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
+async fn handle(
+    inner: &StatusSource,
+    stopping: &tokio_util::sync::CancellationToken,
+    mut sock: TcpStream,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -81,22 +88,22 @@ async fn handle(inner: &Inner, mut sock: TcpStream) -> std::io::Result<()> {
     }
     match path {
         "/metrics" => {
-            refresh_gauges(inner);
+            inner.refresh_gauges();
             let body = inner.metrics.render();
             respond(&mut sock, 200, "text/plain; version=0.0.4", body.as_bytes()).await
         }
         "/healthz" => {
-            let body = if inner.stop.is_cancelled() {
+            let body = if stopping.is_cancelled() {
                 "stopping\n"
             } else {
                 "ok\n"
             };
-            let code = if inner.stop.is_cancelled() { 503 } else { 200 };
+            let code = if stopping.is_cancelled() { 503 } else { 200 };
             respond(&mut sock, code, "text/plain", body.as_bytes()).await
         }
         "/status" => {
-            refresh_gauges(inner);
-            let body = serde_json::to_vec_pretty(&status(inner)).unwrap_or_default();
+            inner.refresh_gauges();
+            let body = serde_json::to_vec_pretty(&inner.status()).unwrap_or_default();
             respond(&mut sock, 200, "application/json", &body).await
         }
         "/" => {

@@ -2,34 +2,55 @@
 //! (OPEN → connect to the destination), and pass-through when a flow cannot or must not be
 //! accelerated.
 
-use crate::codec::View;
-use crate::frame::{self, OpenTarget, ResetReason};
-use crate::intercept::{self, Mode, RouteAction};
-use crate::mux::{OpenError, StreamHandle};
-use crate::node::{ForwardSpec, Inner, Peer};
+use crate::codec::Engine;
+use crate::frame::{OpenTarget, ResetReason};
+use crate::intercept::{self, InterceptSpec, Mode, RouteAction, RouteSpec};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::{reason, Metrics};
+use crate::peer::{Incoming, Peer, PeerSet, StreamHandle};
+use crate::session::OpenError;
+use crate::settings::Settings;
 use crate::sock;
-use crate::stream::{self, FlowCtx, FlowEnd};
+use crate::stream::{self, FlowCtx, FlowEnd, RetainBudget};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-/// Client bytes read at accept time to ride in the OPEN.
+/// Client bytes read at accept time to leave with the OPEN.
 const OPEN_INITIAL: usize = 32 * 1024;
 
-/// Why a flow was passed through instead of accelerated (the `reason` label).
-pub mod reason {
-    pub const PEER_DOWN: &str = "peer-down";
-    pub const NO_PEER: &str = "no-peer";
-    pub const BYPASS_RULE: &str = "bypass-rule";
-    pub const TUNNEL_BUSY: &str = "tunnel-busy";
-    /// An intercepted flow whose destination matches no `[[route]]`.
-    pub const NO_ROUTE: &str = "no-route";
+/// A LAN listener forwarding to a fixed destination.
+#[derive(Clone, Debug)]
+pub struct ForwardSpec {
+    pub listen: SocketAddr,
+    /// The peer to carry flows through; `None` = always pass through.
+    pub peer: Option<String>,
+    /// "host:port", connected to by the far node (or by us when passing through).
+    pub target: String,
+    /// Never accelerate: pass-through with reason `bypass-rule`.
+    pub bypass: bool,
 }
 
-fn flow_ctx(inner: &Inner, peer: &Peer) -> FlowCtx {
+/// What flows need from the node.
+pub struct FlowEnv {
+    pub name: String,
+    pub engine: Engine,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub peers: Arc<PeerSet>,
+    pub life: Lifecycle,
+    /// Flows at once (both kinds): LAN accepts wait beyond it.
+    pub admission: Arc<Semaphore>,
+    pub retained: Arc<RetainBudget>,
+    pub intercept: Option<InterceptSpec>,
+    pub routes: Vec<RouteSpec>,
+}
+
+fn flow_ctx(inner: &FlowEnv, peer: &Peer) -> FlowCtx {
     let m = &inner.metrics;
     FlowCtx {
         lan_sent: peer.m.lan_sent.clone(),
@@ -40,7 +61,7 @@ fn flow_ctx(inner: &Inner, peer: &Peer) -> FlowCtx {
         verify_failures: m.verify_failures.clone(),
         resets: m.stream_resets.clone(),
         send_queue_limit: inner.settings.send_queue_limit,
-        retain_limit: inner.settings.retain_limit,
+        retained: inner.retained.clone(),
     }
 }
 
@@ -79,11 +100,11 @@ enum Route {
 
 impl Plan {
     /// A client of a `[[forward]]` listener.
-    fn forward(inner: &Inner, spec: &ForwardSpec) -> Plan {
+    fn forward(inner: &FlowEnv, spec: &ForwardSpec) -> Plan {
         let route = match (&spec.peer, spec.bypass) {
             (_, true) => Route::Pass(reason::BYPASS_RULE),
             (None, _) => Route::Pass(reason::NO_PEER),
-            (Some(name), false) => match inner.peer(name) {
+            (Some(name), false) => match inner.peers.by_name(name) {
                 Some(p) => Route::Peer(p.clone()),
                 None => Route::Pass(reason::NO_PEER),
             },
@@ -100,9 +121,9 @@ impl Plan {
     }
 
     /// A diverted client that was connecting to `dst`.
-    fn intercepted(inner: &Inner, mode: Mode, client: SocketAddr, dst: SocketAddr) -> Plan {
+    fn intercepted(inner: &FlowEnv, mode: Mode, client: SocketAddr, dst: SocketAddr) -> Plan {
         let route = match intercept::classify(&inner.routes, dst) {
-            Some(RouteAction::Peer(name)) => match inner.peer(name) {
+            Some(RouteAction::Peer(name)) => match inner.peers.by_name(name) {
                 Some(p) => Route::Peer(p.clone()),
                 None => Route::Pass(reason::NO_PEER),
             },
@@ -131,7 +152,7 @@ impl Plan {
 }
 
 /// Accepts LAN clients on a forward listener until the node stops.
-pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec: ForwardSpec) {
+pub(crate) async fn forward_loop(inner: Arc<FlowEnv>, listener: TcpListener, spec: ForwardSpec) {
     let label = spec.listen.to_string();
     accept_loop(inner, listener, label, move |inner, _lan, _from| {
         Some(Plan::forward(inner, &spec))
@@ -140,7 +161,7 @@ pub(crate) async fn forward_loop(inner: Arc<Inner>, listener: TcpListener, spec:
 }
 
 /// Accepts diverted LAN clients on an interception listener until the node stops.
-pub(crate) async fn intercept_loop(inner: Arc<Inner>, listener: TcpListener, mode: Mode) {
+pub(crate) async fn intercept_loop(inner: Arc<FlowEnv>, listener: TcpListener, mode: Mode) {
     let label = format!(
         "{} {}",
         mode.as_str(),
@@ -168,15 +189,15 @@ pub(crate) async fn intercept_loop(inner: Arc<Inner>, listener: TcpListener, mod
     .await;
 }
 
-async fn accept_loop<F>(inner: Arc<Inner>, listener: TcpListener, label: String, plan: F)
+async fn accept_loop<F>(inner: Arc<FlowEnv>, listener: TcpListener, label: String, plan: F)
 where
-    F: Fn(&Inner, &TcpStream, SocketAddr) -> Option<Plan>,
+    F: Fn(&FlowEnv, &TcpStream, SocketAddr) -> Option<Plan>,
 {
     loop {
         // Admission first: past the flow limit, clients wait in the kernel's backlog.
         let permit = tokio::select! {
             p = inner.admission.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = inner.stop.cancelled() => return,
+            _ = inner.life.stop.cancelled() => return,
         };
         let (lan, from) = tokio::select! {
             r = listener.accept() => match r {
@@ -185,11 +206,11 @@ where
                     tracing::warn!(listen = %label, "accept: {e}");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                        _ = inner.stop.cancelled() => return,
+                        _ = inner.life.stop.cancelled() => return,
                     }
                 }
             },
-            _ = inner.stop.cancelled() => return,
+            _ = inner.life.stop.cancelled() => return,
         };
         sock::tune_lan(&lan);
         tracing::debug!(%from, listen = %label, "LAN connection");
@@ -198,20 +219,20 @@ where
             continue;
         };
         let inner2 = inner.clone();
-        inner.flows.spawn(async move {
+        inner.life.flows.spawn(async move {
             near_flow(inner2, lan, p, permit).await;
         });
     }
 }
 
-async fn near_flow(inner: Arc<Inner>, lan: TcpStream, plan: Plan, permit: OwnedSemaphorePermit) {
+async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan, permit: OwnedSemaphorePermit) {
     let _active = ActiveFlow::new(&inner.metrics.flows_active);
     let peer = match &plan.route {
         Route::Pass(why) => return passthrough(&inner, lan, &plan, why, permit).await,
         Route::Peer(p) => p.clone(),
     };
-    // Whatever the client already sent rides in the OPEN: no extra round trip, and a server-first
-    // protocol (nothing sent yet) is not delayed either.
+    // Whatever the client already sent leaves right behind the OPEN: no extra round trip, and a
+    // server-first protocol (nothing sent yet) is not delayed either.
     let (initial, initial_eof) = match stream::read_waiting(&lan, OPEN_INITIAL) {
         Ok(v) => v,
         Err(e) => {
@@ -220,58 +241,41 @@ async fn near_flow(inner: Arc<Inner>, lan: TcpStream, plan: Plan, permit: OwnedS
             return;
         }
     };
-    let mut tries = 0;
-    let (handle, enc, dec) = loop {
-        let Some((conn, view)) = peer.pick() else {
-            let why = if tries == 0 {
-                reason::PEER_DOWN
+    let opened = match (peer.view(), peer.open(plan.target.clone())) {
+        (Some(view), Ok(h)) => Ok((h, view)),
+        (_, Err(OpenError::TooLarge)) => {
+            tracing::error!(target = %plan.target.dest, "destination too long for an OPEN frame");
+            sock::reset(lan);
+            return;
+        }
+        (_, Err(OpenError::NoLink)) | (None, Ok(_)) => {
+            if peer.version_mismatch.load(Ordering::Relaxed) {
+                Err(reason::VERSION)
             } else {
-                reason::TUNNEL_BUSY
-            };
-            return passthrough_with(&inner, lan, &plan, why, permit, initial, initial_eof).await;
-        };
-        tries += 1;
-        let (mut enc, dec) = inner.engine.pair(&view);
-        let mut out = Vec::new();
-        if !initial.is_empty() {
-            enc.write(&initial, &mut out);
+                Err(reason::PEER_DOWN)
+            }
         }
-        if initial_eof {
-            enc.finish(&mut out);
-        } else if !initial.is_empty() {
-            enc.flush(&mut out);
-        }
-        let split = out.len().min(frame::open_room(&plan.target));
-        match conn.open(&plan.target, &out[..split]) {
-            Ok(h) => {
-                h.send_data(out[split..].to_vec());
-                inner
-                    .metrics
-                    .lan_bytes
-                    .with_label_values(&[&peer.name, "sent"])
-                    .inc_by(initial.len() as u64);
-                break (h, enc, dec);
-            }
-            Err(OpenError::TooLarge) => {
-                tracing::error!(target = %plan.target.dest, "destination too long for an OPEN frame");
-                sock::reset(lan);
-                return;
-            }
-            Err(OpenError::Closed | OpenError::Full) if tries < 3 => continue,
-            Err(_) => {
-                return passthrough_with(
-                    &inner,
-                    lan,
-                    &plan,
-                    reason::TUNNEL_BUSY,
-                    permit,
-                    initial,
-                    initial_eof,
-                )
-                .await
-            }
+        (_, Err(OpenError::Unresponsive)) => Err(reason::PEER_UNRESPONSIVE),
+        (_, Err(OpenError::Full | OpenError::GoingAway)) => Err(reason::TUNNEL_BUSY),
+    };
+    let (handle, view) = match opened {
+        Ok(v) => v,
+        Err(why) => {
+            return passthrough_with(&inner, lan, &plan, why, permit, initial, initial_eof).await
         }
     };
+    let (mut enc, dec) = inner.engine.pair(&view);
+    let mut out = Vec::new();
+    if !initial.is_empty() {
+        enc.write(&initial, &mut out);
+    }
+    if initial_eof {
+        enc.finish(&mut out);
+    } else if !initial.is_empty() {
+        enc.flush(&mut out);
+    }
+    handle.send_data(out);
+    peer.m.lan_sent.inc_by(initial.len() as u64);
     inner.metrics.flow("accelerated", plan.via);
     let ctx = flow_ctx(&inner, &peer);
     run_bridge(&inner, lan, handle, enc, dec, initial_eof, &ctx).await;
@@ -279,7 +283,7 @@ async fn near_flow(inner: Arc<Inner>, lan: TcpStream, plan: Plan, permit: OwnedS
 }
 
 async fn run_bridge(
-    inner: &Inner,
+    inner: &FlowEnv,
     lan: TcpStream,
     h: StreamHandle,
     enc: Box<dyn crate::codec::SendCodec>,
@@ -294,26 +298,36 @@ async fn run_bridge(
     }
 }
 
-/// Starts the far side of a stream the peer opened.
-pub(crate) fn spawn_far_flow(
-    inner: &Arc<Inner>,
-    peer: &Arc<Peer>,
-    h: StreamHandle,
-    target: OpenTarget,
-    view: View,
-) {
+/// Takes the streams peers open and starts a flow for each, until the node stops.
+pub(crate) async fn accept_streams(inner: Arc<FlowEnv>, mut rx: mpsc::Receiver<Incoming>) {
+    loop {
+        let inc = tokio::select! {
+            i = rx.recv() => match i { Some(i) => i, None => return },
+            _ = inner.life.kill.cancelled() => return,
+        };
+        far_flow(&inner, inc);
+    }
+}
+
+/// Starts the far side of a stream the peer opened: connect to its destination, then bridge.
+fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
+    let Incoming {
+        peer,
+        handle: h,
+        target,
+        view,
+    } = inc;
     let Ok(permit) = inner.admission.clone().try_acquire_owned() else {
         inner.metrics.flow("rejected", "over-capacity");
         h.reset(ResetReason::Busy);
         return;
     };
-    if inner.stop.is_cancelled() {
+    if inner.life.stop.is_cancelled() {
         h.reset(ResetReason::Shutdown);
         return;
     }
     let inner2 = inner.clone();
-    let peer = peer.clone();
-    inner.flows.spawn(async move {
+    inner.life.flows.spawn(async move {
         let _active = ActiveFlow::new(&inner2.metrics.flows_active);
         // Servers see the real client when we are configured (and placed) to connect from its
         // address.
@@ -325,7 +339,7 @@ pub(crate) fn spawn_far_flow(
         let connect = connect(&dest, source, inner2.settings.connect_timeout);
         let r = tokio::select! {
             r = connect => r,
-            _ = inner2.kill.cancelled() => Err(ResetReason::Shutdown),
+            _ = inner2.life.kill.cancelled() => Err(ResetReason::Shutdown),
         };
         let lan = match r {
             Ok(s) => s,
@@ -386,7 +400,7 @@ async fn connect(
 }
 
 async fn passthrough(
-    inner: &Inner,
+    inner: &FlowEnv,
     lan: TcpStream,
     plan: &Plan,
     why: &'static str,
@@ -398,7 +412,7 @@ async fn passthrough(
 /// Connects the client straight to its destination, unaccelerated. Half-closes and resets are
 /// carried across like in the tunnel.
 async fn passthrough_with(
-    inner: &Inner,
+    inner: &FlowEnv,
     lan: TcpStream,
     plan: &Plan,
     why: &'static str,
@@ -411,7 +425,7 @@ async fn passthrough_with(
     tracing::debug!(%target, reason = why, "pass-through flow");
     let server = tokio::select! {
         r = connect(target, plan.source(), inner.settings.connect_timeout) => r,
-        _ = inner.kill.cancelled() => Err(ResetReason::Shutdown),
+        _ = inner.life.kill.cancelled() => Err(ResetReason::Shutdown),
     };
     let mut server = match server {
         Ok(s) => s,
@@ -424,7 +438,7 @@ async fn passthrough_with(
     let mut lan = lan;
     let ok = tokio::select! {
         ok = splice(&mut lan, &mut server, &initial, initial_eof) => ok,
-        _ = inner.kill.cancelled() => false,
+        _ = inner.life.kill.cancelled() => false,
     };
     if ok {
         sock::finished(&lan);

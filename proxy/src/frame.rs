@@ -1,89 +1,87 @@
-//! Tunnel frames: the unit every tunnel connection carries after the hello.
+//! Tunnel frames (protocol version 3): what every tunnel connection carries after the hello.
 //!
 //! A frame is a 9-byte header — type (u8), stream id (u32, big-endian), payload length (u32,
-//! big-endian) — followed by the payload. The length is checked against [`MAX_PAYLOAD`] before a
-//! single payload byte is buffered, so a peer can never make us allocate more than that per frame.
-//! docs/tunnel.md is the normative description; this module is its implementation.
+//! big-endian) — followed by the payload. Frames are parsed once, here, into the typed [`Frame`]:
+//! nothing past this module looks at raw payload bytes. The length is checked against
+//! [`MAX_PAYLOAD`] from the header alone, so a peer can never make us buffer more than that per
+//! frame. docs/tunnel.md is the normative description; this module is its implementation.
+//!
+//! Pure: no sockets, no runtime. [`decode`] takes whatever bytes have arrived and returns a frame
+//! once a whole one is there.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 9;
-/// Largest payload a frame may carry. Senders keep DATA/FEEDBACK frames at [`QUANTUM`] or below; the
-/// extra room is for OPEN (destination + first client bytes).
+/// Largest payload a frame may carry.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
-/// Largest DATA or FEEDBACK payload a sender puts into one frame, and the scheduler's per-turn share.
+/// Largest DATA or FEEDBACK bytes a sender puts into one frame, and the scheduler's per-turn share.
 pub const QUANTUM: usize = 16 * 1024;
 /// Longest destination ("host:port") an OPEN may carry.
 pub const MAX_DEST_LEN: usize = 255;
+/// Bytes before the stream bytes of DATA and FEEDBACK: the offset.
+const OFFSET_LEN: usize = 8;
 
-/// Frame types. The numeric values are part of the wire protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FrameType {
-    /// Opens stream `id`: destination, then the first encoded bytes (counted against the window).
-    Open = 1,
-    /// Encoded stream bytes (encoder → decoder), counted against the receiver's window.
-    Data = 2,
-    /// Decoder feedback (decoder → encoder), not window-controlled (see docs/tunnel.md).
-    Feedback = 3,
-    /// Window increment (u32) for DATA on stream `id`.
-    Window = 4,
-    /// The sender's encoder has emitted its whole input: its client half-closed.
-    Fin = 5,
-    /// The sender's decoder has delivered everything up to the peer's FIN: no more FEEDBACK follows.
-    Done = 6,
-    /// Abort stream `id`; payload is one reason byte ([`ResetReason`]).
-    Rst = 7,
-    /// Keepalive probe on stream 0; payload 8 opaque bytes echoed in PONG.
-    Ping = 8,
-    /// Answer to PING with the same payload.
-    Pong = 9,
-    /// The sender opens no more streams on this connection and will close it when its streams end.
-    GoAway = 10,
+/// Frame type numbers. Part of the wire protocol.
+pub mod kind {
+    pub const OPEN: u8 = 1;
+    pub const DATA: u8 = 2;
+    pub const FEEDBACK: u8 = 3;
+    pub const ACK: u8 = 4;
+    pub const FIN: u8 = 5;
+    pub const DONE: u8 = 6;
+    pub const RST: u8 = 7;
+    pub const PING: u8 = 8;
+    pub const PONG: u8 = 9;
+    pub const GOAWAY: u8 = 10;
 }
 
-impl FrameType {
-    fn from_u8(v: u8) -> Option<FrameType> {
-        Some(match v {
-            1 => FrameType::Open,
-            2 => FrameType::Data,
-            3 => FrameType::Feedback,
-            4 => FrameType::Window,
-            5 => FrameType::Fin,
-            6 => FrameType::Done,
-            7 => FrameType::Rst,
-            8 => FrameType::Ping,
-            9 => FrameType::Pong,
-            10 => FrameType::GoAway,
-            _ => return None,
-        })
-    }
-}
-
-/// Why a stream was reset. Carried in RST; unknown values are read as [`ResetReason::Other`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
+/// Why a stream was reset. The first seven travel in RST; the rest are local outcomes that only
+/// label metrics and logs. Unknown wire values are read as [`ResetReason::Other`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ResetReason {
     /// A LAN endpoint reset its connection (or an I/O error ended it).
-    Reset = 0,
+    Reset,
     /// The far side could not connect: connection refused.
-    Refused = 1,
+    Refused,
     /// The far side could not connect: timeout, unreachable or unresolvable.
-    Unreachable = 2,
-    /// The dedup engine rejected the stream's bytes.
-    Protocol = 3,
+    Unreachable,
+    /// The dedup engine rejected the stream's bytes, or the stream broke a limit.
+    Protocol,
     /// The far side is at its stream or flow limit.
-    Busy = 4,
+    Busy,
     /// The far side is shutting down.
-    Shutdown = 5,
+    Shutdown,
+    /// The stream is not known (any more) on the sending side, and did not end cleanly there.
+    Gone,
+    /// The stream ended cleanly on the sending side: it received everything and everything it sent
+    /// was acknowledged. Only the final acknowledgement was lost.
+    Closed,
+    /// Local: the peer was unreachable for longer than `tunnel.hold`.
+    HoldExpired,
+    /// Local: the peer process restarted (new session id); its side of the stream is gone.
+    PeerRestarted,
     /// Anything else.
-    Other = 255,
+    Other,
 }
 
 impl ResetReason {
-    pub fn from_u8(v: u8) -> ResetReason {
+    /// The byte RST carries.
+    pub fn to_wire(self) -> u8 {
+        match self {
+            ResetReason::Reset => 0,
+            ResetReason::Refused => 1,
+            ResetReason::Unreachable => 2,
+            ResetReason::Protocol => 3,
+            ResetReason::Busy => 4,
+            ResetReason::Shutdown => 5,
+            ResetReason::Gone => 6,
+            ResetReason::Closed => 7,
+            ResetReason::HoldExpired | ResetReason::PeerRestarted | ResetReason::Other => 255,
+        }
+    }
+
+    pub fn from_wire(v: u8) -> ResetReason {
         match v {
             0 => ResetReason::Reset,
             1 => ResetReason::Refused,
@@ -91,6 +89,8 @@ impl ResetReason {
             3 => ResetReason::Protocol,
             4 => ResetReason::Busy,
             5 => ResetReason::Shutdown,
+            6 => ResetReason::Gone,
+            7 => ResetReason::Closed,
             _ => ResetReason::Other,
         }
     }
@@ -104,45 +104,13 @@ impl ResetReason {
             ResetReason::Protocol => "protocol",
             ResetReason::Busy => "busy",
             ResetReason::Shutdown => "shutdown",
+            ResetReason::Gone => "gone",
+            ResetReason::Closed => "closed",
+            ResetReason::HoldExpired => "hold-expired",
+            ResetReason::PeerRestarted => "peer-restarted",
             ResetReason::Other => "other",
         }
     }
-}
-
-/// A decoded frame.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
-    pub kind: FrameType,
-    pub stream: u32,
-    pub payload: Bytes,
-}
-
-/// Why a byte sequence is not a valid frame. Any of these closes the connection.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum FrameError {
-    #[error("unknown frame type {0}")]
-    UnknownType(u8),
-    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
-    TooLong(u32),
-    #[error("{kind:?} frame with a {len}-byte payload is malformed")]
-    BadPayload { kind: FrameType, len: usize },
-    #[error("{kind:?} frame on stream {stream} is not allowed there")]
-    BadStream { kind: FrameType, stream: u32 },
-}
-
-/// Appends the header of a frame with `len` payload bytes to `out`.
-pub fn put_header(out: &mut Vec<u8>, kind: FrameType, stream: u32, len: usize) {
-    debug_assert!(len <= MAX_PAYLOAD);
-    out.push(kind as u8);
-    out.put_u32(stream);
-    // Callers never build payloads above MAX_PAYLOAD; the saturating conversion only keeps this total.
-    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-}
-
-/// Appends a whole frame to `out`.
-pub fn put_frame(out: &mut Vec<u8>, kind: FrameType, stream: u32, payload: &[u8]) {
-    put_header(out, kind, stream, payload.len());
-    out.extend_from_slice(payload);
 }
 
 /// What an OPEN asks for: where the far node connects, and on whose behalf.
@@ -155,172 +123,307 @@ pub struct OpenTarget {
     pub client: Option<std::net::SocketAddr>,
 }
 
-/// Builds an OPEN payload: `dest_len u8`, destination, `client_len u8`, the client address as text
-/// (empty when unknown), then initial encoded bytes.
-pub fn open_payload(target: &OpenTarget, initial: &[u8]) -> Option<Vec<u8>> {
-    let dest = target.dest.as_bytes();
-    let client = target.client.map(|c| c.to_string()).unwrap_or_default();
-    let len = 2 + dest.len() + client.len() + initial.len();
-    if dest.is_empty() || dest.len() > MAX_DEST_LEN || len > MAX_PAYLOAD {
+impl OpenTarget {
+    /// Whether it fits an OPEN frame.
+    pub fn fits(&self) -> bool {
+        !self.dest.is_empty() && self.dest.len() <= MAX_DEST_LEN
+    }
+}
+
+/// One frame, parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Opens `stream`. Its DATA follows from offset 0 (counted against the window).
+    Open {
+        stream: u32,
+        target: OpenTarget,
+    },
+    /// Encoded stream bytes (encoder → decoder) starting at `offset` of the stream's DATA.
+    Data {
+        stream: u32,
+        offset: u64,
+        bytes: Bytes,
+    },
+    /// Decoder feedback (decoder → encoder) starting at `offset` of the stream's FEEDBACK.
+    Feedback {
+        stream: u32,
+        offset: u64,
+        bytes: Bytes,
+    },
+    /// What the sender has received of the stream (DATA and FEEDBACK bytes, and whether FIN and
+    /// DONE arrived), and how far it lets the peer send DATA.
+    Ack {
+        stream: u32,
+        data: u64,
+        data_limit: u64,
+        feedback: u64,
+        fin: bool,
+        done: bool,
+    },
+    /// The client half-closed: its bytes end at DATA `offset`. More DATA may follow (the encoder's
+    /// answers to the decoder's requests), until DONE.
+    Fin {
+        stream: u32,
+        offset: u64,
+    },
+    /// The decoder delivered everything up to FIN and needs nothing more: FEEDBACK ends at
+    /// `offset`.
+    Done {
+        stream: u32,
+        offset: u64,
+    },
+    /// Abort `stream`.
+    Rst {
+        stream: u32,
+        reason: ResetReason,
+    },
+    /// Liveness probe; echoed in PONG.
+    Ping(u64),
+    Pong(u64),
+    /// The sender opens no more streams in this session (it is shutting down).
+    GoAway,
+}
+
+/// Why a byte sequence is not a valid frame. Any of these closes the connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLong(u32),
+    #[error("frame of type {kind} with a {len}-byte payload is malformed")]
+    BadPayload { kind: u8, len: usize },
+    #[error("frame of type {kind} on stream {stream} is not allowed there")]
+    BadStream { kind: u8, stream: u32 },
+}
+
+fn header(out: &mut Vec<u8>, kind: u8, stream: u32, len: usize) {
+    debug_assert!(len <= MAX_PAYLOAD);
+    out.push(kind);
+    out.put_u32(stream);
+    // Callers never build payloads above MAX_PAYLOAD; saturating only keeps this total.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+}
+
+/// Appends DATA (`feedback` false) or FEEDBACK without building a [`Frame`] first (the hot path).
+pub fn put_bytes(out: &mut Vec<u8>, feedback: bool, stream: u32, offset: u64, bytes: &[u8]) {
+    let k = if feedback { kind::FEEDBACK } else { kind::DATA };
+    header(out, k, stream, OFFSET_LEN + bytes.len());
+    out.put_u64(offset);
+    out.extend_from_slice(bytes);
+}
+
+impl Frame {
+    /// Appends the frame's bytes to `out`. An OPEN whose target does not fit is the caller's
+    /// error ([`OpenTarget::fits`]); its destination is then cut to the limit.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Frame::Open { stream, target } => {
+                let mut end = target.dest.len().min(MAX_DEST_LEN);
+                while !target.dest.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let dest = &target.dest.as_bytes()[..end];
+                let client = target.client.map(|c| c.to_string()).unwrap_or_default();
+                header(out, kind::OPEN, *stream, 2 + dest.len() + client.len());
+                out.push(dest.len() as u8);
+                out.extend_from_slice(dest);
+                out.push(client.len() as u8);
+                out.extend_from_slice(client.as_bytes());
+            }
+            Frame::Data {
+                stream,
+                offset,
+                bytes,
+            } => put_bytes(out, false, *stream, *offset, bytes),
+            Frame::Feedback {
+                stream,
+                offset,
+                bytes,
+            } => put_bytes(out, true, *stream, *offset, bytes),
+            Frame::Ack {
+                stream,
+                data,
+                data_limit,
+                feedback,
+                fin,
+                done,
+            } => {
+                header(out, kind::ACK, *stream, 25);
+                out.put_u64(*data);
+                out.put_u64(*data_limit);
+                out.put_u64(*feedback);
+                out.push(u8::from(*fin) | u8::from(*done) << 1);
+            }
+            Frame::Fin { stream, offset } => {
+                header(out, kind::FIN, *stream, 8);
+                out.put_u64(*offset);
+            }
+            Frame::Done { stream, offset } => {
+                header(out, kind::DONE, *stream, 8);
+                out.put_u64(*offset);
+            }
+            Frame::Rst { stream, reason } => {
+                header(out, kind::RST, *stream, 1);
+                out.push(reason.to_wire());
+            }
+            Frame::Ping(v) => {
+                header(out, kind::PING, 0, 8);
+                out.put_u64(*v);
+            }
+            Frame::Pong(v) => {
+                header(out, kind::PONG, 0, 8);
+                out.put_u64(*v);
+            }
+            Frame::GoAway => header(out, kind::GOAWAY, 0, 0),
+        }
+    }
+
+    /// Parses one frame's payload, given its header fields.
+    pub fn parse(kind: u8, stream: u32, mut p: Bytes) -> Result<Frame, FrameError> {
+        let len = p.len();
+        let bad = || FrameError::BadPayload { kind, len };
+        let on_zero = matches!(kind, kind::PING | kind::PONG | kind::GOAWAY);
+        if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+            return Err(FrameError::UnknownType(kind));
+        }
+        if on_zero != (stream == 0) {
+            return Err(FrameError::BadStream { kind, stream });
+        }
+        let exact = |n: usize| if len == n { Ok(()) } else { Err(bad()) };
+        Ok(match kind {
+            kind::OPEN => Frame::Open {
+                stream,
+                target: parse_open(&p).ok_or_else(bad)?,
+            },
+            kind::DATA | kind::FEEDBACK => {
+                if !(OFFSET_LEN + 1..=OFFSET_LEN + QUANTUM * 4).contains(&len) {
+                    return Err(bad());
+                }
+                let offset = p.get_u64();
+                if offset.checked_add(p.len() as u64).is_none() {
+                    return Err(bad());
+                }
+                if kind == kind::DATA {
+                    Frame::Data {
+                        stream,
+                        offset,
+                        bytes: p,
+                    }
+                } else {
+                    Frame::Feedback {
+                        stream,
+                        offset,
+                        bytes: p,
+                    }
+                }
+            }
+            kind::ACK => {
+                exact(25)?;
+                let (data, data_limit, feedback) = (p.get_u64(), p.get_u64(), p.get_u64());
+                let flags = p.get_u8();
+                if flags > 3 {
+                    return Err(bad());
+                }
+                Frame::Ack {
+                    stream,
+                    data,
+                    data_limit,
+                    feedback,
+                    fin: flags & 1 != 0,
+                    done: flags & 2 != 0,
+                }
+            }
+            kind::FIN | kind::DONE => {
+                exact(8)?;
+                let offset = p.get_u64();
+                if kind == kind::FIN {
+                    Frame::Fin { stream, offset }
+                } else {
+                    Frame::Done { stream, offset }
+                }
+            }
+            kind::RST => {
+                exact(1)?;
+                Frame::Rst {
+                    stream,
+                    reason: ResetReason::from_wire(p[0]),
+                }
+            }
+            kind::PING | kind::PONG => {
+                exact(8)?;
+                let v = p.get_u64();
+                if kind == kind::PING {
+                    Frame::Ping(v)
+                } else {
+                    Frame::Pong(v)
+                }
+            }
+            _ => {
+                exact(0)?;
+                Frame::GoAway
+            }
+        })
+    }
+}
+
+/// `dest_len u8 | dest | client_len u8 | client`, nothing after.
+fn parse_open(p: &[u8]) -> Option<OpenTarget> {
+    let n = *p.first()? as usize;
+    if n == 0 {
         return None;
     }
-    let mut p = Vec::with_capacity(len);
-    p.push(dest.len() as u8);
-    p.extend_from_slice(dest);
-    p.push(client.len() as u8);
-    p.extend_from_slice(client.as_bytes());
-    p.extend_from_slice(initial);
-    Some(p)
-}
-
-/// Room left for initial bytes in an OPEN to `target`.
-pub fn open_room(target: &OpenTarget) -> usize {
-    let client = target.client.map_or(0, |c| c.to_string().len());
-    MAX_PAYLOAD.saturating_sub(2 + target.dest.len() + client)
-}
-
-/// Splits an OPEN payload into target and initial bytes.
-pub fn parse_open(payload: &Bytes) -> Result<(OpenTarget, Bytes), FrameError> {
-    let bad = || FrameError::BadPayload {
-        kind: FrameType::Open,
-        len: payload.len(),
-    };
-    let n = *payload.first().ok_or_else(bad)? as usize;
-    if n == 0 || payload.len() < 2 + n {
-        return Err(bad());
-    }
-    let dest = std::str::from_utf8(&payload[1..1 + n])
-        .map_err(|_| bad())?
-        .to_owned();
-    let c = payload[1 + n] as usize;
-    let start = 2 + n;
-    if payload.len() < start + c {
-        return Err(bad());
+    let dest = std::str::from_utf8(p.get(1..1 + n)?).ok()?.to_owned();
+    let c = *p.get(1 + n)? as usize;
+    let rest = p.get(2 + n..)?;
+    if rest.len() != c {
+        return None;
     }
     let client = match c {
         0 => None,
-        _ => Some(
-            std::str::from_utf8(&payload[start..start + c])
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(bad)?,
-        ),
+        _ => Some(std::str::from_utf8(rest).ok()?.parse().ok()?),
     };
-    Ok((OpenTarget { dest, client }, payload.slice(start + c..)))
+    Some(OpenTarget { dest, client })
 }
 
-/// Checks a frame's payload length and stream id against its type.
-fn check(kind: FrameType, stream: u32, len: usize) -> Result<(), FrameError> {
-    let on_zero = matches!(kind, FrameType::Ping | FrameType::Pong | FrameType::GoAway);
-    if on_zero != (stream == 0) {
-        return Err(FrameError::BadStream { kind, stream });
+/// Takes one whole frame off the front of `buf`, if there is one. Errors are final: the
+/// connection is closed.
+pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
     }
-    let ok = match kind {
-        FrameType::Open => len >= 2,
-        FrameType::Data | FrameType::Feedback => (1..=QUANTUM * 4).contains(&len),
-        FrameType::Window => len == 4,
-        FrameType::Fin | FrameType::Done | FrameType::GoAway => len == 0,
-        FrameType::Rst => len == 1,
-        FrameType::Ping | FrameType::Pong => len == 8,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(FrameError::BadPayload { kind, len })
+    let kind = buf[0];
+    let stream = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let len32 = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+    if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+        return Err(FrameError::UnknownType(kind));
     }
-}
-
-/// Reads frames from a byte stream, buffering at most one header plus [`MAX_PAYLOAD`].
-pub struct FrameReader<R> {
-    inner: R,
-    buf: BytesMut,
-}
-
-impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub fn new(inner: R) -> Self {
-        FrameReader {
-            inner,
-            buf: BytesMut::with_capacity(64 * 1024),
-        }
+    if len32 as usize > MAX_PAYLOAD {
+        return Err(FrameError::TooLong(len32));
     }
-
-    /// Reads until `self.buf` holds `n` bytes. `Ok(false)` on a clean end of stream before any byte.
-    async fn fill(&mut self, n: usize) -> std::io::Result<bool> {
-        while self.buf.len() < n {
-            if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 * 1024);
-            }
-            let got = self.inner.read_buf(&mut self.buf).await?;
-            if got == 0 {
-                if self.buf.is_empty() {
-                    return Ok(false);
-                }
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        Ok(true)
+    let len = len32 as usize;
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
     }
-
-    /// The next frame; `Ok(None)` when the peer closed cleanly between frames.
-    pub async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
-        if !self.fill(HEADER_LEN).await? {
-            return Ok(None);
-        }
-        let kind_byte = self.buf[0];
-        let stream = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        let len32 = u32::from_be_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-        let kind = FrameType::from_u8(kind_byte).ok_or(FrameError::UnknownType(kind_byte))?;
-        if len32 as usize > MAX_PAYLOAD {
-            return Err(FrameError::TooLong(len32).into());
-        }
-        let len = len32 as usize;
-        check(kind, stream, len)?;
-        self.fill(HEADER_LEN + len).await?;
-        self.buf.advance(HEADER_LEN);
-        let payload = self.buf.split_to(len).freeze();
-        Ok(Some(Frame {
-            kind,
-            stream,
-            payload,
-        }))
-    }
-
-    /// Gives back the underlying reader and whatever was read past the last frame.
-    pub fn into_parts(self) -> (R, BytesMut) {
-        (self.inner, self.buf)
-    }
-
-    /// A reader that starts with `buf` already read.
-    pub fn with_buffer(inner: R, buf: BytesMut) -> Self {
-        FrameReader { inner, buf }
-    }
-}
-
-/// Failure to read a frame.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Frame(#[from] FrameError),
+    buf.advance(HEADER_LEN);
+    let payload = buf.split_to(len).freeze();
+    Frame::parse(kind, stream, payload).map(Some)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn read_all(bytes: Vec<u8>) -> Vec<Result<Option<Frame>, String>> {
-        let mut r = FrameReader::new(&bytes[..]);
+    fn all(bytes: &[u8]) -> Vec<Result<Frame, FrameError>> {
+        let mut buf = BytesMut::from(bytes);
         let mut out = Vec::new();
         loop {
-            match r.next().await {
-                Ok(Some(f)) => out.push(Ok(Some(f))),
-                Ok(None) => {
-                    out.push(Ok(None));
-                    break;
-                }
+            match decode(&mut buf) {
+                Ok(Some(f)) => out.push(Ok(f)),
+                Ok(None) => break,
                 Err(e) => {
-                    out.push(Err(e.to_string()));
+                    out.push(Err(e));
                     break;
                 }
             }
@@ -328,69 +431,104 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn roundtrip() {
-        let mut b = Vec::new();
-        put_frame(&mut b, FrameType::Data, 7, b"hello");
-        put_frame(&mut b, FrameType::Window, 7, &65536u32.to_be_bytes());
-        put_frame(&mut b, FrameType::Ping, 0, &[1; 8]);
-        let target = OpenTarget {
-            dest: "example.com:22".into(),
-            client: Some("[fd00::7]:40000".parse().expect("addr")),
-        };
-        let open = open_payload(&target, b"x").expect("fits");
-        put_frame(&mut b, FrameType::Open, 9, &open);
-        let got = read_all(b).await;
-        assert_eq!(got.len(), 5);
-        let Ok(Some(f)) = &got[3] else {
-            panic!("{got:?}")
-        };
-        assert_eq!(f.kind, FrameType::Open);
-        let (got_target, init) = parse_open(&f.payload).expect("valid open");
-        assert_eq!(got_target, target);
-        assert_eq!(&init[..], b"x");
-        assert!(matches!(got[4], Ok(None)));
+    #[test]
+    fn every_frame_roundtrips_in_any_split() {
+        let frames = vec![
+            Frame::Open {
+                stream: 9,
+                target: OpenTarget {
+                    dest: "example.com:22".into(),
+                    client: Some("[fd00::7]:40000".parse().expect("addr")),
+                },
+            },
+            Frame::Open {
+                stream: 11,
+                target: OpenTarget {
+                    dest: "a:1".into(),
+                    client: None,
+                },
+            },
+            Frame::Data {
+                stream: 9,
+                offset: 1 << 40,
+                bytes: Bytes::from_static(b"hello"),
+            },
+            Frame::Feedback {
+                stream: 9,
+                offset: 3,
+                bytes: Bytes::from_static(b"fb"),
+            },
+            Frame::Ack {
+                stream: 9,
+                data: 5,
+                data_limit: 1 << 22,
+                feedback: 2,
+                fin: true,
+                done: false,
+            },
+            Frame::Fin {
+                stream: 9,
+                offset: 5,
+            },
+            Frame::Done {
+                stream: 9,
+                offset: 5,
+            },
+            Frame::Rst {
+                stream: 9,
+                reason: ResetReason::Closed,
+            },
+            Frame::Ping(7),
+            Frame::Pong(7),
+            Frame::GoAway,
+        ];
+        let mut bytes = Vec::new();
+        for f in &frames {
+            f.encode(&mut bytes);
+        }
+        let got: Vec<Frame> = all(&bytes).into_iter().map(|r| r.expect("ok")).collect();
+        assert_eq!(got, frames);
+        // Byte at a time: nothing is returned before a frame is whole.
+        let mut buf = BytesMut::new();
+        let mut n = 0;
+        for b in &bytes {
+            buf.extend_from_slice(&[*b]);
+            while let Some(f) = decode(&mut buf).expect("ok") {
+                assert_eq!(f, frames[n]);
+                n += 1;
+            }
+        }
+        assert_eq!(n, frames.len());
     }
 
-    #[tokio::test]
-    async fn rejects_bad_frames() {
-        // Unknown type.
-        let got = read_all(vec![99, 0, 0, 0, 1, 0, 0, 0, 0]).await;
-        assert!(got[0]
-            .as_ref()
-            .is_err_and(|e| e.contains("unknown frame type")));
-        // Oversized length: rejected from the header alone.
-        let mut b = vec![2, 0, 0, 0, 1];
-        b.extend_from_slice(&(1u32 << 30).to_be_bytes());
-        let got = read_all(b).await;
-        assert!(got[0].as_ref().is_err_and(|e| e.contains("exceeds")));
-        // PING on a stream, DATA on stream 0, WINDOW of the wrong size.
-        let mut b = Vec::new();
-        put_frame(&mut b, FrameType::Ping, 3, &[0; 8]);
-        assert!(read_all(b).await[0].is_err());
-        let mut b = Vec::new();
-        put_frame(&mut b, FrameType::Data, 0, b"x");
-        assert!(read_all(b).await[0].is_err());
-        let mut b = Vec::new();
-        put_frame(&mut b, FrameType::Window, 1, &[0; 3]);
-        assert!(read_all(b).await[0].is_err());
-        // Truncated frame.
-        let mut b = Vec::new();
-        put_frame(&mut b, FrameType::Data, 1, b"hello");
-        b.truncate(b.len() - 1);
-        assert!(read_all(b).await[0].is_err());
-        // Bad OPEN payloads.
-        assert!(parse_open(&Bytes::from_static(&[5, b'a'])).is_err());
-        assert!(parse_open(&Bytes::from_static(&[0, b'a'])).is_err());
-        assert!(parse_open(&Bytes::from_static(&[1, 0xff, 0])).is_err());
-        // No client length byte, a client longer than the payload, a client that is no address.
-        assert!(parse_open(&Bytes::from_static(&[1, b'a'])).is_err());
-        assert!(parse_open(&Bytes::from_static(&[1, b'a', 9, b'1'])).is_err());
-        assert!(parse_open(&Bytes::from_static(&[1, b'a', 3, b'x', b':', b'1'])).is_err());
-        let (t, init) = parse_open(&Bytes::from_static(&[1, b'a', 0, 7])).expect("no client");
+    #[test]
+    fn malformed_frames_are_refused() {
         assert_eq!(
-            (t.dest.as_str(), t.client, &init[..]),
-            ("a", None, &[7u8][..])
+            all(&[99, 0, 0, 0, 1, 0, 0, 0, 0])[0],
+            Err(FrameError::UnknownType(99))
         );
+        let mut b = vec![kind::DATA, 0, 0, 0, 1];
+        b.extend_from_slice(&(1u32 << 30).to_be_bytes());
+        assert_eq!(all(&b)[0], Err(FrameError::TooLong(1 << 30)));
+        let bad = |k: u8, s: u32, p: &[u8]| Frame::parse(k, s, Bytes::copy_from_slice(p)).is_err();
+        assert!(bad(kind::PING, 3, &[0; 8]));
+        assert!(bad(kind::DATA, 0, &[0; 9]));
+        assert!(bad(kind::DATA, 1, &[0; 8]), "DATA without bytes");
+        assert!(bad(kind::ACK, 1, &[0; 24]));
+        assert!(bad(kind::ACK, 1, &[[0; 24].as_slice(), &[4]].concat()));
+        assert!(bad(kind::FIN, 1, &[0; 7]));
+        assert!(bad(kind::RST, 1, &[]));
+        assert!(bad(kind::GOAWAY, 0, &[1]));
+        let mut wrap = u64::MAX.to_be_bytes().to_vec();
+        wrap.push(1);
+        assert!(bad(kind::DATA, 1, &wrap), "offset + length overflows");
+        // OPEN: no destination, a destination longer than the payload, invalid UTF-8, trailing
+        // bytes, a client that is no address.
+        assert!(bad(kind::OPEN, 1, &[0, 0]));
+        assert!(bad(kind::OPEN, 1, &[5, b'a', 0]));
+        assert!(bad(kind::OPEN, 1, &[1, 0xff, 0]));
+        assert!(bad(kind::OPEN, 1, &[1, b'a', 0, 7]));
+        assert!(bad(kind::OPEN, 1, &[1, b'a', 3, b'x', b':', b'1']));
+        assert!(!bad(kind::OPEN, 1, &[1, b'a', 0]));
     }
 }

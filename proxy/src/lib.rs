@@ -5,9 +5,13 @@
 //! multiplexed stream; its bytes go through the dedup engine's encoder on the way in and its decoder
 //! on the way out. docs/tunnel.md describes the wire protocol.
 //!
-//! * [`node::Node`] runs everything: tunnel listener and dialers, forward listeners, admin endpoint.
-//! * [`mux`] is the per-connection multiplexer (stream table, credit, scheduler).
-//! * [`stream`] bridges one LAN socket to one stream; [`flows`] decides accelerate vs pass-through.
+//! * [`session`] is the sans-IO state shared with one peer process: streams, sequencing and
+//!   acknowledgements, credit, resume across tunnel connections, liveness, hold. No sockets.
+//! * [`peer`] is the thin shell around a session (lock, wake-ups, timer, replacement when the peer
+//!   restarts); [`link`] moves frames between TLS connections and sessions (dial, accept, hello).
+//! * [`stream`] bridges one LAN socket to one stream; [`flows`] decides accelerate vs pass-through
+//!   and takes the streams peers open from a channel.
+//! * [`node::Node`] wires the parts together; it is the only module that knows them all.
 //! * [`intercept`] accepts transparently diverted connections (redirect, tproxy, inline bridge);
 //!   [`rules`] owns the nftables tables and policy routing that divert them.
 //! * [`tls`] and [`identity`] do the pinned-key authentication; [`hello`] the version handshake.
@@ -20,18 +24,26 @@ pub mod codec;
 pub mod emu;
 pub mod flows;
 pub mod frame;
+pub mod fuzzing;
 pub mod hello;
 pub mod identity;
 pub mod intercept;
+pub mod lifecycle;
+pub mod link;
 pub mod metrics;
-pub mod mux;
 pub mod node;
+pub mod peer;
 pub mod rules;
+pub mod session;
+pub mod settings;
 pub mod sock;
+pub mod status;
 pub mod stream;
 pub mod tls;
-pub mod tunnel;
 
 pub use codec::Engine;
+pub use flows::ForwardSpec;
 pub use identity::{Fingerprint, Identity};
-pub use node::{ForwardSpec, Node, NodeError, NodeSpec, PeerSpec, Settings};
+pub use node::{Node, NodeError, NodeSpec};
+pub use peer::PeerSpec;
+pub use settings::Settings;

@@ -3,12 +3,39 @@
 
 use ditto_dedup::store::{FaultKind, StoreStats};
 use prometheus::{
-    Encoder as _, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    CounterVec, Encoder as _, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Why a flow was passed through instead of accelerated (the `reason` label of
+/// `ditto_flows_total{outcome="passthrough"}`).
+pub mod reason {
+    /// The peer has no tunnel connection up.
+    pub const PEER_DOWN: &str = "peer-down";
+    /// Its tunnel connections stopped answering (peer hung, path down): new flows do not wait.
+    pub const PEER_UNRESPONSIVE: &str = "peer-unresponsive";
+    /// The peer speaks no tunnel protocol version this build speaks.
+    pub const VERSION: &str = "version";
+    pub const NO_PEER: &str = "no-peer";
+    pub const BYPASS_RULE: &str = "bypass-rule";
+    /// The peer's stream limit is reached, or its session is going away.
+    pub const TUNNEL_BUSY: &str = "tunnel-busy";
+    /// An intercepted flow whose destination matches no `[[route]]`.
+    pub const NO_ROUTE: &str = "no-route";
+    pub const ALL: [&str; 7] = [
+        PEER_DOWN,
+        PEER_UNRESPONSIVE,
+        VERSION,
+        NO_PEER,
+        BYPASS_RULE,
+        TUNNEL_BUSY,
+        NO_ROUTE,
+    ];
+}
 
 /// Every metric the node exports.
 #[derive(Clone)]
@@ -43,6 +70,12 @@ pub struct Metrics {
     /// kind of failure; all other reasons 0.
     pub store_degraded: IntGaugeVec,
     pub stream_resets: IntCounterVec,
+    /// Streams waiting for an unreachable peer now, by peer.
+    pub streams_held: IntGaugeVec,
+    /// Streams that continued on another tunnel connection after theirs was lost, by peer.
+    pub streams_resumed: IntCounterVec,
+    /// Stream-seconds spent waiting for an unreachable peer, by peer.
+    pub streams_held_seconds: CounterVec,
     pub up_seconds: Gauge,
     /// Savings totals of the last hour, for the admin status page.
     pub history: Arc<History>,
@@ -222,6 +255,27 @@ impl Metrics {
                 "Accelerated streams reset, by reason.",
                 &["reason"],
             ),
+            streams_held: gv(
+                "ditto_streams_held",
+                "Accelerated streams waiting for their unreachable peer (up to tunnel.hold).",
+                &["peer"],
+            ),
+            streams_resumed: cv(
+                "ditto_streams_resumed_total",
+                "Streams that continued on another tunnel connection after theirs was lost.",
+                &["peer"],
+            ),
+            streams_held_seconds: reg(
+                &r,
+                CounterVec::new(
+                    opts(
+                        "ditto_streams_held_seconds_total",
+                        "Stream-seconds spent waiting for an unreachable peer.",
+                    ),
+                    &["peer"],
+                )
+                .expect(BAD),
+            ),
             up_seconds: reg(
                 &r,
                 Gauge::with_opts(opts(
@@ -235,14 +289,7 @@ impl Metrics {
         };
         // Pass-through series exist from the start, at zero, so that dashboards show them and an
         // alert on their increase sees the very first pass-through flow.
-        use crate::flows::reason;
-        for why in [
-            reason::PEER_DOWN,
-            reason::NO_PEER,
-            reason::BYPASS_RULE,
-            reason::TUNNEL_BUSY,
-            reason::NO_ROUTE,
-        ] {
+        for why in reason::ALL {
             m.flows.with_label_values(&["passthrough", why]);
         }
         for kind in STORE_ERROR_KINDS {

@@ -12,9 +12,11 @@
 
 use crate::codec::{RecvCodec, RecvStats, SendCodec, SendStats};
 use crate::frame::ResetReason;
-use crate::mux::StreamHandle;
+use crate::peer::StreamHandle;
 use crate::sock;
 use prometheus::IntCounter;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
@@ -40,8 +42,42 @@ pub struct FlowCtx {
     pub resets: prometheus::IntCounterVec,
     /// Stop reading the LAN while this many DATA bytes wait in the stream's send queue.
     pub send_queue_limit: usize,
-    /// Stop reading the LAN while the encoder retains this many unacknowledged bytes.
-    pub retain_limit: usize,
+    /// Bytes all flows keep until acknowledged: a flow stops reading its LAN while it is spent.
+    pub retained: Arc<RetainBudget>,
+}
+
+/// What all flows of a node together keep until their peers acknowledge it: their encoders'
+/// retained input and their streams' unacknowledged encoded bytes. While it is spent, flows stop
+/// reading their LAN sockets (nothing is dropped); it frees up as acknowledgements arrive.
+#[derive(Debug)]
+pub struct RetainBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl RetainBudget {
+    pub fn new(limit: usize) -> Arc<RetainBudget> {
+        Arc::new(RetainBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+    /// Bytes counted now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+    fn spent(&self) -> bool {
+        self.used() >= self.limit
+    }
+    /// One flow's share went from `*mine` to `now`.
+    fn update(&self, mine: &mut usize, now: usize) {
+        if now > *mine {
+            self.used.fetch_add(now - *mine, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(*mine - now, Ordering::Relaxed);
+        }
+        *mine = now;
+    }
 }
 
 /// How a flow ended.
@@ -107,6 +143,9 @@ fn report_recv(stats: RecvStats, last: &mut RecvStats, ctx: &FlowCtx) {
     *last = stats;
 }
 
+/// How often a flow paused by a spent retain budget looks whether it was freed.
+const BUDGET_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Longest a paused client's bytes wait in the encoder while the stream's tunnel queue is busy.
 const FLUSH_DEFER: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -129,6 +168,8 @@ async fn up_half(
     // flushing at once gains no latency (they leave behind that queue anyway) and only makes small
     // batches, which compress worse. Such a flush is deferred until the queue is empty, or 1 ms.
     let mut flush_at: Option<tokio::time::Instant> = None;
+    // This flow's part of the node's retain budget.
+    let mut mine = 0usize;
     let result = loop {
         if let Some(at) = flush_at {
             if h.queued().0 == 0 || tokio::time::Instant::now() >= at {
@@ -159,11 +200,15 @@ async fn up_half(
             break Ok(());
         }
         let (queued, _) = h.queued();
-        let can_read =
-            !eof && queued < ctx.send_queue_limit && enc.retained_bytes() < ctx.retain_limit;
+        ctx.retained
+            .update(&mut mine, h.retained() + enc.retained_bytes());
+        let budget_spent = ctx.retained.spent();
+        let can_read = !eof && queued < ctx.send_queue_limit && !budget_spent;
         tokio::select! {
             _ = h.up_wait() => {}
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
+            // Other flows free the budget without telling this one: look again shortly.
+            _ = tokio::time::sleep(BUDGET_POLL), if budget_spent && !eof => {}
             r = rd.readable(), if can_read => {
                 if let Err(e) = r {
                     tracing::debug!(stream = h.id, "LAN socket error: {e}");
@@ -231,6 +276,7 @@ async fn up_half(
         }
     };
     report_send(enc.stats(), &mut last, ctx);
+    ctx.retained.update(&mut mine, 0);
     result
 }
 

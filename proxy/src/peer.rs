@@ -1,0 +1,671 @@
+//! A peer we trust, and the thin shell around its [`Session`]: the lock, the wake-ups of the tasks
+//! that wait on it (flows, link writers, the timer), and the session's replacement when the peer
+//! process restarts.
+//!
+//! Every call into the session goes through [`Peer::with`], which runs it under the lock and then,
+//! with the lock released, wakes whoever the session said has news. Streams opened by the peer are
+//! handed to flows through a channel: nothing here spawns a flow.
+
+use crate::codec::{Engine, View};
+use crate::frame::{OpenTarget, ResetReason};
+use crate::hello::Hello;
+use crate::identity::Fingerprint;
+use crate::metrics::Metrics;
+use crate::session::{
+    DownEvents, Event, Half, LinkId, OpenError, PeerParams, Session, SessionConfig, SessionStats,
+    UpEvents,
+};
+use bytes::Bytes;
+use prometheus::{Counter, Gauge, IntCounter, IntCounterVec, IntGauge};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// A stream the peer opened, for a flow to take.
+pub struct Incoming {
+    pub peer: Arc<Peer>,
+    pub handle: StreamHandle,
+    pub target: OpenTarget,
+    pub view: View,
+}
+
+/// What a peer is configured as.
+#[derive(Clone, Debug)]
+pub struct PeerSpec {
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    /// Where to dial it ("host:port"); `None` for a peer that only dials us.
+    pub address: Option<String>,
+}
+
+/// The configured peers, by name and by key.
+pub struct PeerSet {
+    pub list: Vec<Arc<Peer>>,
+    by_fingerprint: HashMap<Fingerprint, Arc<Peer>>,
+}
+
+impl PeerSet {
+    pub fn new(
+        specs: &[PeerSpec],
+        cfg: &SessionConfig,
+        metrics: &Metrics,
+        incoming: mpsc::Sender<Incoming>,
+    ) -> PeerSet {
+        let list: Vec<Arc<Peer>> = specs
+            .iter()
+            .map(|s| Arc::new(Peer::new(s, cfg.clone(), metrics, incoming.clone())))
+            .collect();
+        let by_fingerprint = list.iter().map(|p| (p.fingerprint, p.clone())).collect();
+        PeerSet {
+            list,
+            by_fingerprint,
+        }
+    }
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Peer>> {
+        self.list.iter().find(|p| &*p.name == name)
+    }
+    pub fn by_fingerprint(&self, fp: &Fingerprint) -> Option<&Arc<Peer>> {
+        self.by_fingerprint.get(fp)
+    }
+}
+
+/// Per-peer metrics.
+#[derive(Clone)]
+pub(crate) struct PeerMetrics {
+    pub lan_sent: IntCounter,
+    pub lan_received: IntCounter,
+    pub wan_sent: IntCounter,
+    pub wan_received: IntCounter,
+    pub up: IntGauge,
+    pub connections: IntGauge,
+    pub rtt: Gauge,
+    pub reconnects: IntCounter,
+    pub held: IntGauge,
+    pub resumed: IntCounter,
+    pub held_seconds: Counter,
+    pub resets: IntCounterVec,
+}
+
+/// Wake-ups of one stream's owner.
+pub(crate) struct StreamWake {
+    up: Notify,
+    down: Notify,
+    reset: CancellationToken,
+}
+
+/// Control of one link's tasks.
+pub struct LinkCtl {
+    pub id: LinkId,
+    /// The session generation it belongs to.
+    gen: u64,
+    /// Frames wait to be written.
+    pub wake: Notify,
+    /// Close the link.
+    pub close: CancellationToken,
+    /// The link stopped answering (a dialer dials a replacement).
+    pub suspect: CancellationToken,
+    /// Why it was closed, from the session's side.
+    why: Mutex<Option<String>>,
+}
+
+impl LinkCtl {
+    pub fn why(&self) -> Option<String> {
+        self.why.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn close_because(&self, why: String) {
+        self.why
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why);
+        self.close.cancel();
+    }
+}
+
+#[derive(Default)]
+struct State {
+    session: Option<Session>,
+    /// Incremented each time the session is replaced: handles of an older one are dead.
+    gen: u64,
+    peer_session: u128,
+    view: Option<(u128, View)>,
+    streams: HashMap<u32, Arc<StreamWake>>,
+    links: HashMap<LinkId, Arc<LinkCtl>>,
+    /// Session totals already added to the counters.
+    resumed_seen: u64,
+    held_seen: f64,
+}
+
+/// Why a link could not join the peer's session.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("the peer presents our own session id")]
+    SameSession,
+}
+
+/// A peer node we trust: its session, links and metrics.
+pub struct Peer {
+    pub name: Arc<str>,
+    pub fingerprint: Fingerprint,
+    pub address: Option<String>,
+    cfg: SessionConfig,
+    state: Mutex<State>,
+    timer: Notify,
+    /// Healthy links, for waiters.
+    up_tx: watch::Sender<usize>,
+    incoming: mpsc::Sender<Incoming>,
+    /// The peer speaks no tunnel protocol version we speak (flows pass through as `version`).
+    pub(crate) version_mismatch: AtomicBool,
+    pub(crate) m: PeerMetrics,
+}
+
+impl Peer {
+    fn new(
+        spec: &PeerSpec,
+        cfg: SessionConfig,
+        metrics: &Metrics,
+        incoming: mpsc::Sender<Incoming>,
+    ) -> Peer {
+        let n = spec.name.as_str();
+        let m = PeerMetrics {
+            lan_sent: metrics.lan_bytes.with_label_values(&[n, "sent"]),
+            lan_received: metrics.lan_bytes.with_label_values(&[n, "received"]),
+            wan_sent: metrics.wan_bytes.with_label_values(&[n, "sent"]),
+            wan_received: metrics.wan_bytes.with_label_values(&[n, "received"]),
+            up: metrics.tunnel_up.with_label_values(&[n]),
+            connections: metrics.tunnel_connections.with_label_values(&[n]),
+            rtt: metrics.tunnel_rtt.with_label_values(&[n]),
+            reconnects: metrics.tunnel_reconnects.with_label_values(&[n]),
+            held: metrics.streams_held.with_label_values(&[n]),
+            resumed: metrics.streams_resumed.with_label_values(&[n]),
+            held_seconds: metrics.streams_held_seconds.with_label_values(&[n]),
+            resets: metrics.stream_resets.clone(),
+        };
+        m.up.set(0);
+        m.reconnects.inc_by(0);
+        Peer {
+            name: Arc::from(n),
+            fingerprint: spec.fingerprint,
+            address: spec.address.clone(),
+            cfg,
+            state: Mutex::new(State::default()),
+            timer: Notify::new(),
+            up_tx: watch::channel(0).0,
+            incoming,
+            version_mismatch: AtomicBool::new(false),
+            m,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Critical sections leave the state consistent at every step; a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the session (if there is one), then wakes whoever has news.
+    pub(crate) fn with<R>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Session, Instant) -> R,
+    ) -> Option<R> {
+        self.with_gen(None, f).map(|(r, _)| r)
+    }
+
+    /// [`Peer::with`], only if the session is still generation `expect` (when given); also returns
+    /// the generation `f` ran in.
+    fn with_gen<R>(
+        self: &Arc<Self>,
+        expect: Option<u64>,
+        f: impl FnOnce(&mut Session, Instant) -> R,
+    ) -> Option<(R, u64)> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let gen = st.gen;
+        if expect.is_some_and(|g| g != gen) {
+            return None;
+        }
+        let session = st.session.as_mut()?;
+        let r = f(session, now);
+        let mut wakes = Vec::new();
+        session.take_wakes(&mut wakes);
+        let dirty = session.take_dirty();
+        let mut events = Vec::new();
+        while let Some(e) = session.poll_event() {
+            events.push(e);
+        }
+        let mut notify: Vec<(Arc<StreamWake>, Half, bool)> = Vec::with_capacity(wakes.len());
+        for (id, half) in wakes {
+            if let Some(w) = st.streams.get(&id) {
+                let reset = st
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.reset_reason(id).is_some());
+                notify.push((w.clone(), half, reset));
+            }
+        }
+        let links: Vec<Arc<LinkCtl>> = dirty
+            .iter()
+            .filter_map(|l| st.links.get(l).cloned())
+            .collect();
+        let mut incoming = Vec::new();
+        let mut closing = Vec::new();
+        for e in events {
+            match e {
+                Event::Incoming { stream, target } => {
+                    let wake = Arc::new(StreamWake::new());
+                    st.streams.insert(stream, wake.clone());
+                    let view = st.view.as_ref().map(|(_, v)| v.clone());
+                    incoming.push((stream, wake, target, view));
+                }
+                Event::CloseLink { link, why } => {
+                    if let Some(ctl) = st.links.get(&link) {
+                        closing.push((ctl.clone(), why));
+                    }
+                }
+                Event::LinkSuspect(link) => {
+                    if let Some(ctl) = st.links.get(&link) {
+                        tracing::info!(peer = %self.name, link = link.0, "tunnel connection stopped answering: new flows avoid it");
+                        ctl.suspect.cancel();
+                    }
+                }
+            }
+        }
+        drop(st);
+        for (w, half, reset) in notify {
+            if reset {
+                w.reset.cancel();
+            }
+            match half {
+                Half::Up => w.up.notify_one(),
+                Half::Down => w.down.notify_one(),
+            }
+        }
+        for l in links {
+            l.wake.notify_one();
+        }
+        for (ctl, why) in closing {
+            ctl.close_because(why);
+        }
+        let mut refused = Vec::new();
+        for (stream, wake, target, view) in incoming {
+            let handle = StreamHandle {
+                peer: self.clone(),
+                gen,
+                id: stream,
+                wake,
+            };
+            let Some(view) = view else {
+                refused.push(handle);
+                continue;
+            };
+            let inc = Incoming {
+                peer: self.clone(),
+                handle,
+                target,
+                view,
+            };
+            if let Err(e) = self.incoming.try_send(inc) {
+                let inc = match e {
+                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
+                };
+                refused.push(inc.handle);
+            }
+        }
+        for h in refused {
+            h.reset(ResetReason::Busy);
+        }
+        self.timer.notify_one();
+        Some((r, gen))
+    }
+
+    /// A link finished its hello: it joins the session with the peer process that sent `hello`,
+    /// replacing the session with an earlier process of the peer (whose streams are then gone).
+    pub(crate) fn attach(
+        self: &Arc<Self>,
+        hello: &Hello,
+        our_session: u128,
+        engine: &Engine,
+    ) -> Result<Arc<LinkCtl>, AttachError> {
+        if hello.session_id == our_session {
+            return Err(AttachError::SameSession);
+        }
+        let now = Instant::now();
+        let mut st = self.lock();
+        if st.session.is_none() || st.peer_session != hello.session_id {
+            let had = st.session.is_some();
+            let old_streams = st.session.as_ref().map_or(0, |s| s.stats(now).streams);
+            let old = std::mem::take(&mut st.streams);
+            let old_links = std::mem::take(&mut st.links);
+            st.gen += 1;
+            st.peer_session = hello.session_id;
+            st.resumed_seen = 0;
+            st.held_seen = 0.0;
+            st.session = Some(Session::new(
+                self.cfg.clone(),
+                PeerParams {
+                    window: hello.window,
+                    max_streams: hello.max_streams,
+                    odd: our_session < hello.session_id,
+                },
+                now,
+            ));
+            if had {
+                tracing::warn!(
+                    peer = %self.name,
+                    streams = old_streams,
+                    "peer process restarted: resetting the streams of its previous session"
+                );
+                self.m
+                    .resets
+                    .with_label_values(&[ResetReason::PeerRestarted.as_str()])
+                    .inc_by(old_streams as u64);
+            }
+            for w in old.values() {
+                w.reset.cancel();
+                w.up.notify_one();
+                w.down.notify_one();
+            }
+            for l in old_links.values() {
+                l.close_because("the peer process restarted".into());
+            }
+        }
+        match &st.view {
+            Some((id, _)) if *id == hello.store_id => {}
+            old => {
+                if old.is_some() {
+                    tracing::info!(peer = %self.name, "peer has a new store identity; starting a fresh view of it");
+                }
+                st.view = Some((hello.store_id, engine.new_view(hello.store_id)));
+            }
+        }
+        let gen = st.gen;
+        let id = st
+            .session
+            .as_mut()
+            .map(|s| s.add_link(now))
+            .unwrap_or(LinkId(0));
+        let ctl = Arc::new(LinkCtl {
+            id,
+            gen,
+            wake: Notify::new(),
+            close: CancellationToken::new(),
+            suspect: CancellationToken::new(),
+            why: Mutex::new(None),
+        });
+        st.links.insert(id, ctl.clone());
+        let n = st.links.len();
+        drop(st);
+        self.version_mismatch.store(false, Ordering::Relaxed);
+        self.m.connections.set(n as i64);
+        self.m.up.set(1);
+        self.up_tx.send_replace(n);
+        // Waiting streams may have been bound to the new link.
+        self.with(|_, _| ());
+        Ok(ctl)
+    }
+
+    /// Our view of the peer's store, once a link told us which store it has.
+    pub fn view(&self) -> Option<View> {
+        self.lock().view.as_ref().map(|(_, v)| v.clone())
+    }
+
+    /// The link's tasks ended: its streams continue on other links.
+    pub(crate) fn detach_link(self: &Arc<Self>, ctl: &LinkCtl) {
+        let current = {
+            let mut st = self.lock();
+            let current = st.gen == ctl.gen;
+            if current {
+                st.links.remove(&ctl.id);
+            }
+            current
+        };
+        if current {
+            self.with(|s, now| s.link_closed(ctl.id, now));
+        }
+        let n = self.lock().links.len();
+        self.m.connections.set(n as i64);
+        self.m.up.set(i64::from(n > 0));
+        self.up_tx.send_replace(n);
+    }
+
+    /// Opens a stream to `target`.
+    pub fn open(self: &Arc<Self>, target: OpenTarget) -> Result<StreamHandle, OpenError> {
+        let (id, gen) = match self.with_gen(None, move |s, _| s.open(target)) {
+            None => return Err(OpenError::NoLink),
+            Some((r, gen)) => (r?, gen),
+        };
+        // A wake-up dispatched before this registration is not lost: the flow looks at the
+        // stream's state before it first waits.
+        let wake = Arc::new(StreamWake::new());
+        let mut st = self.lock();
+        if st.gen == gen {
+            st.streams.insert(id, wake.clone());
+        }
+        drop(st);
+        Ok(StreamHandle {
+            peer: self.clone(),
+            gen,
+            id,
+            wake,
+        })
+    }
+
+    /// Whether a new stream could be opened now.
+    pub fn can_open(&self) -> Result<(), OpenError> {
+        match &self.lock().session {
+            None => Err(OpenError::NoLink),
+            Some(s) => s.can_open(),
+        }
+    }
+
+    /// Runs the session's timers until `stop` is cancelled; refreshes the peer's gauges.
+    pub(crate) async fn run_timer(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let deadline = self.lock().session.as_ref().and_then(|s| s.poll_timeout());
+            let sleep = match deadline {
+                Some(d) => tokio::time::Instant::from_std(d),
+                None => tokio::time::Instant::now() + Duration::from_secs(1),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(sleep) => {}
+                _ = self.timer.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            if Instant::now() >= deadline.unwrap_or_else(Instant::now) {
+                self.with(|s, now| s.handle_timeout(now));
+            }
+            self.refresh_metrics();
+        }
+    }
+
+    fn refresh_metrics(&self) {
+        let mut st = self.lock();
+        let Some(stats) = st.session.as_ref().map(|s| s.stats(Instant::now())) else {
+            return;
+        };
+        self.m.held.set(stats.held as i64);
+        self.m
+            .resumed
+            .inc_by(stats.resumed.saturating_sub(st.resumed_seen));
+        st.resumed_seen = st.resumed_seen.max(stats.resumed);
+        let add = stats.held_seconds - st.held_seen;
+        if add > 0.0 {
+            self.m.held_seconds.inc_by(add);
+            st.held_seen = stats.held_seconds;
+        }
+        if let Some(rtt) = stats.rtt {
+            self.m.rtt.set(rtt.as_secs_f64());
+        }
+    }
+
+    /// The session's figures now.
+    pub fn stats(&self) -> SessionStats {
+        self.lock()
+            .session
+            .as_ref()
+            .map(|s| s.stats(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// See [`Session::buffered`].
+    pub fn buffered(&self) -> (usize, usize) {
+        self.lock()
+            .session
+            .as_ref()
+            .map_or((0, 0), |s| s.buffered())
+    }
+
+    /// Links attached now.
+    pub fn connection_count(&self) -> usize {
+        self.lock().links.len()
+    }
+
+    /// Streams wait for the peer: dial again promptly.
+    pub fn holding(&self) -> bool {
+        self.stats().held > 0
+    }
+
+    /// Waits until `n` links are attached; false on timeout.
+    pub async fn wait_links(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.up_tx.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits until no link is attached; false on timeout.
+    pub async fn wait_no_links(&self, timeout: Duration) -> bool {
+        let mut rx = self.up_tx.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+impl StreamWake {
+    fn new() -> StreamWake {
+        StreamWake {
+            up: Notify::new(),
+            down: Notify::new(),
+            reset: CancellationToken::new(),
+        }
+    }
+}
+
+/// A stream's endpoint, held by its flow. Dropping it detaches the stream: what is queued still
+/// leaves and is acknowledged; a stream that did not finish both ways is reset.
+pub struct StreamHandle {
+    peer: Arc<Peer>,
+    gen: u64,
+    pub id: u32,
+    wake: Arc<StreamWake>,
+}
+
+impl StreamHandle {
+    /// Runs `f` on this stream's session; `None` if the session it belonged to is gone.
+    fn op<R>(&self, f: impl FnOnce(&mut Session) -> R) -> Option<R> {
+        // Checked inside the lock: in a newer session, this id may be another stream.
+        self.peer
+            .with_gen(Some(self.gen), |s, _| f(s))
+            .map(|(r, _)| r)
+    }
+
+    pub fn peer(&self) -> &Arc<Peer> {
+        &self.peer
+    }
+
+    /// Queues encoded bytes for the peer's decoder.
+    pub fn send_data(&self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.op(|s| s.send(self.id, false, Bytes::from(bytes)));
+        }
+    }
+
+    /// Queues feedback for the peer's encoder.
+    pub fn send_feedback(&self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.op(|s| s.send(self.id, true, Bytes::from(bytes)));
+        }
+    }
+
+    /// FIN after the data queued so far.
+    pub fn send_fin(&self) {
+        self.op(|s| s.finish(self.id, false));
+    }
+
+    /// DONE after the feedback queued so far.
+    pub fn send_done(&self) {
+        self.op(|s| s.finish(self.id, true));
+    }
+
+    /// Aborts the stream.
+    pub fn reset(&self, reason: ResetReason) {
+        self.op(|s| s.reset(self.id, reason));
+        self.wake.reset.cancel();
+    }
+
+    /// (DATA bytes queued and not yet sent, feedback bytes likewise).
+    pub fn queued(&self) -> (usize, usize) {
+        self.op(|s| s.unsent(self.id)).unwrap_or((0, 0))
+    }
+
+    /// Bytes kept for this stream until the peer acknowledges them.
+    pub fn retained(&self) -> usize {
+        self.op(|s| s.retained(self.id)).unwrap_or(0)
+    }
+
+    /// The flow consumed `n` DATA bytes.
+    pub fn consumed(&self, n: usize) {
+        self.op(|s| s.consumed(self.id, n));
+    }
+
+    /// Takes what arrived for the sending half.
+    pub fn take_up(&self) -> UpEvents {
+        self.op(|s| s.take_up(self.id)).unwrap_or(UpEvents {
+            reset: Some(ResetReason::PeerRestarted),
+            ..Default::default()
+        })
+    }
+
+    /// Takes what arrived for the receiving half.
+    pub fn take_down(&self) -> DownEvents {
+        self.op(|s| s.take_down(self.id)).unwrap_or(DownEvents {
+            reset: Some(ResetReason::PeerRestarted),
+            ..Default::default()
+        })
+    }
+
+    /// The reset reason, if the stream was reset.
+    pub fn reset_reason(&self) -> Option<ResetReason> {
+        self.op(|s| s.reset_reason(self.id))
+            .unwrap_or(Some(ResetReason::PeerRestarted))
+    }
+
+    /// Waits for news for the sending half: feedback, DONE, reset, or room to send.
+    pub async fn up_wait(&self) {
+        self.wake.up.notified().await;
+    }
+
+    /// Waits for news for the receiving half: data, FIN, or reset.
+    pub async fn down_wait(&self) {
+        self.wake.down.notified().await;
+    }
+
+    /// Completes when the stream is reset.
+    pub async fn reset_wait(&self) {
+        self.wake.reset.cancelled().await;
+    }
+}
+
+impl Drop for StreamHandle {
+    fn drop(&mut self) {
+        let mut st = self.peer.lock();
+        if st.gen != self.gen {
+            return;
+        }
+        st.streams.remove(&self.id);
+        drop(st);
+        self.peer.with_gen(Some(self.gen), |s, _| s.detach(self.id));
+    }
+}
