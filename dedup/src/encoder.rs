@@ -115,6 +115,9 @@ pub struct Encoder {
     feedback: MessageReader,
 }
 
+/// Work buffer capacity an encoder keeps across a pause of its client.
+const IDLE_BUFFER: usize = 16 * 1024;
+
 impl Encoder {
     /// An encoder sending to the peer described by `view`, using `store` to remember what it sends.
     pub fn new(store: Arc<ChunkStore>, view: Arc<PeerView>, cfg: EngineConfig) -> Encoder {
@@ -159,6 +162,13 @@ impl Encoder {
         self.st.flush_partial(self.chunker.pending());
         self.st.emit_batch(out);
         self.st.stats.output_bytes += (out.len() - before) as u64;
+        // The client paused: a flow that waits (or is held through an outage) keeps no work
+        // buffers sized for its last burst.
+        for v in [&mut self.st.ops, &mut self.st.lits, &mut self.st.scratch] {
+            if v.capacity() > IDLE_BUFFER {
+                *v = Vec::new();
+            }
+        }
     }
 
     /// Ends the stream: the open chunk becomes a chunk and everything is sent.
@@ -469,7 +479,9 @@ impl State {
         self.stats.batches += 1;
         self.ops.clear();
         self.lits.clear();
-        let raw = std::mem::take(&mut self.raw);
+        let mut raw = std::mem::take(&mut self.raw);
+        // Kept until acknowledged, and counted by its length: it holds no more than that.
+        raw.shrink_to_fit();
         self.retained_bytes += raw.len();
         self.retained.push_back(Retained {
             seq: self.next_seq,

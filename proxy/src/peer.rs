@@ -226,7 +226,14 @@ impl Peer {
             return None;
         }
         let session = st.session.as_mut()?;
+        let deadline = session.poll_timeout();
         let r = f(session, now);
+        // The timer sleeps until the session's next deadline: wake it only if that moved earlier.
+        let earlier = match (deadline, session.poll_timeout()) {
+            (Some(before), Some(after)) => after < before,
+            (None, Some(_)) => true,
+            _ => false,
+        };
         let mut wakes = Vec::new();
         session.take_wakes(&mut wakes);
         let dirty = session.take_dirty();
@@ -315,7 +322,9 @@ impl Peer {
         for h in refused {
             h.reset(ResetReason::Busy);
         }
-        self.timer.notify_one();
+        if earlier {
+            self.timer.notify_one();
+        }
         Some((r, gen))
     }
 
@@ -400,8 +409,9 @@ impl Peer {
         self.m.connections.set(n as i64);
         self.m.up.set(1);
         self.up_tx.send_replace(n);
-        // Waiting streams may have been bound to the new link.
+        // Waiting streams may have been bound to the new link, which pings at once.
         self.with(|_, _| ());
+        self.timer.notify_one();
         Ok(ctl)
     }
 
@@ -463,9 +473,12 @@ impl Peer {
     pub(crate) async fn run_timer(self: Arc<Self>, stop: CancellationToken) {
         loop {
             let deadline = self.lock().session.as_ref().and_then(|s| s.poll_timeout());
+            // Never longer than a second: the gauges stay fresh, and a deadline that moved earlier
+            // without a wake-up (a link attached) is late by at most that.
+            let cap = tokio::time::Instant::now() + Duration::from_secs(1);
             let sleep = match deadline {
-                Some(d) => tokio::time::Instant::from_std(d),
-                None => tokio::time::Instant::now() + Duration::from_secs(1),
+                Some(d) => tokio::time::Instant::from_std(d).min(cap),
+                None => cap,
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(sleep) => {}

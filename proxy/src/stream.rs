@@ -69,6 +69,19 @@ impl RetainBudget {
     fn spent(&self) -> bool {
         self.used() >= self.limit
     }
+    /// Takes up to `want` bytes of what is left for one flow (counted in its `mine`), before it
+    /// reads: flows reading at once cannot together overshoot the budget.
+    fn reserve(&self, mine: &mut usize, want: usize) -> usize {
+        let mut got = 0;
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                got = want.min(self.limit.saturating_sub(used));
+                Some(used + got)
+            });
+        *mine += got;
+        got
+    }
     /// One flow's share went from `*mine` to `now`.
     fn update(&self, mine: &mut usize, now: usize) {
         if now > *mine {
@@ -204,6 +217,10 @@ async fn up_half(
             .update(&mut mine, h.retained() + enc.retained_bytes());
         let budget_spent = ctx.retained.spent();
         let can_read = !eof && queued < ctx.send_queue_limit && !budget_spent;
+        if !can_read && buf.capacity() > 0 {
+            // A flow that waits keeps no read buffer.
+            buf = Vec::new();
+        }
         tokio::select! {
             _ = h.up_wait() => {}
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
@@ -215,17 +232,25 @@ async fn up_half(
                     h.reset(ResetReason::Reset);
                     break Err(ResetReason::Reset);
                 }
-                // Read what is there now, up to a budget; an empty socket means the client paused,
+                // What this pass may read: its share of the node's retain budget (read bytes are
+                // kept twice until acknowledged: by the encoder, and encoded in the stream).
+                let want = 2 * READ_BUDGET.min(ctx.send_queue_limit.saturating_sub(queued).max(READ_BUF));
+                let allowed = ctx.retained.reserve(&mut mine, want) / 2;
+                if allowed == 0 {
+                    continue;
+                }
+                // Read what is there now, up to that; an empty socket means the client paused,
                 // which is when the encoder must let pending bytes go.
-                if buf.is_empty() {
-                    buf.resize(READ_BUF, 0);
+                if buf.len() < READ_BUF.min(allowed) {
+                    buf.resize(READ_BUF.min(allowed), 0);
                 }
                 let mut total = 0usize;
                 let mut paused = false;
                 let mut err = None;
                 // Stop early once the output would overfill the send queue.
-                while total < READ_BUDGET && queued + out.len() < ctx.send_queue_limit {
-                    match rd.try_read(&mut buf) {
+                while total < allowed && queued + out.len() < ctx.send_queue_limit {
+                    let room = buf.len().min(allowed - total);
+                    match rd.try_read(&mut buf[..room]) {
                         Ok(0) => {
                             eof = true;
                             break;

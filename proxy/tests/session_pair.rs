@@ -492,7 +492,9 @@ fn a_stream_moves_to_a_new_link_after_its_link_dies_mid_transfer() {
     }
     assert!(w.all_detached());
     w.check();
-    assert!(w.a.s.stats(w.now).resumed >= 1);
+    let st = w.a.s.stats(w.now);
+    assert!(st.resumed >= 1);
+    assert_eq!(st.held, 0, "nothing is held once a link answers");
 }
 
 #[test]
