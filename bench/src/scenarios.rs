@@ -1173,15 +1173,10 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                         "failed"
                     };
                     r.note = format!(
-                        "link down {:.0}-{:.0} s ({dropped} packets dropped); {end} after {:.1} s, {} of {} bytes{}{}",
+                        "link down {:.0}-{:.0} s ({dropped} packets dropped); {end} after {:.1} s{}{}",
                         o.after_s,
                         o.after_s + o.secs,
                         f.secs,
-                        f.bytes,
-                        match &sc.workload {
-                            Workload::Rand { bytes } => *bytes,
-                            _ => 0,
-                        },
                         if r.note.is_empty() { "" } else { ": " },
                         r.note
                     );
