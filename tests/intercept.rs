@@ -9,14 +9,13 @@
 mod common;
 
 use common::netns::{
-    addr, echo_round, exchange, link, serve_echo, skip_unless_root, unique, wait_until, Ns,
+    addr, echo_round, exchange, flows, link, serve_echo, skip_unless_root, status, unique,
+    wait_admin, wait_tunnel_up, wait_until, Daemon, Ns,
 };
-use common::{keygen, payload, serve_reverse, Proc, Seen};
-use serde_json::Value;
+use common::{keygen, payload, serve_reverse, Seen};
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const PORT: u16 = 5001;
@@ -24,112 +23,6 @@ const T: Duration = Duration::from_secs(20);
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
-}
-
-/// A daemon inside a namespace, its log kept for failure messages.
-struct Daemon {
-    proc: Option<Proc>,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(ns: &Ns, config: &Path) -> Daemon {
-        let log = config.with_extension("log");
-        let f = std::fs::File::create(&log).expect("log file");
-        let child = ns
-            .cmd(env!("CARGO_BIN_EXE_ditto"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info,ditto_proxy=debug")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("spawn ditto run");
-        Daemon {
-            proc: Some(Proc(child)),
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.as_ref().map_or(0, |p| p.0.id())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: &str) {
-        let st = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill -{sig}");
-    }
-
-    /// Sends `sig` and waits for the process to exit.
-    fn stop(&mut self, sig: &str) -> Option<std::process::ExitStatus> {
-        self.signal(sig);
-        let mut p = self.proc.take()?;
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = p.0.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("ditto did not exit after SIG{sig}:\n{}", self.log());
-    }
-
-    fn exited(&mut self) -> bool {
-        match &mut self.proc {
-            Some(p) => matches!(p.0.try_wait(), Ok(Some(_))),
-            None => true,
-        }
-    }
-
-    /// SIGKILL, and reap.
-    fn kill(&mut self) {
-        self.signal("KILL");
-        if let Some(mut p) = self.proc.take() {
-            let _ = p.0.wait();
-        }
-    }
-}
-
-/// GET on the admin endpoint (loopback of `ns`): the body.
-fn admin_get(ns: &Ns, path: &str) -> Option<String> {
-    let path = path.to_owned();
-    ns.run(move || common::http_get(sa("127.0.0.1:9090"), &path))
-        .filter(|r| r.0 == 200)
-        .map(|r| r.1)
-}
-
-fn status(ns: &Ns) -> Option<Value> {
-    serde_json::from_str(&admin_get(ns, "/status")?).ok()
-}
-
-fn wait_tunnel_up(ns: &Ns, d: &Daemon) {
-    let up = wait_until(T, || {
-        status(ns).is_some_and(|s| s["peers"][0]["up"].as_bool() == Some(true))
-    });
-    assert!(up.is_some(), "tunnel never came up:\n{}", d.log());
-}
-
-fn wait_admin(ns: &Ns, d: &Daemon) {
-    let up = wait_until(T, || status(ns).is_some());
-    assert!(up.is_some(), "admin endpoint never answered:\n{}", d.log());
-}
-
-/// `ditto_flows_total{outcome,reason}` from /metrics.
-fn flows(ns: &Ns, outcome: &str, reason: &str) -> u64 {
-    let m = admin_get(ns, "/metrics").unwrap_or_default();
-    let key = format!("ditto_flows_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} ");
-    m.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 fn has_table(ns: &Ns, table: &str) -> bool {

@@ -172,6 +172,9 @@ pub struct DirStats {
     pub drop_loss_bytes: AtomicU64,
     pub drop_mtu_packets: AtomicU64,
     pub drop_mtu_bytes: AtomicU64,
+    /// Dropped because the link was down (an outage: on arrival, or due while down).
+    pub drop_outage_packets: AtomicU64,
+    pub drop_outage_bytes: AtomicU64,
     pub write_errors: AtomicU64,
     pub queue_max_bytes: AtomicU64,
     pub late_sum_ns: AtomicU64,
@@ -195,6 +198,10 @@ pub struct DirSnapshot {
     pub drop_loss_bytes: u64,
     pub drop_mtu_packets: u64,
     pub drop_mtu_bytes: u64,
+    #[serde(default)]
+    pub drop_outage_packets: u64,
+    #[serde(default)]
+    pub drop_outage_bytes: u64,
     pub write_errors: u64,
     pub queue_max_bytes: u64,
     /// Delivery lateness (actual write time minus scheduled time): mean, max, 99th percentile
@@ -218,6 +225,12 @@ impl DirStats {
             self.tx_first_ns.store(now + 1, Relaxed);
         }
         self.tx_last_ns.store(now + 1, Relaxed);
+    }
+
+    /// Records a packet of `len` bytes dropped by an outage.
+    pub fn record_outage_drop(&self, len: usize) {
+        self.drop_outage_packets.fetch_add(1, Relaxed);
+        self.drop_outage_bytes.fetch_add(len as u64, Relaxed);
     }
 
     pub fn record_late(&self, late_ns: u64) {
@@ -257,6 +270,8 @@ impl DirStats {
             drop_loss_bytes: self.drop_loss_bytes.load(Relaxed),
             drop_mtu_packets: self.drop_mtu_packets.load(Relaxed),
             drop_mtu_bytes: self.drop_mtu_bytes.load(Relaxed),
+            drop_outage_packets: self.drop_outage_packets.load(Relaxed),
+            drop_outage_bytes: self.drop_outage_bytes.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
             queue_max_bytes: self.queue_max_bytes.load(Relaxed),
             late_mean_us: if n > 0 {

@@ -81,6 +81,27 @@ pub fn markdown(r: &RunReport) -> String {
         }
         s.push('\n');
     };
+    if r.scenarios.iter().any(|sc| sc.outage.is_some()) {
+        header(
+            &mut s,
+            "Outages: did the transfer complete (byte-exact), and its wall time",
+        );
+        for sc in r.scenarios.iter().filter(|sc| sc.outage.is_some()) {
+            let _ = write!(s, "| {} |", sc.name);
+            for c in &cs {
+                let v = match find(r, &sc.name, c) {
+                    Some(x) if x.status == "ok" => format!("completed, {:.1} s", x.wall_s),
+                    Some(x) if x.status == "failed" && x.wall_s > 0.0 => {
+                        format!("FAILED after {:.1} s", x.wall_s)
+                    }
+                    Some(x) => x.status.clone(),
+                    None => "-".into(),
+                };
+                let _ = write!(s, " {v} |");
+            }
+            s.push('\n');
+        }
+    }
     header(
         &mut s,
         "Goodput, Mbit/s (interactive: median request/response time, ms)",

@@ -17,8 +17,10 @@ use std::time::Instant;
 /// Options of `scenarios`.
 #[derive(Args, Debug, Clone)]
 pub struct ScenarioArgs {
-    /// Scenarios to run (default: all). Known: legacy-window, lossy, warm-repeat, warm-repeat-db,
-    /// cold-compressible, interactive, many-flows, no-link-limit.
+    /// Scenarios to run (default: all but the outages). Known: legacy-window, lossy, warm-repeat,
+    /// warm-repeat-db, cold-compressible, interactive, many-flows, no-link-limit, and the outages
+    /// outage-10s, outage-60s, outage-300s (`outages` = all three; they take minutes, so they only
+    /// run when named).
     pub names: Vec<String>,
     /// Contenders, comma-separated (default: plain,ditto,ssh,zstd,rsync).
     #[arg(long, default_value = "plain,ditto,ssh,zstd,rsync")]
@@ -38,6 +40,12 @@ pub struct ScenarioArgs {
     /// Bytes per connection of many-flows.
     #[arg(long, default_value = "32KiB")]
     pub flow_size: String,
+    /// Size of the download that an outage interrupts.
+    #[arg(long, default_value = "32MiB")]
+    pub outage_size: String,
+    /// Seconds into the measured download at which the outage starts.
+    #[arg(long, default_value_t = 5.0)]
+    pub outage_after: f64,
     /// Request/response exchanges of the interactive scenario.
     #[arg(long, default_value_t = 50)]
     pub rr_count: usize,
@@ -88,6 +96,17 @@ pub struct Scenario {
     /// SO_RCVBUF of the client socket.
     pub client_rcvbuf: Option<String>,
     pub workload: Workload,
+    /// The emulated link goes down in the middle of the measured transfer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outage: Option<Outage>,
+}
+
+/// A WAN outage: every packet in both directions dropped for `secs`, starting `after_s` into the
+/// measured transfer.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outage {
+    pub after_s: f64,
+    pub secs: f64,
 }
 
 /// The contenders.
@@ -215,6 +234,7 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         loss: None,
         client_rcvbuf: None,
         workload,
+        outage: None,
     };
     let mut legacy = sc(
         "legacy-window",
@@ -236,6 +256,25 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         },
     );
     lossy.loss = Some("0.01".into());
+    let outages = [10u32, 60, 300].map(|secs| {
+        let mut o = sc(
+            &format!("outage-{secs}s"),
+            &format!(
+                "download of incompressible data; the WAN drops everything for {secs} s, {} s into it",
+                args.outage_after
+            ),
+            "20mbit",
+            "80ms",
+            Workload::Rand {
+                bytes: size(&args.outage_size).unwrap_or(32 << 20),
+            },
+        );
+        o.outage = Some(Outage {
+            after_s: args.outage_after,
+            secs: f64::from(secs),
+        });
+        o
+    });
     Ok(vec![
         legacy,
         lossy,
@@ -299,7 +338,10 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
                 bytes: size(&args.nolimit_size)?,
             },
         ),
-    ])
+    ]
+    .into_iter()
+    .chain(outages)
+    .collect())
 }
 
 /// Shared state of a run.
@@ -916,7 +958,12 @@ fn timeout_s(sc: &Scenario, bytes: u64) -> u64 {
     let rate = crate::units::parse_rate(&sc.rate)
         .unwrap_or(0)
         .max(1_000_000);
-    (30 + 10 * bytes * 8 / rate).min(600)
+    // After an outage, plain TCP waits for its next retransmission (backed off up to 120 s).
+    let outage = sc
+        .outage
+        .as_ref()
+        .map_or(0, |o| (o.after_s + o.secs) as u64 + 150);
+    (30 + 10 * bytes * 8 / rate).min(600) + outage
 }
 
 fn fetch_args(sc: &Scenario, target: &str, data: &Path, file: Option<&str>) -> Vec<String> {
@@ -1074,12 +1121,26 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                     _ => None,
                 };
                 let before = link.fresh_stats()?;
-                let f: FetchResult = run_json(
-                    &ctx.topo,
-                    Role::Client,
-                    &ctx.bench,
-                    &fetch_args(sc, &running.target, &ctx.data, file),
-                )?;
+                let f: FetchResult = std::thread::scope(|scope| {
+                    let outage = sc.outage.as_ref().map(|o| {
+                        let link = &link;
+                        scope.spawn(move || outage_during(link, o))
+                    });
+                    let f = run_json(
+                        &ctx.topo,
+                        Role::Client,
+                        &ctx.bench,
+                        &fetch_args(sc, &running.target, &ctx.data, file),
+                    );
+                    if let Some(h) = outage {
+                        match h.join() {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => return Err(e),
+                            Err(_) => bail!("outage thread panicked"),
+                        }
+                    }
+                    f
+                })?;
                 let after = link.fresh_stats()?;
                 r.wan_bytes = after.wan_bytes().saturating_sub(before.wan_bytes());
                 r.payload_bytes = f.bytes;
@@ -1101,6 +1162,25 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                         r.note = "received bytes differ from the source".into();
                     }
                 }
+                if let Some(o) = &sc.outage {
+                    let dropped = (after.ab.drop_outage_packets + after.ba.drop_outage_packets)
+                        .saturating_sub(
+                            before.ab.drop_outage_packets + before.ba.drop_outage_packets,
+                        );
+                    let end = if r.status == "ok" {
+                        "completed"
+                    } else {
+                        "failed"
+                    };
+                    r.note = format!(
+                        "link down {:.0}-{:.0} s ({dropped} packets dropped); {end} after {:.1} s{}{}",
+                        o.after_s,
+                        o.after_s + o.secs,
+                        f.secs,
+                        if r.note.is_empty() { "" } else { ": " },
+                        r.note
+                    );
+                }
             }
         }
         Ok(())
@@ -1111,6 +1191,14 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
     r.side_b = b;
     measured?;
     Ok(r)
+}
+
+/// Takes the link down `after_s` into the transfer, and back up `secs` later.
+fn outage_during(link: &Link, o: &Outage) -> Result<()> {
+    std::thread::sleep(std::time::Duration::from_secs_f64(o.after_s));
+    link.set_down(true)?;
+    std::thread::sleep(std::time::Duration::from_secs_f64(o.secs));
+    link.set_down(false)
 }
 
 pub(crate) fn civil_date(unix: u64) -> String {
@@ -1162,10 +1250,14 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
     }
     let all = scenarios(args)?;
     let selected: Vec<Scenario> = if args.names.is_empty() {
-        all
+        all.into_iter().filter(|s| s.outage.is_none()).collect()
     } else {
         let mut v = Vec::new();
         for n in &args.names {
+            if n == "outages" {
+                v.extend(all.iter().filter(|s| s.outage.is_some()).cloned());
+                continue;
+            }
             match all.iter().find(|s| &s.name == n) {
                 Some(s) => v.push(s.clone()),
                 None => bail!(

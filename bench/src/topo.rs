@@ -414,6 +414,14 @@ impl Link {
         }
     }
 
+    /// Takes the emulated link down (SIGUSR1: every packet dropped, both directions, until it is
+    /// back) or brings it back up (SIGUSR2).
+    pub fn set_down(&self, down: bool) -> Result<()> {
+        let child = self.child.as_ref().context("the emulator is not running")?;
+        let sig = if down { libc::SIGUSR1 } else { libc::SIGUSR2 };
+        sys::kill(child.id(), sig).context("signalling the emulator")
+    }
+
     fn finish(&mut self) -> (String, String) {
         if let Some(mut child) = self.child.take() {
             let _ = sys::kill(child.id(), libc::SIGTERM);

@@ -296,7 +296,7 @@ fn fetch_one(
                 }
                 continue;
             }
-            Err(e) => return Err(e).context("receiving"),
+            Err(e) => return Err(e).with_context(|| format!("receiving, after {bytes} bytes")),
         };
         ttfb.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         bytes += n as u64;

@@ -1,6 +1,10 @@
 //! The packet-level WAN emulator: two TUN devices ("a" and "b"), one forwarding thread per
 //! direction, each applying a [`Shaper`] and writing packets out at their scheduled time
 //! (timed wait, then a short busy-poll before the deadline).
+//!
+//! The link can be taken down and brought back at run time (an outage: every packet in both
+//! directions is dropped, also those already in flight), by SIGUSR1 / SIGUSR2 to `ditto-wanem` or by
+//! [`Emulator::set_down`] when the emulator runs inside another program (the integration tests).
 
 use crate::link::{DirConfig, DirSnapshot, DirStats, Shaper, Verdict};
 use crate::{sys, units};
@@ -12,7 +16,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -111,7 +115,27 @@ pub struct LinkConfig {
     pub ba: DirConfig,
 }
 
+/// `WanemArgs::parse_from` for programs that embed the emulator.
+#[derive(clap::Parser, Debug)]
+struct EmbeddedCli {
+    #[command(flatten)]
+    args: WanemArgs,
+}
+
 impl WanemArgs {
+    /// The options from command-line style arguments (without the program name), with the same
+    /// defaults as `ditto-wanem`, e.g. `["--rate", "20mbit", "--delay", "40ms"]`.
+    pub fn from_args<I, S>(args: I) -> Result<WanemArgs>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        let argv = std::iter::once(std::ffi::OsString::from("ditto-wanem"))
+            .chain(args.into_iter().map(Into::into));
+        Ok(EmbeddedCli::try_parse_from(argv)?.args)
+    }
+
     /// Resolves the options to per-direction settings.
     pub fn link_config(&self) -> Result<LinkConfig> {
         let dir = |rate: &Option<String>,
@@ -237,7 +261,6 @@ struct Packet {
     buf: Vec<u8>,
 }
 
-/// Forwards packets read from `input` to `output` until `stop` is set or a device fails.
 /// Everything one forwarding thread needs.
 struct Forwarder {
     input: Arc<File>,
@@ -245,12 +268,15 @@ struct Forwarder {
     shaper: Shaper,
     stats: Arc<DirStats>,
     stop: Arc<AtomicBool>,
+    /// The link is down: drop everything.
+    down: Arc<AtomicBool>,
     epoch: Instant,
     spin: Duration,
     buf_len: usize,
     rt_priority: i32,
 }
 
+/// Forwards packets read from `input` to `output` until `stop` is set or a device fails.
 fn forward(f: Forwarder) -> Result<()> {
     let Forwarder {
         input,
@@ -258,6 +284,7 @@ fn forward(f: Forwarder) -> Result<()> {
         mut shaper,
         stats,
         stop,
+        down,
         epoch,
         spin,
         buf_len,
@@ -280,21 +307,27 @@ fn forward(f: Forwarder) -> Result<()> {
         if stop.load(Relaxed) {
             return Ok(());
         }
-        // 1. Deliver what is due.
+        // Read once per round (after any wait): the only cost of outages on the forwarding path.
+        let is_down = down.load(Relaxed);
+        // 1. Deliver what is due (or drop it: the link went down while it was in flight).
         let now = now_ns();
         while let Some(p) = queue.front() {
             if p.at > now {
                 break;
             }
-            let t = now_ns();
-            match out.write(&p.buf[..p.len]) {
-                Ok(_) => {
-                    stats.record_tx(t, p.len);
-                    stats.record_late(t.saturating_sub(p.at));
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    stats.write_errors.fetch_add(1, Relaxed);
+            if is_down {
+                stats.record_outage_drop(p.len);
+            } else {
+                let t = now_ns();
+                match out.write(&p.buf[..p.len]) {
+                    Ok(_) => {
+                        stats.record_tx(t, p.len);
+                        stats.record_late(t.saturating_sub(p.at));
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        stats.write_errors.fetch_add(1, Relaxed);
+                    }
                 }
             }
             if let Some(p) = queue.pop_front() {
@@ -311,6 +344,10 @@ fn forward(f: Forwarder) -> Result<()> {
                     let t = now_ns();
                     stats.rx_packets.fetch_add(1, Relaxed);
                     stats.rx_bytes.fetch_add(len as u64, Relaxed);
+                    if is_down {
+                        stats.record_outage_drop(len);
+                        continue;
+                    }
                     match shaper.admit(t, len) {
                         Verdict::Deliver(at) => {
                             let mut buf = pool.pop().unwrap_or_else(|| Vec::with_capacity(buf_len));
@@ -358,100 +395,185 @@ fn forward(f: Forwarder) -> Result<()> {
     }
 }
 
-/// Runs the emulator until SIGINT/SIGTERM (or a device failure). Prints "ready" on stdout once
-/// both devices are configured, and the final counters on exit.
+/// A running emulator: two TUN devices wired into their namespaces and one forwarding thread per
+/// direction. Dropping it stops the threads, which removes the devices.
+pub struct Emulator {
+    link: LinkConfig,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+    st_ab: Arc<DirStats>,
+    st_ba: Arc<DirStats>,
+    workers: Vec<thread::JoinHandle<Result<()>>>,
+}
+
+impl Emulator {
+    /// Creates and configures the devices (in the calling thread's network namespace, then moved
+    /// into --a-netns / --b-netns), blocks `block_signals` in the calling thread (so that the
+    /// forwarding threads inherit the mask; the `ip` children do not) and starts forwarding.
+    pub fn start(args: &WanemArgs, block_signals: &[i32]) -> Result<Emulator> {
+        static INSTANCE: AtomicU32 = AtomicU32::new(0);
+        let link = args.link_config()?;
+        // Unique names also with several emulators in one process: "dw<pid>-<n>a" (<= 15 bytes).
+        let tag = format!(
+            "dw{}-{}",
+            std::process::id(),
+            INSTANCE.fetch_add(1, Relaxed) % 1000
+        );
+        let tmp_a = format!("{tag}a");
+        let tmp_b = format!("{tag}b");
+        let tun_a = Arc::new(
+            sys::open_tun(&tmp_a).with_context(|| format!("creating TUN device {tmp_a}"))?,
+        );
+        let tun_b = Arc::new(
+            sys::open_tun(&tmp_b).with_context(|| format!("creating TUN device {tmp_b}"))?,
+        );
+        let side_a = Side {
+            tmp: tmp_a,
+            dev: &args.a_dev,
+            netns: args.a_netns.as_deref(),
+            addr: args.a_addr.as_deref(),
+            routes: &args.a_route,
+        };
+        let side_b = Side {
+            tmp: tmp_b,
+            dev: &args.b_dev,
+            netns: args.b_netns.as_deref(),
+            addr: args.b_addr.as_deref(),
+            routes: &args.b_route,
+        };
+        if side_a.netns.is_none() && side_b.netns.is_none() && side_a.dev == side_b.dev {
+            bail!(
+                "both devices would be named {:?} in the same namespace",
+                side_a.dev
+            );
+        }
+        configure(&side_a, args.dev_mtu).context("configuring side A")?;
+        configure(&side_b, args.dev_mtu).context("configuring side B")?;
+        if !block_signals.is_empty() {
+            sys::block_signals(block_signals).context("blocking signals")?;
+        }
+
+        let epoch = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(false));
+        let st_ab = Arc::new(DirStats::default());
+        let st_ba = Arc::new(DirStats::default());
+        let spin = Duration::from_micros(args.spin_us);
+        let buf_len = args.dev_mtu.max(1500) + 64;
+        let rt_prio = args.rt_priority.clamp(0, 99);
+        let mut emu = Emulator {
+            link: link.clone(),
+            epoch,
+            stop: stop.clone(),
+            down: down.clone(),
+            st_ab: st_ab.clone(),
+            st_ba: st_ba.clone(),
+            workers: Vec::new(),
+        };
+        for (name, input, output, cfg, st, seed) in [
+            ("wanem-ab", &tun_a, &tun_b, link.ab, &st_ab, args.seed),
+            (
+                "wanem-ba",
+                &tun_b,
+                &tun_a,
+                link.ba,
+                &st_ba,
+                args.seed.wrapping_add(0x5151),
+            ),
+        ] {
+            let f = Forwarder {
+                input: input.clone(),
+                output: output.clone(),
+                shaper: Shaper::new(cfg, seed),
+                stats: st.clone(),
+                stop: stop.clone(),
+                down: down.clone(),
+                epoch,
+                spin,
+                buf_len,
+                rt_priority: rt_prio,
+            };
+            let h = thread::Builder::new()
+                .name(name.into())
+                .spawn(move || forward(f))
+                .context("spawning forwarding thread")?;
+            emu.workers.push(h);
+        }
+        Ok(emu)
+    }
+
+    /// The per-direction settings in force.
+    pub fn link(&self) -> &LinkConfig {
+        &self.link
+    }
+
+    /// Takes the link down (drop every packet, both directions, also those in flight) or brings
+    /// it back up.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Relaxed);
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Relaxed)
+    }
+
+    /// The counters now.
+    pub fn report(&self) -> StatsReport {
+        StatsReport {
+            pid: std::process::id(),
+            uptime_s: self.epoch.elapsed().as_secs_f64(),
+            running: !self.stop.load(Relaxed),
+            ab: self.st_ab.snapshot(),
+            ba: self.st_ba.snapshot(),
+        }
+    }
+
+    /// True once a forwarding thread has ended (a device failed).
+    pub fn failed(&self) -> bool {
+        self.workers.iter().any(|w| w.is_finished())
+    }
+
+    /// Stops forwarding; the final counters, or why a forwarding thread stopped early.
+    pub fn stop(mut self) -> Result<StatsReport> {
+        match self.halt() {
+            Some(e) => Err(e),
+            None => Ok(self.report()),
+        }
+    }
+
+    fn halt(&mut self) -> Option<anyhow::Error> {
+        self.stop.store(true, Relaxed);
+        let mut failure = None;
+        for w in self.workers.drain(..) {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = Some(e),
+                Err(_) => failure = Some(anyhow::anyhow!("forwarding thread panicked")),
+            }
+        }
+        failure.map(|e| e.context("forwarding stopped"))
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Runs the emulator until SIGINT/SIGTERM (or a device failure); SIGUSR1 takes the link down,
+/// SIGUSR2 brings it back. Prints "ready" on stdout once both devices are configured, and the
+/// final counters on exit.
 pub fn run(args: WanemArgs) -> Result<StatsReport> {
-    let link = args.link_config()?;
     if args.die_with_parent {
         sys::die_with_parent();
     }
-    let signals = [libc::SIGINT, libc::SIGTERM];
-
-    let pid = std::process::id();
-    let tmp_a = format!("dwem{pid}a");
-    let tmp_b = format!("dwem{pid}b");
-    let tun_a =
-        Arc::new(sys::open_tun(&tmp_a).with_context(|| format!("creating TUN device {tmp_a}"))?);
-    let tun_b =
-        Arc::new(sys::open_tun(&tmp_b).with_context(|| format!("creating TUN device {tmp_b}"))?);
-    let side_a = Side {
-        tmp: tmp_a,
-        dev: &args.a_dev,
-        netns: args.a_netns.as_deref(),
-        addr: args.a_addr.as_deref(),
-        routes: &args.a_route,
-    };
-    let side_b = Side {
-        tmp: tmp_b,
-        dev: &args.b_dev,
-        netns: args.b_netns.as_deref(),
-        addr: args.b_addr.as_deref(),
-        routes: &args.b_route,
-    };
-    if side_a.netns.is_none() && side_b.netns.is_none() && side_a.dev == side_b.dev {
-        bail!(
-            "both devices would be named {:?} in the same namespace",
-            side_a.dev
-        );
-    }
-    configure(&side_a, args.dev_mtu).context("configuring side A")?;
-    configure(&side_b, args.dev_mtu).context("configuring side B")?;
-    // Blocked only now (the `ip` children above would inherit the mask); the forwarding threads
-    // inherit it, and the main thread collects the signals with sigtimedwait.
-    sys::block_signals(&signals).context("blocking signals")?;
-
-    let epoch = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let st_ab = Arc::new(DirStats::default());
-    let st_ba = Arc::new(DirStats::default());
-    let spin = Duration::from_micros(args.spin_us);
-    let buf_len = args.dev_mtu.max(1500) + 64;
-    let rt_prio = args.rt_priority.clamp(0, 99);
-    let mut workers = Vec::new();
-    for (name, input, output, cfg, st, seed) in [
-        (
-            "wanem-ab",
-            &tun_a,
-            &tun_b,
-            link.ab.clone(),
-            &st_ab,
-            args.seed,
-        ),
-        (
-            "wanem-ba",
-            &tun_b,
-            &tun_a,
-            link.ba.clone(),
-            &st_ba,
-            args.seed.wrapping_add(0x5151),
-        ),
-    ] {
-        let (input, output, st, stop) = (input.clone(), output.clone(), st.clone(), stop.clone());
-        let h = thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                forward(Forwarder {
-                    input,
-                    output,
-                    shaper: Shaper::new(cfg, seed),
-                    stats: st,
-                    stop,
-                    epoch,
-                    spin,
-                    buf_len,
-                    rt_priority: rt_prio,
-                })
-            })
-            .context("spawning forwarding thread")?;
-        workers.push(h);
-    }
-    let report = |running: bool| StatsReport {
-        pid,
-        uptime_s: epoch.elapsed().as_secs_f64(),
-        running,
-        ab: st_ab.snapshot(),
-        ba: st_ba.snapshot(),
-    };
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGUSR2];
+    let emu = Emulator::start(&args, &signals)?;
     let write_stats = |r: &StatsReport| -> Result<()> {
         if let Some(path) = &args.stats_file {
             let tmp = path.with_extension("tmp");
@@ -460,35 +582,39 @@ pub fn run(args: WanemArgs) -> Result<StatsReport> {
         }
         Ok(())
     };
-    write_stats(&report(true)).context("writing stats file")?;
-    println!("ready {}", serde_json::to_string(&link)?);
+    write_stats(&emu.report()).context("writing stats file")?;
+    println!("ready {}", serde_json::to_string(emu.link())?);
     std::io::stdout().flush().ok();
 
     let interval = Duration::from_millis(args.stats_interval_ms.clamp(10, 60_000));
-    let mut failure = None;
     loop {
-        if let Some(sig) = sys::wait_signal(&signals, interval) {
-            eprintln!("ditto-wanem: signal {sig}, stopping");
+        match sys::wait_signal(&signals, interval) {
+            Some(libc::SIGUSR1) => {
+                emu.set_down(true);
+                eprintln!("ditto-wanem: link down (SIGUSR1)");
+            }
+            Some(libc::SIGUSR2) => {
+                emu.set_down(false);
+                eprintln!("ditto-wanem: link up (SIGUSR2)");
+            }
+            Some(sig) => {
+                eprintln!("ditto-wanem: signal {sig}, stopping");
+                break;
+            }
+            None => {}
+        }
+        if emu.failed() {
             break;
         }
-        if workers.iter().any(|w| w.is_finished()) {
-            break;
-        }
-        write_stats(&report(true)).context("writing stats file")?;
+        write_stats(&emu.report()).context("writing stats file")?;
     }
-    stop.store(true, Relaxed);
-    for w in workers {
-        match w.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(e),
-            Err(_) => failure = Some(anyhow::anyhow!("forwarding thread panicked")),
-        }
-    }
-    let final_report = report(false);
+    let mut emu = emu;
+    let failure = emu.halt();
+    let final_report = emu.report();
     write_stats(&final_report).ok();
     println!("{}", serde_json::to_string_pretty(&final_report)?);
-    if let Some(e) = failure {
-        return Err(e.context("forwarding stopped"));
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(final_report),
     }
-    Ok(final_report)
 }

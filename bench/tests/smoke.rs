@@ -112,3 +112,53 @@ fn emulated_link_carries_tcp_within_bounds() {
     );
     assert!(t0.elapsed().as_secs() < 60, "took {:?}", t0.elapsed());
 }
+
+#[test]
+fn outage_signals_drop_everything_until_the_link_is_back() {
+    if skip("outage_signals_drop_everything_until_the_link_is_back") {
+        return;
+    }
+    let (_, wanem) = bins();
+    let topo = Topo::unique("dts").expect("prefix");
+    let guard = TopoGuard(topo.clone());
+    guard.up().expect("topology");
+    let link = guard.start_link(&wanem, &[]).expect("emulator");
+    // Ten UDP datagrams from site A across the link (bash's /dev/udp: nothing listens, it does
+    // not matter, the emulator counts them on the way).
+    let send = || {
+        let st = topo
+            .cmd(Role::SiteA, "bash")
+            .args([
+                "-c",
+                &format!(
+                    "for i in 1 2 3 4 5 6 7 8 9 10; do echo x > /dev/udp/{}/9; done",
+                    ditto_bench::topo::addr::B_WAN
+                ),
+            ])
+            .status()
+            .expect("bash");
+        assert!(st.success(), "sending datagrams");
+    };
+    let counts = || {
+        let s = link.fresh_stats().expect("stats");
+        (s.ab.tx_packets, s.ab.drop_outage_packets)
+    };
+    send();
+    let (tx0, drop0) = counts();
+    assert!(
+        tx0 >= 10 && drop0 == 0,
+        "link up: tx {tx0}, outage drops {drop0}"
+    );
+    link.set_down(true).expect("SIGUSR1");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    send();
+    let (tx1, drop1) = counts();
+    assert_eq!(tx1, tx0, "delivered while down");
+    assert!(drop1 >= 10, "outage drops {drop1}");
+    link.set_down(false).expect("SIGUSR2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    send();
+    let (tx2, drop2) = counts();
+    assert!(tx2 >= tx1 + 10, "link back up: tx {tx2} after {tx1}");
+    assert_eq!(drop2, drop1, "dropped after the link came back");
+}

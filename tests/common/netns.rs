@@ -4,9 +4,10 @@
 //! when a test fails. Needs root; tests call [`skip_unless_root`] first.
 #![allow(dead_code, unsafe_code)]
 
+use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -243,4 +244,116 @@ pub fn echo_round(s: &mut TcpStream, data: &[u8]) -> std::io::Result<bool> {
         .map_err(|_| std::io::Error::other("writer panicked"))??;
     r?;
     Ok(got == data)
+}
+
+/// A daemon inside a namespace, its log kept for failure messages.
+pub struct Daemon {
+    proc: Option<super::Proc>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// `ditto run --config CONFIG` inside `ns`, its log (stderr) next to the config.
+    pub fn start(ns: &Ns, config: &Path) -> Daemon {
+        Daemon::start_logged(ns, config, config.with_extension("log"))
+    }
+
+    /// Like [`Daemon::start`], its log in `log` (a restarted daemon keeps the old one).
+    pub fn start_logged(ns: &Ns, config: &Path, log: PathBuf) -> Daemon {
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = ns
+            .cmd(env!("CARGO_BIN_EXE_ditto"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info,ditto_proxy=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn ditto run");
+        Daemon {
+            proc: Some(super::Proc(child)),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, |p| p.0.id())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill -{sig}");
+    }
+
+    /// Sends `sig` and waits for the process to exit.
+    pub fn stop(&mut self, sig: &str) -> Option<std::process::ExitStatus> {
+        self.signal(sig);
+        let mut p = self.proc.take()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = p.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("ditto did not exit after SIG{sig}:\n{}", self.log());
+    }
+
+    pub fn exited(&mut self) -> bool {
+        match &mut self.proc {
+            Some(p) => matches!(p.0.try_wait(), Ok(Some(_))),
+            None => true,
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        self.signal("KILL");
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.wait();
+        }
+    }
+}
+
+/// GET on the admin endpoint (127.0.0.1:9090 inside `ns`, where the tests' configs put it): the body.
+pub fn admin_get(ns: &Ns, path: &str) -> Option<String> {
+    let path = path.to_owned();
+    ns.run(move || super::http_get(SocketAddr::from(([127, 0, 0, 1], 9090)), &path))
+        .filter(|r| r.0 == 200)
+        .map(|r| r.1)
+}
+
+pub fn status(ns: &Ns) -> Option<Value> {
+    serde_json::from_str(&admin_get(ns, "/status")?).ok()
+}
+
+pub fn wait_tunnel_up(ns: &Ns, d: &Daemon) {
+    let up = wait_until(Duration::from_secs(20), || {
+        status(ns).is_some_and(|s| s["peers"][0]["up"].as_bool() == Some(true))
+    });
+    assert!(up.is_some(), "tunnel never came up:\n{}", d.log());
+}
+
+pub fn wait_admin(ns: &Ns, d: &Daemon) {
+    let up = wait_until(Duration::from_secs(20), || status(ns).is_some());
+    assert!(up.is_some(), "admin endpoint never answered:\n{}", d.log());
+}
+
+/// `ditto_flows_total{outcome,reason}` from /metrics.
+pub fn flows(ns: &Ns, outcome: &str, reason: &str) -> u64 {
+    let m = admin_get(ns, "/metrics").unwrap_or_default();
+    let key = format!("ditto_flows_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
