@@ -28,12 +28,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// While streams wait for the peer, a dial attempt gives up after this long and the next one
-/// starts at once: each attempt sends a fresh SYN, instead of waiting out TCP's own SYN
-/// retransmission backoff, so a returning path is noticed within about this long.
-const HELD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// While streams wait for the peer, a dial attempt gives up after this long (plus two round
+/// trips) and the next one starts at once: each attempt sends a fresh SYN instead of waiting out
+/// TCP's own SYN retransmission backoff, so a returning path is noticed within about this long.
+const HELD_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between dial attempts while streams wait for the peer.
-const HELD_RETRY: Duration = Duration::from_millis(200);
+const HELD_RETRY: Duration = Duration::from_millis(100);
 
 /// Why setting up a tunnel connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -382,7 +382,8 @@ pub(crate) async fn dial_loop(env: Arc<LinkEnv>, peer: Arc<Peer>, slot: usize) {
         }
         let holding = peer.holding();
         let timeout = if holding {
-            s.connect_timeout.min(HELD_CONNECT_TIMEOUT)
+            let rtt = peer.stats().rtt.unwrap_or_default();
+            s.connect_timeout.min(HELD_CONNECT_TIMEOUT + rtt * 2)
         } else {
             s.connect_timeout
         };
