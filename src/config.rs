@@ -215,6 +215,41 @@ impl<'de> Deserialize<'de> for Net {
     }
 }
 
+/// An "IP:port" socket address; the error says what is wrong with it (toml's own says only
+/// "invalid socket address syntax").
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let expected = "expected an IP address and a port, like \"127.0.0.1:9090\" or \"[::]:7070\"";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("invalid address {s:?}: no port; {expected}"));
+    };
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_err()
+    {
+        return Err(format!(
+            "invalid address {s:?}: port {port} is out of range 0-65535"
+        ));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!(
+            "invalid address {s:?}: {host:?} is not an IP address (host names are not resolved here); {expected}"
+        ));
+    }
+    Err(format!("invalid address {s:?}: {expected}"))
+}
+
+fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<SocketAddr>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let a = parse_socket_addr(s.get_ref()).map_err(serde::de::Error::custom)?;
+    Ok(Spanned::new(s.span(), a))
+}
+
+fn opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<SocketAddr>>, D::Error> {
+    addr(d).map(Some)
+}
+
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ModeName {
@@ -244,6 +279,7 @@ pub struct Config {
 pub struct InterceptSection {
     pub mode: Spanned<ModeName>,
     /// redirect/tproxy: where nftables diverts to (a wildcard address).
+    #[serde(default, deserialize_with = "opt_addr")]
     pub listen: Option<Spanned<SocketAddr>>,
     /// Destination ports diverted (inline: required; else default all).
     #[serde(default)]
@@ -280,8 +316,9 @@ pub struct RouteSection {
 pub struct NodeSection {
     pub name: Spanned<String>,
     /// Private key file (relative paths are relative to the config file).
-    pub key: PathBuf,
+    pub key: Spanned<PathBuf>,
     /// Admin endpoint (metrics, health, status); none when absent.
+    #[serde(default, deserialize_with = "opt_addr")]
     pub admin: Option<Spanned<SocketAddr>>,
     /// Allow `admin` on a non-loopback address.
     #[serde(default)]
@@ -303,6 +340,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct TunnelSection {
     /// Where peers dial us; a node that only dials has none.
+    #[serde(default, deserialize_with = "opt_addr")]
     pub listen: Option<Spanned<SocketAddr>>,
     /// Connections kept to each peer we dial.
     pub connections: Option<Spanned<u32>>,
@@ -334,6 +372,7 @@ pub struct PeerSection {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSection {
+    #[serde(deserialize_with = "addr")]
     pub listen: Spanned<SocketAddr>,
     pub peer: Option<Spanned<String>>,
     pub target: HostPort,
@@ -346,6 +385,8 @@ pub struct ForwardSection {
 pub struct Loaded {
     pub path: PathBuf,
     pub config: Config,
+    /// The file's text, for the line numbers of later errors.
+    src: String,
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -383,6 +424,7 @@ impl Config {
         Ok(Loaded {
             path: path.to_owned(),
             config: Config::parse(&src, path)?,
+            src,
         })
     }
 
@@ -724,6 +766,22 @@ impl Config {
 }
 
 impl Loaded {
+    /// "FILE:LINE: KEY", for an error about a key found valid while parsing (e.g. a key file that
+    /// cannot be read).
+    pub fn at(&self, span: std::ops::Range<usize>, key: &str) -> String {
+        format!(
+            "{}:{}: {key}",
+            self.path.display(),
+            line_of(&self.src, span.start)
+        )
+    }
+
+    /// The node's key file, resolved, and where the config names it.
+    pub fn key_file(&self) -> (PathBuf, String) {
+        let k = &self.config.node.key;
+        (self.resolve(k.get_ref()), self.at(k.span(), "node.key"))
+    }
+
     /// A path from the config, relative to the config file's directory.
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -895,6 +953,26 @@ mod tests {
         assert_eq!(Dur::parse("200ms"), Some(Dur(Duration::from_millis(200))));
         assert_eq!(Dur::parse("2m"), Some(Dur(Duration::from_secs(120))));
         assert_eq!(Dur::parse("5"), None);
+    }
+
+    #[test]
+    fn socket_address_errors_say_what_is_wrong() {
+        assert_eq!(
+            parse_socket_addr("[::]:7070"),
+            Ok(SocketAddr::from(([0u16; 8], 7070)))
+        );
+        let e = parse_socket_addr("127.0.0.1:70000").expect_err("port");
+        assert!(e.contains("port 70000 is out of range 0-65535"), "{e}");
+        let e = parse_socket_addr("127.0.0.1").expect_err("no port");
+        assert!(e.contains("no port"), "{e}");
+        let e = parse_socket_addr("example.com:80").expect_err("name");
+        assert!(e.contains("not an IP address"), "{e}");
+        let src = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\nlisten = \"0.0.0.0:99999\"\n";
+        let e = parse(src).expect_err("port range").to_string();
+        assert!(
+            e.contains("line 5") && e.contains("port 99999 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]
