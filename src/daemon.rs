@@ -18,7 +18,11 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// Configuration file (TOML).
-    pub config: PathBuf,
+    #[arg(long, short, required_unless_present = "file")]
+    pub config: Option<PathBuf>,
+    /// The file as a positional argument: the older form of --config.
+    #[arg(hide = true, conflicts_with = "config")]
+    pub file: Option<PathBuf>,
 }
 
 /// Sets up logging to stderr: `RUST_LOG` if set, else info. Colour only when stderr is a terminal
@@ -99,13 +103,16 @@ pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
 }
 
 pub fn check_config(args: CheckArgs) -> Result<ExitCode> {
-    let l = Config::load(&args.config)?;
+    let Some(path) = args.config.or(args.file) else {
+        anyhow::bail!("no config file: give --config FILE");
+    };
+    let l = Config::load(&path)?;
     // The key must be usable too: a config that cannot start is not valid.
     let (key, at) = l.key_file();
     let id = Identity::load(&key).context(at)?;
     println!(
         "{}: ok (node {:?}, fingerprint {}, {} peer(s), {} forward(s))",
-        args.config.display(),
+        path.display(),
         l.config.node.name.get_ref(),
         id.fingerprint,
         l.config.peers.len(),
@@ -187,11 +194,13 @@ pub struct CleanupArgs {
     /// Configuration file whose [intercept] names the rules (table, fwmark, route_table).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Without a config: the nftables table name.
+    /// Without a config: the nftables table name (intercept.table).
     #[arg(long, default_value = "ditto", conflicts_with = "config")]
     pub table: String,
+    /// Without a config: the firewall mark of ditto's policy routing (intercept.fwmark).
     #[arg(long, default_value_t = 0x1d1, conflicts_with = "config")]
     pub fwmark: u32,
+    /// Without a config: the routing table of ditto's policy routing (intercept.route_table).
     #[arg(long, default_value_t = 1881, conflicts_with = "config")]
     pub route_table: u32,
 }

@@ -102,6 +102,12 @@ mod tests {
     }
 
     #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
     fn each_cause_is_printed_once() {
         let io = std::io::Error::from(std::io::ErrorKind::NotFound);
         let text = io.to_string();

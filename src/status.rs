@@ -10,8 +10,8 @@ pub struct Args {
     /// Admin address of the node.
     #[arg(long, default_value = "127.0.0.1:9090", conflicts_with = "config")]
     pub admin: SocketAddr,
-    /// Take the admin address from this config file instead.
-    #[arg(long)]
+    /// Take the admin address (node.admin) from this config file instead.
+    #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Print the raw JSON.
     #[arg(long)]

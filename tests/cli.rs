@@ -83,12 +83,16 @@ fn keygen_check_config_run_status_and_stop() {
         "connections = 2",
         "",
     );
-    let out = run_ok(ditto().arg("check-config").arg(&cfg_a));
+    let out = run_ok(ditto().args(["check-config", "-c"]).arg(&cfg_a));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&fp_a));
     // A broken config is refused with its line.
     let bad = d.join("bad.toml");
     std::fs::write(&bad, "[node]\nname = \"x\"\nkey = \"a.key\"\nwindow = 3\n").expect("write");
-    let out = ditto().arg("check-config").arg(&bad).output().expect("run");
+    let out = ditto()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 4"),
@@ -125,13 +129,7 @@ fn keygen_check_config_run_status_and_stop() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("site-b") && text.contains("UP"), "{text}");
-    let out = run_ok(
-        ditto()
-            .arg("status")
-            .arg("--config")
-            .arg(&cfg_b)
-            .arg("--json"),
-    );
+    let out = run_ok(ditto().arg("status").arg("-c").arg(&cfg_b).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     assert_eq!(v["node"], "site-b");
     assert_eq!(v["peers"][0]["up"], true);
@@ -294,7 +292,12 @@ fn error_messages_name_the_key_and_line_once() {
     let cfg = d.join("nokey.toml");
     std::fs::write(&cfg, "[node]\nname = \"a\"\nkey = \"missing.key\"\n").expect("write");
     let enoent = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
-    for args in [&["check-config"][..], &["run", "--config"]] {
+    // check-config still takes the file as its one positional argument, as it did.
+    for args in [
+        &["check-config"][..],
+        &["check-config", "-c"],
+        &["run", "-c"],
+    ] {
         let e = fail(ditto().args(args).arg(&cfg));
         assert!(e.contains("nokey.toml:3: node.key: "), "{e}");
         assert!(e.contains("missing.key"), "{e}");
@@ -319,7 +322,7 @@ fn error_messages_name_the_key_and_line_once() {
         "[node]\nname = \"a\"\nkey = \"k.key\"\nadmin = \"127.0.0.1:70000\"\n",
     )
     .expect("write");
-    let e = fail(ditto().arg("check-config").arg(&cfg));
+    let e = fail(ditto().args(["check-config", "-c"]).arg(&cfg));
     assert!(e.contains("line 4"), "{e}");
     once(&e, "port 70000 is out of range 0-65535");
 }
