@@ -326,3 +326,47 @@ fn error_messages_name_the_key_and_line_once() {
     assert!(e.contains("line 4"), "{e}");
     once(&e, "port 70000 is out of range 0-65535");
 }
+
+/// `ditto demo` on a small directory: both passes verified, WAN bytes of plain and of ditto, and the
+/// JSON names the dataset and the link.
+#[test]
+fn demo_reports_both_passes_and_the_link() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for i in 0..4u64 {
+        std::fs::write(
+            dir.path().join(format!("f{i}")),
+            common::payload(i, 600_000),
+        )
+        .expect("write");
+    }
+    let out = run_ok(
+        ditto()
+            .args([
+                "demo", "--json", "--mbit", "200", "--rtt-ms", "10", "--path",
+            ])
+            .arg(dir.path()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("plain WAN MiB") && text.contains("ditto WAN MiB"),
+        "{text}"
+    );
+    let json = text.lines().last().expect("JSON line");
+    let v: serde_json::Value = serde_json::from_str(json).expect("demo json");
+    let dataset = v["dataset_bytes"].as_u64().expect("dataset_bytes");
+    assert!(dataset > 2_400_000, "{v}");
+    assert_eq!(v["link"]["mbit"].as_f64(), Some(200.0));
+    assert_eq!(v["link"]["rtt_ms"].as_u64(), Some(10));
+    assert_eq!(v["link"]["delay_ms"].as_f64(), Some(5.0));
+    let passes = v["passes"].as_array().expect("passes");
+    assert_eq!(passes.len(), 2);
+    for p in passes {
+        assert_eq!(p["verified"], true, "{p}");
+        // Plain carries the dataset, and a little more (the one-byte verdict back).
+        let plain = p["plain_wan_bytes"].as_u64().expect("plain_wan_bytes");
+        assert!(plain > dataset && plain < dataset + 100, "{p}");
+    }
+    // The second pass is deduplicated: far fewer WAN bytes than plain.
+    let second = passes[1]["wan_bytes"].as_u64().expect("wan_bytes");
+    assert!(second * 10 < dataset, "{v}");
+}
