@@ -204,3 +204,4 @@ pub fn start_daemon(config: &Path) -> Proc {
 }
 pub mod disk;
 pub mod netns;
+pub mod require;
