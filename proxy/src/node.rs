@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::mux::Conn;
 use crate::sock::WanTuning;
 use prometheus::{Gauge, IntCounter, IntGauge};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -557,8 +557,8 @@ fn remove_rules(inner: &Inner) {
     }
 }
 
-/// `GET /status`: what `ditto status` prints.
-#[derive(Serialize, Debug, Clone)]
+/// `GET /status`: what `ditto status` prints (it reads this same type back).
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Status {
     pub node: String,
     pub fingerprint: String,
@@ -580,7 +580,7 @@ pub struct Status {
     pub intercept: Option<InterceptStatus>,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct InterceptStatus {
     pub mode: String,
     /// The nftables table(s) ditto owns.
@@ -591,7 +591,7 @@ pub struct InterceptStatus {
     pub routes: usize,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct PeerStatus {
     pub name: String,
     pub fingerprint: String,
@@ -607,7 +607,7 @@ pub struct PeerStatus {
     pub reconnects: u64,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct FlowCount {
     pub outcome: String,
     pub reason: String,
