@@ -34,40 +34,14 @@ pub enum ConfigError {
     },
 }
 
-/// Splits "1.5GiB" into (1.5, "GiB"): a leading decimal number and the unit after it.
-fn number_and_unit(s: &str) -> Option<(f64, &str)> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    Some((num.parse().ok()?, unit))
-}
-
-/// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB").
+/// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB"; the rules
+/// of `ditto-units`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(s: &str) -> Option<ByteSize> {
-        let (num, unit) = number_and_unit(s)?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kib" => 1 << 10,
-            "m" | "mib" => 1 << 20,
-            "g" | "gib" => 1 << 30,
-            "t" | "tib" => 1 << 40,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            _ => return None,
-        };
-        let v = num * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-            return None;
-        }
-        Some(ByteSize(v as u64))
+    pub fn parse(s: &str) -> Result<ByteSize, ditto_units::UnitError> {
+        ditto_units::bytes(s).map(ByteSize)
     }
 }
 
@@ -81,41 +55,25 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => ByteSize::parse(&s).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid size {s:?}: expected a number with a unit, like \"256MiB\""
-                ))
-            }),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }
 
-/// A duration: "5s", "200ms", "2m", "1h".
+/// A duration: "5s", "200ms", "2m", "1h" (the rules of `ditto-units`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 impl Dur {
-    pub fn parse(s: &str) -> Option<Dur> {
-        let (num, unit) = number_and_unit(s)?;
-        let secs = match unit.trim() {
-            "ms" => num / 1000.0,
-            "s" => num,
-            "m" | "min" => num * 60.0,
-            "h" => num * 3600.0,
-            _ => return None,
-        };
-        Duration::try_from_secs_f64(secs).ok().map(Dur)
+    pub fn parse(s: &str) -> Result<Dur, ditto_units::UnitError> {
+        ditto_units::duration(s).map(Dur)
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Dur::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?}: expected e.g. \"5s\" or \"200ms\""
-            ))
-        })
+        Dur::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -944,15 +902,12 @@ mod tests {
 
     #[test]
     fn sizes_and_durations() {
-        assert_eq!(ByteSize::parse("256MiB"), Some(ByteSize(256 << 20)));
-        assert_eq!(ByteSize::parse("10GiB"), Some(ByteSize(10 << 30)));
-        assert_eq!(ByteSize::parse("1.5 GB"), Some(ByteSize(1_500_000_000)));
-        assert_eq!(ByteSize::parse("4096"), Some(ByteSize(4096)));
-        assert_eq!(ByteSize::parse("12 parsecs"), None);
-        assert_eq!(ByteSize::parse("-1MiB"), None);
-        assert_eq!(Dur::parse("200ms"), Some(Dur(Duration::from_millis(200))));
-        assert_eq!(Dur::parse("2m"), Some(Dur(Duration::from_secs(120))));
-        assert_eq!(Dur::parse("5"), None);
+        // The rules themselves are ditto-units' (and tested there); these are the config's use.
+        assert_eq!(ByteSize::parse("256MiB"), Ok(ByteSize(256 << 20)));
+        assert_eq!(ByteSize::parse("1.5 GB"), Ok(ByteSize(1_500_000_000)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert_eq!(Dur::parse("200ms"), Ok(Dur(Duration::from_millis(200))));
+        assert!(Dur::parse("5").is_err());
     }
 
     #[test]
