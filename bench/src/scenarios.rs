@@ -60,7 +60,7 @@ pub struct ScenarioArgs {
 }
 
 /// What a scenario transfers.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Workload {
     /// Download of incompressible pseudo-random bytes.
@@ -78,7 +78,7 @@ pub enum Workload {
 }
 
 /// One scenario.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scenario {
     pub name: String,
     pub about: String,
@@ -192,7 +192,7 @@ pub struct RunResult {
 }
 
 /// The whole run, as written to JSON.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
     pub date: String,
     pub started_unix: u64,
