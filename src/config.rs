@@ -379,11 +379,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Loaded {
-            path: path.to_owned(),
-            config: Config::parse(&src, path)?,
-            src,
-        })
+        Loaded::from_source(src, path)
     }
 
     /// Checks relations between keys. The error carries the span of the key at fault.
@@ -724,6 +720,15 @@ impl Config {
 }
 
 impl Loaded {
+    /// Parses and validates `src`, the text of the config file at `path`.
+    pub fn from_source(src: String, path: &Path) -> Result<Loaded, ConfigError> {
+        Ok(Loaded {
+            path: path.to_owned(),
+            config: Config::parse(&src, path)?,
+            src,
+        })
+    }
+
     /// "FILE:LINE: KEY", for an error about a key found valid while parsing (e.g. a key file that
     /// cannot be read).
     pub fn at(&self, span: std::ops::Range<usize>, key: &str) -> String {

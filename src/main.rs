@@ -3,7 +3,6 @@
 #![deny(unsafe_code)]
 
 mod analyze;
-mod config;
 mod daemon;
 mod demo;
 mod guard;
@@ -13,6 +12,7 @@ mod status;
 mod sys;
 
 use clap::{Parser, Subcommand};
+use ditto::config;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]

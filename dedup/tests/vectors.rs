@@ -58,7 +58,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if s.len() & 1 == 1 {
         return Err(format!("odd number of hex digits: {s}"));
     }
     (0..s.len())
