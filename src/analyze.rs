@@ -126,6 +126,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         total.dedup_saved_bytes += r.dedup_saved_bytes;
         total.compression_saved_bytes += r.compression_saved_bytes;
         total.seconds += r.seconds;
+        total.chunks += r.chunks;
+        total.literal_chunks += r.literal_chunks;
+        total.delta_chunks += r.delta_chunks;
+        total.reference_ops += r.reference_ops;
+        total.run_ops += r.run_ops;
+        total.batches += r.batches;
     }
     total.finish();
     if args.json {
@@ -210,24 +216,69 @@ fn send_file(s: &Sides, path: &PathBuf, read_size: usize, flush: bool) -> anyhow
     Ok(report)
 }
 
+/// Width of the file column; longer paths keep their end, after a leading "…".
+const NAME_WIDTH: usize = 40;
+
 fn print_table(reports: &[Report], total: &Report) {
     println!(
-        "{:<40} {:>14} {:>14} {:>8} {:>8} {:>8} {:>10} {:>8}",
-        "file", "input", "wire", "ratio", "dedup", "zstd", "MB/s", "verified"
+        "{:<NAME_WIDTH$} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>8}",
+        "file", "input B", "wire B", "ratio", "dedup %in", "zstd %in", "MB/s", "verified"
     );
     for r in reports.iter().chain(std::iter::once(total)) {
-        let skip = r.file.chars().count().saturating_sub(40);
-        let name: String = r.file.chars().skip(skip).collect();
+        let empty = r.input_bytes == 0;
+        let pct = |x: f64| {
+            if empty {
+                "-".to_string()
+            } else {
+                format!("{:.1}%", x * 100.0)
+            }
+        };
         println!(
-            "{:<40} {:>14} {:>14} {:>7.1}x {:>7.1}% {:>7.1}% {:>10.0} {:>8}",
-            name,
+            "{:<NAME_WIDTH$} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10} {:>8}",
+            shorten(&r.file, NAME_WIDTH),
             r.input_bytes,
             r.wire_bytes,
-            r.ratio,
-            r.dedup_reduction * 100.0,
-            r.compression_reduction * 100.0,
-            r.throughput_mb_s,
+            if empty {
+                "-".to_string()
+            } else {
+                format!("{:.1}x", r.ratio)
+            },
+            pct(r.dedup_reduction),
+            pct(r.compression_reduction),
+            if empty {
+                "-".to_string()
+            } else {
+                format!("{:.0}", r.throughput_mb_s)
+            },
             if r.verified { "yes" } else { "NO" }
         );
+    }
+    println!(
+        "dedup %in and zstd %in: share of the input bytes removed by deduplication and by compression"
+    );
+}
+
+/// `name` if it fits in `width` characters, else "…" and its last `width - 1` characters.
+fn shorten(name: &str, width: usize) -> String {
+    let n = name.chars().count();
+    if n <= width {
+        return name.to_string();
+    }
+    let tail: String = name.chars().skip(n - (width - 1)).collect();
+    format!("…{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn long_names_keep_their_end_behind_a_marker() {
+        assert_eq!(shorten("short.tar", 40), "short.tar");
+        let long = format!("/very/long/{}/backup.tar", "x".repeat(50));
+        let s = shorten(&long, 40);
+        assert_eq!(s.chars().count(), 40);
+        assert!(s.starts_with('…'), "{s}");
+        assert!(s.ends_with("/backup.tar"), "{s}");
     }
 }

@@ -34,40 +34,14 @@ pub enum ConfigError {
     },
 }
 
-/// Splits "1.5GiB" into (1.5, "GiB"): a leading decimal number and the unit after it.
-fn number_and_unit(s: &str) -> Option<(f64, &str)> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    Some((num.parse().ok()?, unit))
-}
-
-/// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB").
+/// A byte size: an integer, or a string with a unit ("256MiB", "10GiB", "64KiB", "1.5GB"; the rules
+/// of `ditto-units`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
 impl ByteSize {
-    pub fn parse(s: &str) -> Option<ByteSize> {
-        let (num, unit) = number_and_unit(s)?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kib" => 1 << 10,
-            "m" | "mib" => 1 << 20,
-            "g" | "gib" => 1 << 30,
-            "t" | "tib" => 1 << 40,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            _ => return None,
-        };
-        let v = num * mult as f64;
-        if !v.is_finite() || v < 0.0 || v > u64::MAX as f64 {
-            return None;
-        }
-        Some(ByteSize(v as u64))
+    pub fn parse(s: &str) -> Result<ByteSize, ditto_units::UnitError> {
+        ditto_units::bytes(s).map(ByteSize)
     }
 }
 
@@ -81,41 +55,25 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => ByteSize::parse(&s).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid size {s:?}: expected a number with a unit, like \"256MiB\""
-                ))
-            }),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }
 
-/// A duration: "5s", "200ms", "2m", "1h".
+/// A duration: "5s", "200ms", "2m", "1h" (the rules of `ditto-units`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 impl Dur {
-    pub fn parse(s: &str) -> Option<Dur> {
-        let (num, unit) = number_and_unit(s)?;
-        let secs = match unit.trim() {
-            "ms" => num / 1000.0,
-            "s" => num,
-            "m" | "min" => num * 60.0,
-            "h" => num * 3600.0,
-            _ => return None,
-        };
-        Duration::try_from_secs_f64(secs).ok().map(Dur)
+    pub fn parse(s: &str) -> Result<Dur, ditto_units::UnitError> {
+        ditto_units::duration(s).map(Dur)
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        Dur::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?}: expected e.g. \"5s\" or \"200ms\""
-            ))
-        })
+        Dur::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -215,6 +173,41 @@ impl<'de> Deserialize<'de> for Net {
     }
 }
 
+/// An "IP:port" socket address; the error says what is wrong with it (toml's own says only
+/// "invalid socket address syntax").
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let expected = "expected an IP address and a port, like \"127.0.0.1:9090\" or \"[::]:7070\"";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("invalid address {s:?}: no port; {expected}"));
+    };
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_err()
+    {
+        return Err(format!(
+            "invalid address {s:?}: port {port} is out of range 0-65535"
+        ));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!(
+            "invalid address {s:?}: {host:?} is not an IP address (host names are not resolved here); {expected}"
+        ));
+    }
+    Err(format!("invalid address {s:?}: {expected}"))
+}
+
+fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<SocketAddr>, D::Error> {
+    let s = Spanned::<String>::deserialize(d)?;
+    let a = parse_socket_addr(s.get_ref()).map_err(serde::de::Error::custom)?;
+    Ok(Spanned::new(s.span(), a))
+}
+
+fn opt_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Spanned<SocketAddr>>, D::Error> {
+    addr(d).map(Some)
+}
+
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ModeName {
@@ -244,6 +237,7 @@ pub struct Config {
 pub struct InterceptSection {
     pub mode: Spanned<ModeName>,
     /// redirect/tproxy: where nftables diverts to (a wildcard address).
+    #[serde(default, deserialize_with = "opt_addr")]
     pub listen: Option<Spanned<SocketAddr>>,
     /// Destination ports diverted (inline: required; else default all).
     #[serde(default)]
@@ -280,8 +274,9 @@ pub struct RouteSection {
 pub struct NodeSection {
     pub name: Spanned<String>,
     /// Private key file (relative paths are relative to the config file).
-    pub key: PathBuf,
+    pub key: Spanned<PathBuf>,
     /// Admin endpoint (metrics, health, status); none when absent.
+    #[serde(default, deserialize_with = "opt_addr")]
     pub admin: Option<Spanned<SocketAddr>>,
     /// Allow `admin` on a non-loopback address.
     #[serde(default)]
@@ -303,6 +298,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct TunnelSection {
     /// Where peers dial us; a node that only dials has none.
+    #[serde(default, deserialize_with = "opt_addr")]
     pub listen: Option<Spanned<SocketAddr>>,
     /// Connections kept to each peer we dial.
     pub connections: Option<Spanned<u32>>,
@@ -340,6 +336,7 @@ pub struct PeerSection {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSection {
+    #[serde(deserialize_with = "addr")]
     pub listen: Spanned<SocketAddr>,
     pub peer: Option<Spanned<String>>,
     pub target: HostPort,
@@ -352,6 +349,8 @@ pub struct ForwardSection {
 pub struct Loaded {
     pub path: PathBuf,
     pub config: Config,
+    /// The file's text, for the line numbers of later errors.
+    src: String,
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -386,10 +385,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Loaded {
-            path: path.to_owned(),
-            config: Config::parse(&src, path)?,
-        })
+        Loaded::from_source(src, path)
     }
 
     /// Checks relations between keys. The error carries the span of the key at fault.
@@ -753,6 +749,31 @@ impl Config {
 }
 
 impl Loaded {
+    /// Parses and validates `src`, the text of the config file at `path`.
+    pub fn from_source(src: String, path: &Path) -> Result<Loaded, ConfigError> {
+        Ok(Loaded {
+            path: path.to_owned(),
+            config: Config::parse(&src, path)?,
+            src,
+        })
+    }
+
+    /// "FILE:LINE: KEY", for an error about a key found valid while parsing (e.g. a key file that
+    /// cannot be read).
+    pub fn at(&self, span: std::ops::Range<usize>, key: &str) -> String {
+        format!(
+            "{}:{}: {key}",
+            self.path.display(),
+            line_of(&self.src, span.start)
+        )
+    }
+
+    /// The node's key file, resolved, and where the config names it.
+    pub fn key_file(&self) -> (PathBuf, String) {
+        let k = &self.config.node.key;
+        (self.resolve(k.get_ref()), self.at(k.span(), "node.key"))
+    }
+
     /// A path from the config, relative to the config file's directory.
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -924,15 +945,32 @@ mod tests {
 
     #[test]
     fn sizes_and_durations() {
-        assert_eq!(ByteSize::parse("256MiB"), Some(ByteSize(256 << 20)));
-        assert_eq!(ByteSize::parse("10GiB"), Some(ByteSize(10 << 30)));
-        assert_eq!(ByteSize::parse("1.5 GB"), Some(ByteSize(1_500_000_000)));
-        assert_eq!(ByteSize::parse("4096"), Some(ByteSize(4096)));
-        assert_eq!(ByteSize::parse("12 parsecs"), None);
-        assert_eq!(ByteSize::parse("-1MiB"), None);
-        assert_eq!(Dur::parse("200ms"), Some(Dur(Duration::from_millis(200))));
-        assert_eq!(Dur::parse("2m"), Some(Dur(Duration::from_secs(120))));
-        assert_eq!(Dur::parse("5"), None);
+        // The rules themselves are ditto-units' (and tested there); these are the config's use.
+        assert_eq!(ByteSize::parse("256MiB"), Ok(ByteSize(256 << 20)));
+        assert_eq!(ByteSize::parse("1.5 GB"), Ok(ByteSize(1_500_000_000)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert_eq!(Dur::parse("200ms"), Ok(Dur(Duration::from_millis(200))));
+        assert!(Dur::parse("5").is_err());
+    }
+
+    #[test]
+    fn socket_address_errors_say_what_is_wrong() {
+        assert_eq!(
+            parse_socket_addr("[::]:7070"),
+            Ok(SocketAddr::from(([0u16; 8], 7070)))
+        );
+        let e = parse_socket_addr("127.0.0.1:70000").expect_err("port");
+        assert!(e.contains("port 70000 is out of range 0-65535"), "{e}");
+        let e = parse_socket_addr("127.0.0.1").expect_err("no port");
+        assert!(e.contains("no port"), "{e}");
+        let e = parse_socket_addr("example.com:80").expect_err("name");
+        assert!(e.contains("not an IP address"), "{e}");
+        let src = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\nlisten = \"0.0.0.0:99999\"\n";
+        let e = parse(src).expect_err("port range").to_string();
+        assert!(
+            e.contains("line 5") && e.contains("port 99999 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,17 +18,39 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// Configuration file (TOML).
-    pub config: PathBuf,
+    #[arg(long, short, required_unless_present = "file")]
+    pub config: Option<PathBuf>,
+    /// The file as a positional argument: the older form of --config.
+    #[arg(hide = true, conflicts_with = "config")]
+    pub file: Option<PathBuf>,
 }
 
-/// Sets up logging: `RUST_LOG` if set, else info.
+/// Sets up logging to stderr: `RUST_LOG` if set, else info. Colour only when stderr is a terminal
+/// (a file or a pipe gets plain text); no timestamps when stderr is the journal, which adds its own.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = if stderr_is_journal() {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// True when stderr is systemd's journal stream: `JOURNAL_STREAM` ("DEVICE:INODE", set by systemd)
+/// names the file stderr is (a child that inherits the variable but not the stream is not fooled).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2")
+        .is_ok_and(|m| want.to_str() == Some(&format!("{}:{}", m.dev(), m.ino())))
 }
 
 /// The chunk store the config asks for.
@@ -54,9 +76,8 @@ fn open_engine(l: &Loaded) -> Result<Engine> {
 
 /// Builds the node spec: loads the key, opens the store.
 pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
-    let key = l.resolve(&l.config.node.key);
-    let identity =
-        Identity::load(&key).with_context(|| format!("loading node.key {}", key.display()))?;
+    let (key, at) = l.key_file();
+    let identity = Identity::load(&key).context(at)?;
     for p in &l.config.peers {
         if p.fingerprint.get_ref().0 == identity.fingerprint {
             anyhow::bail!(
@@ -82,13 +103,16 @@ pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
 }
 
 pub fn check_config(args: CheckArgs) -> Result<ExitCode> {
-    let l = Config::load(&args.config)?;
+    let Some(path) = args.config.or(args.file) else {
+        anyhow::bail!("no config file: give --config FILE");
+    };
+    let l = Config::load(&path)?;
     // The key must be usable too: a config that cannot start is not valid.
-    let key = l.resolve(&l.config.node.key);
-    let id = Identity::load(&key).with_context(|| format!("node.key {}", key.display()))?;
+    let (key, at) = l.key_file();
+    let id = Identity::load(&key).context(at)?;
     println!(
         "{}: ok (node {:?}, fingerprint {}, {} peer(s), {} forward(s))",
-        args.config.display(),
+        path.display(),
         l.config.node.name.get_ref(),
         id.fingerprint,
         l.config.peers.len(),
@@ -170,11 +194,13 @@ pub struct CleanupArgs {
     /// Configuration file whose [intercept] names the rules (table, fwmark, route_table).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Without a config: the nftables table name.
+    /// Without a config: the nftables table name (intercept.table).
     #[arg(long, default_value = "ditto", conflicts_with = "config")]
     pub table: String,
+    /// Without a config: the firewall mark of ditto's policy routing (intercept.fwmark).
     #[arg(long, default_value_t = 0x1d1, conflicts_with = "config")]
     pub fwmark: u32,
+    /// Without a config: the routing table of ditto's policy routing (intercept.route_table).
     #[arg(long, default_value_t = 1881, conflicts_with = "config")]
     pub route_table: u32,
 }

@@ -30,6 +30,12 @@ pub fn keygen(args: KeygenArgs) -> Result<ExitCode> {
 }
 
 pub fn fingerprint(args: FingerprintArgs) -> Result<ExitCode> {
+    if args.key.extension().is_some_and(|e| e == "pub") {
+        anyhow::bail!(
+            "{} is a public key file: give the private key (PREFIX.key); the .pub file's first line already names its fingerprint",
+            args.key.display()
+        );
+    }
     let id = ditto_proxy::Identity::load(&args.key)?;
     println!("{}", id.fingerprint);
     Ok(ExitCode::SUCCESS)

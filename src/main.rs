@@ -3,7 +3,6 @@
 #![deny(unsafe_code)]
 
 mod analyze;
-mod config;
 mod daemon;
 mod demo;
 mod guard;
@@ -13,6 +12,7 @@ mod status;
 mod sys;
 
 use clap::{Parser, Subcommand};
+use ditto::config;
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
@@ -66,8 +66,59 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("ditto: {err:#}");
+            eprintln!("ditto: {}", error_chain(&err));
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once. The workspace's library errors put their
+/// cause in their own message (their logs need it) and also return it as `source()`; a cause the
+/// message so far already includes is not repeated.
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+    use anyhow::Context;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading key file k: {source}")]
+    struct Read {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = io.to_string();
+        let err = Err::<(), _>(Read { source: io })
+            .context("a.toml:3: node.key")
+            .expect_err("error");
+        assert_eq!(
+            error_chain(&err),
+            format!("a.toml:3: node.key: reading key file k: {text}")
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
     }
 }

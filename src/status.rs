@@ -1,6 +1,7 @@
 //! `ditto status`: asks a running node's admin endpoint for its peers, tunnels, flows and savings.
 
 use anyhow::{bail, Context, Result};
+use ditto_proxy::status::Status;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,8 +11,8 @@ pub struct Args {
     /// Admin address of the node.
     #[arg(long, default_value = "127.0.0.1:9090", conflicts_with = "config")]
     pub admin: SocketAddr,
-    /// Take the admin address from this config file instead.
-    #[arg(long)]
+    /// Take the admin address (node.admin) from this config file instead.
+    #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Print the raw JSON.
     #[arg(long)]
@@ -54,80 +55,181 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("{body}");
         return Ok(ExitCode::SUCCESS);
     }
-    let v: serde_json::Value = serde_json::from_str(&body).context("parsing the status")?;
-    let u = |k: &str| v[k].as_u64().unwrap_or(0);
-    println!(
+    let st: Status = serde_json::from_str(&body).with_context(|| {
+        format!("{admin} answered a status this ditto does not understand (another version?)")
+    })?;
+    print!("{}", render(&st));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The status as `ditto status` prints it.
+fn render(v: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "node {}  (fingerprint {})  up {:.0}s",
-        v["node"].as_str().unwrap_or("?"),
-        v["fingerprint"].as_str().unwrap_or("?"),
-        v["uptime_seconds"].as_f64().unwrap_or(0.0)
+        v.node, v.fingerprint, v.uptime_seconds
     );
-    if let Some(i) = v["intercept"].as_object() {
-        println!(
+    if let Some(i) = &v.intercept {
+        let _ = writeln!(
+            o,
             "interception: {} (nftables table {}: {}), {} route(s){}",
-            i["mode"].as_str().unwrap_or("?"),
-            i["table"].as_str().unwrap_or("?"),
-            if i["rules_installed"].as_bool().unwrap_or(false) {
+            i.mode,
+            i.table,
+            if i.rules_installed {
                 "installed"
             } else {
                 "NOT installed"
             },
-            i["routes"].as_u64().unwrap_or(0),
-            if i["preserve_client"].as_bool().unwrap_or(false) {
+            i.routes,
+            if i.preserve_client {
                 ", connecting from client addresses"
             } else {
                 ""
             }
         );
     }
-    println!("peers:");
-    for p in v["peers"].as_array().into_iter().flatten() {
-        let pu = |k: &str| p[k].as_u64().unwrap_or(0);
-        let rtt = p["rtt_ms"]
-            .as_f64()
-            .map_or("-".to_owned(), |r| format!("{r:.1} ms"));
-        println!(
-            "  {:<16} {:<4} conns {} streams {} rtt {}  LAN {} / {}  WAN {} / {}  (sent / received)  reconnects {}",
-            p["name"].as_str().unwrap_or("?"),
-            if p["up"].as_bool().unwrap_or(false) { "UP" } else { "down" },
-            pu("connections"),
-            pu("streams"),
+    let _ = writeln!(o, "peers:");
+    for p in &v.peers {
+        let rtt = p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.1} ms"));
+        let state = if p.version_mismatch {
+            "no common protocol version"
+        } else if !p.up {
+            "down"
+        } else if p.healthy_connections == 0 {
+            "NOT ANSWERING"
+        } else {
+            "UP"
+        };
+        let held = match p.held_streams {
+            0 => String::new(),
+            n => format!(" ({n} held, waiting for the peer)"),
+        };
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<4} conns {} streams {}{held} rtt {}  LAN {} / {}  WAN {} / {}  (sent / received)  reconnects {}  resumed {}",
+            p.name,
+            state,
+            p.connections,
+            p.streams,
             rtt,
-            mib(pu("lan_bytes_sent")),
-            mib(pu("lan_bytes_received")),
-            mib(pu("wan_bytes_sent")),
-            mib(pu("wan_bytes_received")),
-            pu("reconnects"),
+            mib(p.lan_bytes_sent),
+            mib(p.lan_bytes_received),
+            mib(p.wan_bytes_sent),
+            mib(p.wan_bytes_received),
+            p.reconnects,
+            p.resumed_streams,
         );
     }
-    println!("flows: {} active", v["flows_active"].as_i64().unwrap_or(0));
-    for f in v["flows"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<12} {:<14} {}",
-            f["outcome"].as_str().unwrap_or("?"),
-            f["reason"].as_str().unwrap_or("?"),
-            f["count"].as_u64().unwrap_or(0)
-        );
+    let _ = writeln!(o, "flows: {} active", v.flows_active);
+    for f in &v.flows {
+        let _ = writeln!(o, "  {:<12} {:<14} {}", f.outcome, f.reason, f.count);
     }
-    let lan = u("lan_bytes_sent");
-    let wan = u("wan_bytes_sent");
+    let (lan, wan) = (v.lan_bytes_sent, v.wan_bytes_sent);
     let ratio = if wan > 0 {
-        lan as f64 / wan as f64
+        format!("{:.1}x", lan as f64 / wan as f64)
     } else {
-        0.0
+        "-".to_owned()
     };
-    println!(
-        "savings: LAN sent {} as WAN {} ({ratio:.1}x); dedup saved {}, compression saved {}",
+    let _ = writeln!(
+        o,
+        "savings: LAN sent {} as WAN {} ({ratio}); dedup saved {}, compression saved {}",
         mib(lan),
         mib(wan),
-        mib(u("dedup_saved_bytes")),
-        mib(u("compression_saved_bytes"))
+        mib(v.dedup_saved_bytes),
+        mib(v.compression_saved_bytes)
     );
-    if let (Some(b), Some(c)) = (v["store_bytes"].as_u64(), v["store_chunks"].as_u64()) {
-        println!("store: {} in {c} chunks", mib(b));
+    if let (Some(b), Some(c)) = (v.store_bytes, v.store_chunks) {
+        let _ = writeln!(o, "store: {} in {c} chunks", mib(b));
     }
-    if let Some(d) = v["store_degraded"].as_str() {
-        println!("store DEGRADED (disk tier off, new chunks kept in RAM only): {d}");
+    if let Some(d) = &v.store_degraded {
+        let _ = writeln!(
+            o,
+            "store DEGRADED (disk tier off, new chunks kept in RAM only): {d}"
+        );
     }
-    Ok(ExitCode::SUCCESS)
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ditto_proxy::status::{FlowCount, InterceptStatus, PeerStatus};
+
+    #[test]
+    fn status_round_trips_through_its_json_and_prints_every_part() {
+        let st = Status {
+            node: "site-a".into(),
+            fingerprint: "ab".repeat(32),
+            uptime_seconds: 12.0,
+            peers: vec![PeerStatus {
+                name: "site-b".into(),
+                fingerprint: "cd".repeat(32),
+                address: Some("198.51.100.7:7000".into()),
+                up: true,
+                connections: 2,
+                streams: 3,
+                rtt_ms: Some(41.5),
+                lan_bytes_sent: 30 << 20,
+                lan_bytes_received: 1 << 20,
+                wan_bytes_sent: 10 << 20,
+                wan_bytes_received: 1 << 20,
+                reconnects: 4,
+                held_streams: 3,
+                resumed_streams: 7,
+                healthy_connections: 0,
+                version_mismatch: false,
+            }],
+            flows_active: 5,
+            flows: vec![FlowCount {
+                outcome: "passthrough".into(),
+                reason: "peer-down".into(),
+                count: 6,
+            }],
+            lan_bytes_sent: 30 << 20,
+            lan_bytes_received: 1 << 20,
+            wan_bytes_sent: 10 << 20,
+            wan_bytes_received: 1 << 20,
+            dedup_saved_bytes: 15 << 20,
+            compression_saved_bytes: 5 << 20,
+            store_bytes: Some(64 << 20),
+            store_chunks: Some(1234),
+            store_degraded: Some("disk full".into()),
+            intercept: Some(InterceptStatus {
+                mode: "tproxy".into(),
+                table: "ditto".into(),
+                rules_installed: true,
+                preserve_client: true,
+                routes: 2,
+            }),
+        };
+        let json = serde_json::to_string(&st).expect("serialize");
+        let back: Status = serde_json::from_str(&json).expect("the JSON the node serves");
+        let text = render(&back);
+        for part in [
+            "node site-a",
+            "up 12s",
+            "interception: tproxy (nftables table ditto: installed), 2 route(s), connecting from client addresses",
+            "site-b",
+            "NOT ANSWERING",
+            "conns 2 streams 3 (3 held, waiting for the peer) rtt 41.5 ms",
+            "resumed 7",
+            "LAN 30.0 MiB / 1.0 MiB  WAN 10.0 MiB / 1.0 MiB",
+            "reconnects 4",
+            "flows: 5 active",
+            "passthrough",
+            "peer-down",
+            "(3.0x)",
+            "dedup saved 15.0 MiB, compression saved 5.0 MiB",
+            "store: 64.0 MiB in 1234 chunks",
+            "DEGRADED",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from:\n{text}");
+        }
+        // A field the node no longer sends is an error, not a silent 0.
+        let mut v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        v.as_object_mut().expect("object").remove("wan_bytes_sent");
+        assert!(serde_json::from_value::<Status>(v).is_err());
+    }
 }

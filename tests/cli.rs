@@ -83,12 +83,16 @@ fn keygen_check_config_run_status_and_stop() {
         "connections = 2",
         "",
     );
-    let out = run_ok(ditto().arg("check-config").arg(&cfg_a));
+    let out = run_ok(ditto().args(["check-config", "-c"]).arg(&cfg_a));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&fp_a));
     // A broken config is refused with its line.
     let bad = d.join("bad.toml");
     std::fs::write(&bad, "[node]\nname = \"x\"\nkey = \"a.key\"\nwindow = 3\n").expect("write");
-    let out = ditto().arg("check-config").arg(&bad).output().expect("run");
+    let out = ditto()
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 4"),
@@ -125,13 +129,7 @@ fn keygen_check_config_run_status_and_stop() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("site-b") && text.contains("UP"), "{text}");
-    let out = run_ok(
-        ditto()
-            .arg("status")
-            .arg("--config")
-            .arg(&cfg_b)
-            .arg("--json"),
-    );
+    let out = run_ok(ditto().arg("status").arg("-c").arg(&cfg_b).arg("--json"));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
     assert_eq!(v["node"], "site-b");
     assert_eq!(v["peers"][0]["up"], true);
@@ -168,13 +166,23 @@ fn systemd_readiness_and_watchdog_notifications() {
     let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
+    // Its stderr is a file that JOURNAL_STREAM names, as systemd's journal stream would be.
+    let log_path = d.join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let journal_stream = {
+        use std::os::unix::fs::MetadataExt;
+        let m = log.metadata().expect("log metadata");
+        format!("{}:{}", m.dev(), m.ino())
+    };
     let child = ditto()
         .arg("run")
         .arg("--config")
         .arg(&cfg)
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "200000")
-        .stderr(std::process::Stdio::null())
+        .env("JOURNAL_STREAM", journal_stream)
+        .env("RUST_LOG", "info")
+        .stderr(log)
         .spawn()
         .expect("spawn");
     let mut daemon = Daemon(child);
@@ -202,4 +210,163 @@ fn systemd_readiness_and_watchdog_notifications() {
     }
     assert!(seen_stopping);
     assert!(wait_exit(&mut daemon).success());
+    // Plain lines for the journal: no colour codes, no timestamps (the journal has its own).
+    let log = std::fs::read_to_string(&log_path).expect("read log");
+    assert!(log.contains("INFO"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in the journal: {log:?}"
+    );
+    assert!(
+        log.lines()
+            .all(|l| !l.starts_with(|c: char| c.is_ascii_digit())),
+        "timestamps in the journal: {log}"
+    );
+}
+
+/// `ditto analyze`: the JSON total sums every per-file count, the table marks a cut path and shows
+/// no ratio for an empty file.
+#[test]
+fn analyze_totals_and_table() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let data = common::payload(7, 600_000);
+    let long = d.join(format!("{}.bin", "n".repeat(60)));
+    std::fs::write(d.join("one.bin"), &data).expect("write");
+    std::fs::write(&long, &data).expect("write");
+    std::fs::write(d.join("empty.bin"), b"").expect("write");
+    let files = [d.join("one.bin"), long, d.join("empty.bin")];
+    let out = run_ok(ditto().arg("analyze").arg("--json").args(&files));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("analyze json");
+    let per_file = v["files"].as_array().expect("files");
+    assert_eq!(per_file.len(), 3);
+    for key in [
+        "input_bytes",
+        "wire_bytes",
+        "batches",
+        "chunks",
+        "literal_chunks",
+        "delta_chunks",
+        "reference_ops",
+        "run_ops",
+    ] {
+        let sum: u64 = per_file.iter().map(|f| f[key].as_u64().expect(key)).sum();
+        assert_eq!(v["total"][key].as_u64(), Some(sum), "total {key}");
+    }
+    // The second copy is all references: the sums above are not of zeros.
+    let refs = |k: &str| v["total"][k].as_u64().expect(k);
+    assert!(refs("reference_ops") + refs("run_ops") > 0, "{v}");
+    assert!(v["total"]["chunks"].as_u64().is_some_and(|n| n > 0));
+
+    let out = run_ok(ditto().arg("analyze").args(&files));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("share of the input bytes"), "{text}");
+    let long_row = text
+        .lines()
+        .find(|l| l.contains("nnnn.bin"))
+        .expect("row of the long name");
+    assert!(long_row.starts_with('…'), "{long_row}");
+    let empty_row = text
+        .lines()
+        .find(|l| l.contains("empty.bin"))
+        .expect("row of the empty file");
+    assert!(!empty_row.contains("0.0x"), "{empty_row}");
+    assert!(empty_row.contains(" - "), "{empty_row}");
+}
+
+/// Error messages a user meets first: each names what is wrong and where, and says it once.
+#[test]
+fn error_messages_name_the_key_and_line_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let fail = |cmd: &mut Command| {
+        let out = cmd.output().expect("spawn ditto");
+        assert!(!out.status.success(), "{cmd:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let once = |text: &str, part: &str| {
+        assert_eq!(text.matches(part).count(), 1, "{part:?} once in: {text}");
+    };
+
+    // A key file that does not exist: the config key and its line, the cause once.
+    let cfg = d.join("nokey.toml");
+    std::fs::write(&cfg, "[node]\nname = \"a\"\nkey = \"missing.key\"\n").expect("write");
+    let enoent = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+    // check-config still takes the file as its one positional argument, as it did.
+    for args in [
+        &["check-config"][..],
+        &["check-config", "-c"],
+        &["run", "-c"],
+    ] {
+        let e = fail(ditto().args(args).arg(&cfg));
+        assert!(e.contains("nokey.toml:3: node.key: "), "{e}");
+        assert!(e.contains("missing.key"), "{e}");
+        once(&e, &enoent);
+    }
+
+    // A key file that holds a public key.
+    keygen(d, "k");
+    let junk = d.join("public.key");
+    std::fs::copy(d.join("k.pub"), &junk).expect("copy");
+    let e = fail(ditto().arg("fingerprint").arg(&junk));
+    assert!(e.contains("is not a PKCS#8 PEM private key"), "{e}");
+    once(&e, "parse key pair");
+    // The public half given by its name.
+    let e = fail(ditto().arg("fingerprint").arg(d.join("k.pub")));
+    assert!(e.contains("is a public key file"), "{e}");
+
+    // A port out of range says so, at its line.
+    let cfg = d.join("port.toml");
+    std::fs::write(
+        &cfg,
+        "[node]\nname = \"a\"\nkey = \"k.key\"\nadmin = \"127.0.0.1:70000\"\n",
+    )
+    .expect("write");
+    let e = fail(ditto().args(["check-config", "-c"]).arg(&cfg));
+    assert!(e.contains("line 4"), "{e}");
+    once(&e, "port 70000 is out of range 0-65535");
+}
+
+/// `ditto demo` on a small directory: both passes verified, WAN bytes of plain and of ditto, and the
+/// JSON names the dataset and the link.
+#[test]
+fn demo_reports_both_passes_and_the_link() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for i in 0..4u64 {
+        std::fs::write(
+            dir.path().join(format!("f{i}")),
+            common::payload(i, 600_000),
+        )
+        .expect("write");
+    }
+    let out = run_ok(
+        ditto()
+            .args([
+                "demo", "--json", "--mbit", "200", "--rtt-ms", "10", "--path",
+            ])
+            .arg(dir.path()),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("plain WAN MiB") && text.contains("ditto WAN MiB"),
+        "{text}"
+    );
+    let json = text.lines().last().expect("JSON line");
+    let v: serde_json::Value = serde_json::from_str(json).expect("demo json");
+    let dataset = v["dataset_bytes"].as_u64().expect("dataset_bytes");
+    assert!(dataset > 2_400_000, "{v}");
+    assert_eq!(v["link"]["mbit"].as_f64(), Some(200.0));
+    assert_eq!(v["link"]["rtt_ms"].as_u64(), Some(10));
+    assert_eq!(v["link"]["delay_ms"].as_f64(), Some(5.0));
+    let passes = v["passes"].as_array().expect("passes");
+    assert_eq!(passes.len(), 2);
+    for p in passes {
+        assert_eq!(p["verified"], true, "{p}");
+        // Plain carries the dataset, and a little more (the one-byte verdict back).
+        let plain = p["plain_wan_bytes"].as_u64().expect("plain_wan_bytes");
+        assert!(plain > dataset && plain < dataset + 100, "{p}");
+    }
+    // The second pass is deduplicated: far fewer WAN bytes than plain.
+    let second = passes[1]["wan_bytes"].as_u64().expect("wan_bytes");
+    assert!(second * 10 < dataset, "{v}");
 }

@@ -273,7 +273,7 @@ fn routed_mode(tag: &str, a_intercept: &str, a_reason: &str, preserve: bool) {
 
 #[test]
 fn tproxy_routed_v4_v6_preserving_client_addresses() {
-    if skip_unless_root("tproxy_routed_v4_v6_preserving_client_addresses") {
+    if skip_unless_root() {
         return;
     }
     routed_mode("dtp", &tproxy_a(), "tproxy", true);
@@ -281,7 +281,7 @@ fn tproxy_routed_v4_v6_preserving_client_addresses() {
 
 #[test]
 fn tproxy_routed_v4_v6_from_the_far_appliance() {
-    if skip_unless_root("tproxy_routed_v4_v6_from_the_far_appliance") {
+    if skip_unless_root() {
         return;
     }
     routed_mode("dtf", &tproxy_a(), "tproxy", false);
@@ -289,7 +289,7 @@ fn tproxy_routed_v4_v6_from_the_far_appliance() {
 
 #[test]
 fn redirect_routed_v4_v6() {
-    if skip_unless_root("redirect_routed_v4_v6") {
+    if skip_unless_root() {
         return;
     }
     let a = format!(
@@ -378,7 +378,7 @@ peer = "{peer}"
 
 #[test]
 fn inline_bridge_v4_v6_preserving_client_addresses() {
-    if skip_unless_root("inline_bridge_v4_v6_preserving_client_addresses") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::bridged("dil");
@@ -475,7 +475,7 @@ fn time_to_traffic(from: &Ns, to: SocketAddr, within: Duration) -> Option<Durati
 
 #[test]
 fn killed_inline_appliance_fails_open_even_without_its_guard() {
-    if skip_unless_root("killed_inline_appliance_fails_open_even_without_its_guard") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::bridged("dik");
@@ -504,7 +504,7 @@ fn killed_inline_appliance_fails_open_even_without_its_guard() {
 
 #[test]
 fn killed_tproxy_appliance_fails_open_even_without_its_guard() {
-    if skip_unless_root("killed_tproxy_appliance_fails_open_even_without_its_guard") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::routed("dtk");
@@ -537,7 +537,7 @@ fn killed_tproxy_appliance_fails_open_even_without_its_guard() {
 
 #[test]
 fn killed_redirect_appliance_guard_restores_traffic_within_3s() {
-    if skip_unless_root("killed_redirect_appliance_guard_restores_traffic_within_3s") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::routed("drk");
@@ -561,7 +561,7 @@ fn killed_redirect_appliance_guard_restores_traffic_within_3s() {
 
 #[test]
 fn hung_appliance_guard_removes_rules_and_kills_it() {
-    if skip_unless_root("hung_appliance_guard_removes_rules_and_kills_it") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::routed("dhg");
@@ -586,7 +586,7 @@ fn hung_appliance_guard_removes_rules_and_kills_it() {
 
 #[test]
 fn peer_unreachable_flows_pass_through_until_the_tunnel_is_back() {
-    if skip_unless_root("peer_unreachable_flows_pass_through_until_the_tunnel_is_back") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::routed("dpu");
@@ -611,7 +611,7 @@ fn peer_unreachable_flows_pass_through_until_the_tunnel_is_back() {
 
 #[test]
 fn connections_survive_ditto_start_and_held_ones_reset_when_it_dies() {
-    if skip_unless_root("connections_survive_ditto_start_and_held_ones_reset_when_it_dies") {
+    if skip_unless_root() {
         return;
     }
     let r = Lab::bridged("dcs");
@@ -651,7 +651,7 @@ fn connections_survive_ditto_start_and_held_ones_reset_when_it_dies() {
 
 #[test]
 fn tunnel_mss_clamp_gets_through_a_black_hole_path() {
-    if skip_unless_root("tunnel_mss_clamp_gets_through_a_black_hole_path") {
+    if skip_unless_root() {
         return;
     }
     // a ─ r ─ b, where r's link toward b has MTU 1400 and r drops the ICMP that would tell a

@@ -3,11 +3,13 @@
 //! every query of the Grafana dashboard and every recording and alerting rule must return data. Then
 //! one daemon stops and the tunnel-down and pass-through alerts must fire.
 //!
-//! Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`); without them the test
-//! prints SKIPPED and passes.
+//! Needs the `prometheus` and `promtool` binaries (Debian package `prometheus`) and, for the status
+//! page, a headless Chromium (`chromium-headless-shell`); without them the tests are skipped (and fail
+//! under CI, see `common/require.rs`).
 
 mod common;
 
+use common::require::{need, skip_without};
 use common::{free_port, http_get, start_daemon, start_server, write_pair, PairConfig, Proc};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -492,10 +494,10 @@ fn operand_and_metric_name_parsing() {
 #[test]
 fn dashboard_and_rules_against_prometheus() {
     let started = Instant::now();
-    if !have("prometheus") || !have("promtool") {
-        eprintln!(
-            "SKIPPED monitoring test: `prometheus`/`promtool` not installed (apt-get install prometheus)"
-        );
+    if skip_without(
+        have("prometheus") && have("promtool"),
+        "`prometheus` and `promtool` (apt-get install prometheus)",
+    ) {
         return;
     }
     let dash: Value = serde_json::from_str(
@@ -690,8 +692,10 @@ fn status_page_renders_in_headless_chromium() {
     assert!(last["lan_sent"].as_u64() >= Some(2 * payload.len() as u64));
     assert!(last["t"].as_f64() > history[0]["t"].as_f64());
 
-    let Some(chrome) = chromium() else {
-        eprintln!("SKIPPED status page rendering: no headless Chromium (apt-get install chromium-headless-shell)");
+    let Some(chrome) = need(
+        chromium(),
+        "a headless Chromium (apt-get install chromium-headless-shell)",
+    ) else {
         return;
     };
     let url = format!("http://{}/", pair.admin_a);

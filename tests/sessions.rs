@@ -51,12 +51,8 @@ const TRANSFER_LIMIT: Duration = Duration::from_secs(200);
 
 /// True (after saying why) when the test cannot run here: it needs root for namespaces and TUN
 /// devices (no nftables: forward mode installs no rules).
-fn skip(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces, TUN devices); not running it");
-    true
+fn skip() -> bool {
+    common::require::skip_without(is_root(), "root (network namespaces, TUN devices)")
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -735,7 +731,7 @@ fn close_echoes(flows: &mut [Echo], until: Instant) -> Option<String> {
 /// 60 s outage of the WAN that drops everything.
 #[test]
 fn hold_through_60s_wan_outage_bulk_both_ways_and_1000_flows() {
-    if skip("hold_through_60s_wan_outage_bulk_both_ways_and_1000_flows") {
+    if skip() {
         return;
     }
     const FLOWS: usize = 1000;
@@ -905,7 +901,7 @@ fn hold_through_60s_wan_outage_bulk_both_ways_and_1000_flows() {
 /// Issue test 3: site B hangs for 60 s.
 #[test]
 fn hold_through_60s_peer_sigstop_and_new_flows_pass_through() {
-    if skip("hold_through_60s_peer_sigstop_and_new_flows_pass_through") {
+    if skip() {
         return;
     }
     let lab = Lab::new("dsh");
@@ -1012,7 +1008,7 @@ fn probe(a: &Ns, seed: u64) -> Result<Duration, String> {
 /// the kernel resets it) in the middle of transfers.
 #[test]
 fn resume_after_tunnel_connection_killed() {
-    if skip("resume_after_tunnel_connection_killed") {
+    if skip() {
         return;
     }
     let lab = Lab::new("dsk");
@@ -1086,7 +1082,7 @@ fn resume_after_tunnel_connection_killed() {
 /// restart from the new session, not wait for its hold.
 #[test]
 fn restarted_peer_resets_streams_and_accelerates_again() {
-    if skip("restarted_peer_resets_streams_and_accelerates_again") {
+    if skip() {
         return;
     }
     let mut lab = Lab::new("dsr");

@@ -3,7 +3,7 @@
 //! forward listener must keep flowing byte-exact throughout; `/metrics`, `/status` and the daemon's log
 //! must say what happened and why; freeing space must bring the disk tier back.
 //!
-//! Mounting a tmpfs needs root: without it the test prints SKIPPED and passes.
+//! Mounting a tmpfs needs root: without it the test is skipped (and fails under CI).
 
 mod common;
 

@@ -55,6 +55,12 @@ enum Cmd {
     Rusage(procs::RusageArgs),
     /// TCP relay that pipes one direction through the zstd binary.
     Zrelay(procs::ZrelayArgs),
+    /// Draw the charts of scenario runs again from their JSON files (RUN.json -> RUN-*.svg).
+    Charts {
+        /// Result files written by `scenarios` (bench/results/DATE.json).
+        #[arg(required = true)]
+        json: Vec<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +160,12 @@ fn main() -> ExitCode {
         Cmd::UdpSink(a) => traffic::udp_sink(&a).and_then(|r| print_json(&r)),
         Cmd::Rusage(a) => procs::rusage(&a),
         Cmd::Zrelay(a) => procs::zrelay(a),
+        Cmd::Charts { json } => json.iter().try_for_each(|j| {
+            for p in ditto_bench::report::rewrite_charts(j)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -184,38 +184,48 @@ pub fn markdown(r: &RunReport) -> String {
     s
 }
 
-/// A grouped horizontal bar chart: one group per scenario, one bar per contender.
-pub fn bar_chart(
+/// The contender every other is compared with.
+const BASELINE: &str = "plain";
+
+/// A grouped horizontal bar chart of each contender's `value` relative to plain TCP's in the same
+/// scenario, on a log axis: what a reader compares is a contender against plain in one scenario,
+/// and those ratios span from thousandths to thousands. Each bar is labelled with the ratio and the
+/// measured value (`fmt` formats it, with its unit). Scenarios without a plain result are left out.
+pub fn ratio_chart(
     r: &RunReport,
     title: &str,
-    unit: &str,
+    subtitle: &str,
     value: impl Fn(&RunResult) -> Option<f64>,
+    fmt: impl Fn(f64) -> String,
 ) -> String {
     let cs = contenders(r);
+    let ok = |sc: &str, c: &str| {
+        find(r, sc, c)
+            .filter(|x| x.status == "ok")
+            .and_then(&value)
+            .filter(|v| *v > 0.0 && v.is_finite())
+    };
     let scs: Vec<&str> = r
         .scenarios
         .iter()
         .map(|s| s.name.as_str())
-        .filter(|sc| {
-            cs.iter().any(|c| {
-                find(r, sc, c)
-                    .and_then(|x| if x.status == "ok" { value(x) } else { None })
-                    .is_some()
-            })
-        })
+        .filter(|sc| ok(sc, BASELINE).is_some())
         .collect();
-    let max = r
-        .results
-        .iter()
-        .filter(|x| x.status == "ok")
-        .filter_map(&value)
-        .fold(0.0f64, f64::max)
-        .max(1e-9);
-    let (left, bar_h, gap, width) = (150.0, 14.0, 12.0, 760.0);
-    let plot_w = width - left - 120.0;
+    let ratios = scs.iter().flat_map(|sc| {
+        let base = ok(sc, BASELINE).unwrap_or(1.0);
+        cs.iter().filter_map(move |c| ok(sc, c).map(|v| v / base))
+    });
+    let (lo, hi) = ratios.fold((1.0f64, 1.0f64), |(lo, hi), q| (lo.min(q), hi.max(q)));
+    let lo_dec = lo.log10().floor() as i32;
+    let hi_dec = (hi.log10().ceil() as i32).max(lo_dec + 1);
+    let (left, bar_h, gap, width) = (150.0, 14.0, 12.0, 820.0);
+    let plot_w = width - left - 190.0;
+    let x_of =
+        |q: f64| left + (q.log10() - f64::from(lo_dec)) / f64::from(hi_dec - lo_dec) * plot_w;
     let group_h = cs.len() as f64 * bar_h + gap;
-    let top = 50.0;
-    let height = top + scs.len() as f64 * group_h + 30.0 + 20.0 * cs.len().div_ceil(3) as f64;
+    let top = 64.0;
+    let plot_bottom = top + scs.len() as f64 * group_h;
+    let height = plot_bottom + 40.0 + 20.0 * cs.len().div_ceil(3) as f64;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -230,11 +240,25 @@ pub fn bar_chart(
     let _ = writeln!(
         s,
         r##"<text x="10" y="38" fill="#555">{} — {}</text>"##,
-        xml(unit),
+        xml(subtitle),
         xml(&r.date)
     );
+    // Decade grid lines, the baseline (1x) darker.
+    for d in lo_dec..=hi_dec {
+        let q = 10f64.powi(d);
+        let x = x_of(q);
+        let (stroke, w) = if d == 0 { ("#111", 1.5) } else { ("#ddd", 1.0) };
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{plot_bottom:.1}" stroke="{stroke}" stroke-width="{w}"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" fill="#555">{}</text>"##,
+            top - 10.0,
+            top - 14.0,
+            xml(&fmt_ratio(q))
+        );
+    }
     for (gi, sc) in scs.iter().enumerate() {
         let gy = top + gi as f64 * group_h;
+        let base = ok(sc, BASELINE).unwrap_or(1.0);
         let _ = writeln!(
             s,
             r#"<text x="{:.0}" y="{:.1}" text-anchor="end" font-weight="bold">{}</text>"#,
@@ -245,25 +269,28 @@ pub fn bar_chart(
         for (ci, c) in cs.iter().enumerate() {
             let y = gy + ci as f64 * bar_h;
             let color = COLORS[ci % COLORS.len()];
-            let x = find(r, sc, c);
-            match x.filter(|x| x.status == "ok").and_then(&value) {
+            let one = x_of(1.0);
+            match ok(sc, c) {
                 Some(v) => {
-                    let w = (v / max * plot_w).max(1.0);
+                    let q = v / base;
+                    let x = x_of(q);
+                    let (x0, w) = (one.min(x), (x - one).abs().max(1.5));
                     let _ = writeln!(
                         s,
-                        r#"<rect x="{left}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                        r#"<rect x="{x0:.1}" y="{y:.1}" width="{w:.1}" height="{:.1}" fill="{color}"/><text x="{:.1}" y="{:.1}">{} · {}</text>"#,
                         bar_h - 2.0,
-                        left + w + 4.0,
+                        one.max(x) + 4.0,
                         y + bar_h - 4.0,
-                        fmt_val(v)
+                        xml(&fmt_ratio(q)),
+                        xml(&fmt(v))
                     );
                 }
                 None => {
-                    let why = x.map(|x| x.status.as_str()).unwrap_or("-");
+                    let why = find(r, sc, c).map_or("-", |x| x.status.as_str());
                     let _ = writeln!(
                         s,
                         r#"<text x="{:.1}" y="{:.1}" fill="{color}">{}</text>"#,
-                        left + 4.0,
+                        one + 4.0,
                         y + bar_h - 4.0,
                         xml(why)
                     );
@@ -271,7 +298,7 @@ pub fn bar_chart(
             }
         }
     }
-    let ly = top + scs.len() as f64 * group_h + 10.0;
+    let ly = plot_bottom + 16.0;
     for (ci, c) in cs.iter().enumerate() {
         let x = 10.0 + (ci % 3) as f64 * 240.0;
         let y = ly + (ci / 3) as f64 * 20.0;
@@ -286,6 +313,20 @@ pub fn bar_chart(
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// A ratio as a label: "1690×", "9.9×", "1×", "0.75×", "1/640".
+fn fmt_ratio(q: f64) -> String {
+    let trim = |t: String| t.trim_end_matches('0').trim_end_matches('.').to_owned() + "×";
+    if q >= 100.0 {
+        format!("{q:.0}×")
+    } else if q >= 10.0 {
+        trim(format!("{q:.1}"))
+    } else if q >= 0.5 {
+        trim(format!("{q:.2}"))
+    } else {
+        format!("1/{:.0}", 1.0 / q)
+    }
 }
 
 fn fmt_val(v: f64) -> String {
@@ -305,6 +346,52 @@ fn xml(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Goodput of each contender relative to plain TCP's, per scenario (interactive ones excluded).
+pub fn throughput_chart(r: &RunReport) -> String {
+    ratio_chart(
+        r,
+        "Goodput relative to plain TCP, per scenario",
+        "log scale; right of 1× is faster than plain (labels: ratio · Mbit/s)",
+        |x| x.rtt_p50_ms.is_none().then_some(x.goodput_mbps),
+        |v| format!("{} Mbit/s", fmt_val(v)),
+    )
+}
+
+/// WAN bytes of each contender relative to plain TCP's, per scenario.
+pub fn wan_bytes_chart(r: &RunReport) -> String {
+    ratio_chart(
+        r,
+        "Bytes on the emulated WAN relative to plain TCP, per scenario",
+        "log scale; left of 1× is fewer bytes than plain (labels: ratio · MB, both directions, IP level)",
+        |x| Some(x.wan_bytes as f64 / 1e6),
+        |v| format!("{} MB", fmt_val(v)),
+    )
+}
+
+/// Rewrites the two charts of a run from its JSON file (`<stem>.json` → `<stem>-throughput.svg`,
+/// `<stem>-wan-bytes.svg` beside it), e.g. after a change of the charts.
+pub fn rewrite_charts(json: &Path) -> Result<Vec<PathBuf>> {
+    let text =
+        std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+    let r: RunReport =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+    let stem = json
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .context("a run's JSON file name")?;
+    let dir = json.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (suffix, svg) in [
+        ("throughput", throughput_chart(&r)),
+        ("wan-bytes", wan_bytes_chart(&r)),
+    ] {
+        let p = dir.join(format!("{stem}-{suffix}.svg"));
+        std::fs::write(&p, svg).with_context(|| format!("writing {}", p.display()))?;
+        out.push(p);
+    }
+    Ok(out)
+}
+
 /// Writes `<date>.json`, `<date>.md`, `<date>-throughput.svg`, `<date>-wan-bytes.svg` (with a
 /// numeric suffix if files of that date exist) and returns their paths.
 pub fn write(r: &RunReport, dir: &Path) -> Result<Vec<PathBuf>> {
@@ -318,24 +405,8 @@ pub fn write(r: &RunReport, dir: &Path) -> Result<Vec<PathBuf>> {
     let files = [
         (format!("{stem}.json"), serde_json::to_string_pretty(r)?),
         (format!("{stem}.md"), markdown(r)),
-        (
-            format!("{stem}-throughput.svg"),
-            bar_chart(
-                r,
-                "Goodput per scenario and contender",
-                "Mbit/s (higher is better)",
-                |x| x.rtt_p50_ms.is_none().then_some(x.goodput_mbps),
-            ),
-        ),
-        (
-            format!("{stem}-wan-bytes.svg"),
-            bar_chart(
-                r,
-                "Bytes on the emulated WAN",
-                "MB, both directions, IP level (lower is better)",
-                |x| Some(x.wan_bytes as f64 / 1e6),
-            ),
-        ),
+        (format!("{stem}-throughput.svg"), throughput_chart(r)),
+        (format!("{stem}-wan-bytes.svg"), wan_bytes_chart(r)),
     ];
     let mut out = Vec::new();
     for (name, text) in files {
@@ -344,4 +415,72 @@ pub fn write(r: &RunReport, dir: &Path) -> Result<Vec<PathBuf>> {
         out.push(p);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_labels() {
+        assert_eq!(fmt_ratio(1.0), "1×");
+        assert_eq!(fmt_ratio(9.9), "9.9×");
+        assert_eq!(fmt_ratio(92.06), "92.1×");
+        assert_eq!(fmt_ratio(1690.4), "1690×");
+        assert_eq!(fmt_ratio(0.75), "0.75×");
+        assert_eq!(fmt_ratio(0.1), "1/10");
+        assert_eq!(fmt_ratio(1.0 / 640.0), "1/640");
+    }
+
+    fn result(sc: &str, c: &str, mbps: f64, wan: u64) -> RunResult {
+        RunResult {
+            scenario: sc.into(),
+            contender: c.into(),
+            status: "ok".into(),
+            goodput_mbps: mbps,
+            wan_bytes: wan,
+            ..RunResult::default()
+        }
+    }
+
+    /// Bars are placed by their ratio to plain on a log axis: ×10 and ×100 are equally far apart
+    /// whatever the scenario's absolute figures.
+    #[test]
+    fn bars_are_ratios_to_plain_on_a_log_axis() {
+        let scenario = |name: &str| crate::scenarios::Scenario {
+            name: name.into(),
+            about: String::new(),
+            rate: "10mbit".into(),
+            rtt: "10ms".into(),
+            loss: None,
+            client_rcvbuf: None,
+            workload: crate::scenarios::Workload::Rand { bytes: 1 },
+            outage: None,
+        };
+        let r = RunReport {
+            date: "d".into(),
+            started_unix: 0,
+            machine: "m".into(),
+            tools: vec![],
+            scenarios: vec![scenario("slow"), scenario("fast")],
+            results: vec![
+                result("slow", "plain", 2.0, 1_000_000),
+                result("slow", "ditto", 20.0, 100_000),
+                result("fast", "plain", 3000.0, 1_000_000),
+                result("fast", "ditto", 300_000.0, 1_000),
+            ],
+        };
+        let svg = throughput_chart(&r);
+        // Widths of the ditto bars (the second rect of each group after the background).
+        let widths: Vec<f64> = svg
+            .lines()
+            .filter(|l| l.starts_with("<rect x=") && l.contains("fill=\"#2563eb\""))
+            .filter_map(|l| l.split("width=\"").nth(1)?.split('"').next()?.parse().ok())
+            .collect();
+        assert_eq!(widths.len(), 3, "{svg}"); // two bars and the legend
+        assert!((widths[1] - 2.0 * widths[0]).abs() < 0.5, "{widths:?}");
+        assert!(svg.contains("10×") && svg.contains("100×"), "{svg}");
+        let wan = wan_bytes_chart(&r);
+        assert!(wan.contains("1/10") && wan.contains("1/1000"), "{wan}");
+    }
 }

@@ -68,7 +68,7 @@ pub struct ScenarioArgs {
 }
 
 /// What a scenario transfers.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Workload {
     /// Download of incompressible pseudo-random bytes.
@@ -86,7 +86,7 @@ pub enum Workload {
 }
 
 /// One scenario.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scenario {
     pub name: String,
     pub about: String,
@@ -103,7 +103,7 @@ pub struct Scenario {
 
 /// A WAN outage: every packet in both directions dropped for `secs`, starting `after_s` into the
 /// measured transfer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Outage {
     pub after_s: f64,
     pub secs: f64,
@@ -211,7 +211,7 @@ pub struct RunResult {
 }
 
 /// The whole run, as written to JSON.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
     pub date: String,
     pub started_unix: u64,

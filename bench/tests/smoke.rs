@@ -1,6 +1,7 @@
-//! CI smoke test of the emulator and the topology: needs root (namespaces, TUN); prints a skip
-//! message and passes otherwise. Every run uses its own namespace prefix, so parallel runs of
-//! this test do not collide, and the topology is removed by a drop guard even on failure.
+//! CI smoke test of the emulator and the topology: needs root (namespaces, TUN); skipped otherwise
+//! (a failure under CI, see `tests/common/require.rs`). Every run uses its own namespace prefix, so
+//! parallel runs of this test do not collide, and the topology is removed by a drop guard even on
+//! failure.
 
 use ditto_bench::linktest::{self, LinktestArgs};
 use ditto_bench::sys;
@@ -14,12 +15,11 @@ fn bins() -> (PathBuf, PathBuf) {
     )
 }
 
-fn skip(test: &str) -> bool {
-    if sys::is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces and TUN devices); not running it");
-    true
+#[path = "../../tests/common/require.rs"]
+mod require;
+
+fn skip() -> bool {
+    require::skip_without(sys::is_root(), "root (network namespaces and TUN devices)")
 }
 
 fn ns_exists(name: &str) -> bool {
@@ -28,7 +28,7 @@ fn ns_exists(name: &str) -> bool {
 
 #[test]
 fn topology_up_down_is_idempotent() {
-    if skip("topology_up_down_is_idempotent") {
+    if skip() {
         return;
     }
     let topo = Topo::unique("dts").expect("prefix");
@@ -49,7 +49,7 @@ fn topology_up_down_is_idempotent() {
 
 #[test]
 fn emulated_link_carries_tcp_within_bounds() {
-    if skip("emulated_link_carries_tcp_within_bounds") {
+    if skip() {
         return;
     }
     let (bench, wanem) = bins();
@@ -115,7 +115,7 @@ fn emulated_link_carries_tcp_within_bounds() {
 
 #[test]
 fn outage_signals_drop_everything_until_the_link_is_back() {
-    if skip("outage_signals_drop_everything_until_the_link_is_back") {
+    if skip() {
         return;
     }
     let (_, wanem) = bins();

@@ -1,5 +1,6 @@
 //! Entry points for fuzzing untrusted input (shared by the cargo-fuzz targets in `fuzz/` and by the
-//! test that replays their corpus). Whatever the input, these must return without panicking, and the
+//! test that replays their corpus): the data and feedback streams from a peer, and the store's
+//! segment files on disk. Whatever the input, these must return without panicking, and the
 //! memory they use stays bounded by the engine's limits.
 
 use crate::{ChunkStore, Decoder, Encoder, EngineConfig, PeerView, StoreConfig};
@@ -50,4 +51,51 @@ pub fn encoder_feedback(data: &[u8]) {
     enc.write(&[7u8; 50_000], &mut out);
     enc.flush(&mut out);
     let _ = enc.feedback(data, &mut out);
+}
+
+/// Scans `data` as the bytes of a chunk store segment file, as recovery does at startup. Every record
+/// the scan reports must lie inside `data` and hold what its header says.
+pub fn store_records(data: &[u8]) {
+    use crate::store::record::{scan, Record};
+    let summary = scan(data, |r| {
+        if let Record::Chunk { id, payload, len } = r {
+            let Some(bytes) = data.get(payload..payload + len as usize) else {
+                panic!("chunk record at {payload} with {len} bytes past the segment's end");
+            };
+            assert!(
+                id.matches(bytes),
+                "chunk record at {payload} does not hold its chunk"
+            );
+        }
+    });
+    assert!(summary.good_end <= data.len());
+}
+
+/// Segment files to start fuzzing [`store_records`] from: valid chunk and successor records, a torn
+/// tail, garbage between records.
+pub fn store_records_seeds() -> Vec<Vec<u8>> {
+    use crate::store::record::{encode_chunk, encode_succ};
+    let chunks: Vec<Vec<u8>> = (0u8..4)
+        .map(|i| {
+            (0..40 + usize::from(i) * 7)
+                .map(|j| (j as u8) ^ i)
+                .collect()
+        })
+        .collect();
+    let ids: Vec<crate::ChunkId> = chunks.iter().map(|c| crate::ChunkId::of(c)).collect();
+    let mut clean = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        encode_chunk(&mut clean, &ids[i], c);
+        if i > 0 {
+            encode_succ(&mut clean, &ids[i - 1], &ids[i]);
+        }
+    }
+    let mut torn = clean.clone();
+    torn.truncate(clean.len() - 9);
+    let mut garbage = clean[..clean.len() / 2].to_vec();
+    garbage.extend_from_slice(b"garbage between records");
+    garbage.extend_from_slice(&clean[clean.len() / 2..]);
+    let mut one = Vec::new();
+    encode_chunk(&mut one, &ids[0], &chunks[0]);
+    vec![clean, torn, garbage, one]
 }

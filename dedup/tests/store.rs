@@ -2,6 +2,8 @@
 
 #[path = "../../tests/common/disk.rs"]
 mod disk;
+#[path = "../../tests/common/require.rs"]
+mod require;
 
 use disk::{dir_bytes, segments};
 use std::collections::HashMap;

@@ -7,6 +7,8 @@
 
 #[path = "../../tests/common/disk.rs"]
 mod disk;
+#[path = "../../tests/common/require.rs"]
+mod require;
 
 use disk::{dir_bytes, segments, Tmpfs};
 use std::fs::{self, OpenOptions};

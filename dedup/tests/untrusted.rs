@@ -282,6 +282,7 @@ fn fuzz_corpus_replays_without_panic() {
     for (target, f) in [
         ("decoder", ditto_dedup::fuzzing::decoder as fn(&[u8])),
         ("encoder_feedback", ditto_dedup::fuzzing::encoder_feedback),
+        ("store_records", ditto_dedup::fuzzing::store_records),
     ] {
         let dir = root.join(target);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -302,6 +303,12 @@ fn fuzz_corpus_replays_without_panic() {
 #[ignore]
 fn write_corpus_seeds() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    for (i, seed) in ditto_dedup::fuzzing::store_records_seeds()
+        .iter()
+        .enumerate()
+    {
+        std::fs::write(root.join(format!("store_records/seed-{i}")), seed).expect("write");
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     for (i, (len, flush)) in [
         (100usize, 50usize),

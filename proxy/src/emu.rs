@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,15 +40,25 @@ impl LinkSpec {
     }
 }
 
-/// One direction's bottleneck: when it is next free.
+/// One direction's bottleneck: when it is next free, and the bytes it has carried.
 struct Pacer {
     next_free: Mutex<Instant>,
     spec: LinkSpec,
+    bytes: AtomicU64,
 }
 
 impl Pacer {
+    fn new(spec: LinkSpec) -> Arc<Pacer> {
+        Arc::new(Pacer {
+            next_free: Mutex::new(Instant::now()),
+            spec,
+            bytes: AtomicU64::new(0),
+        })
+    }
+
     /// Schedules `n` bytes; returns when they have fully arrived at the far end.
     fn schedule(&self, n: usize) -> Instant {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         let tx = Duration::from_secs_f64(n as f64 * 8.0 / self.spec.rate_bps.max(1) as f64);
         let mut nf = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
         let start = (*nf).max(Instant::now());
@@ -67,6 +78,8 @@ pub struct Link {
     pub addr: SocketAddr,
     stop: CancellationToken,
     tasks: TaskTracker,
+    up: Arc<Pacer>,
+    down: Arc<Pacer>,
 }
 
 impl Link {
@@ -80,14 +93,8 @@ impl Link {
         let addr = l.local_addr()?;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let up = Arc::new(Pacer {
-            next_free: Mutex::new(Instant::now()),
-            spec,
-        });
-        let down = Arc::new(Pacer {
-            next_free: Mutex::new(Instant::now()),
-            spec,
-        });
+        let (up, down) = (Pacer::new(spec), Pacer::new(spec));
+        let (up2, down2) = (up.clone(), down.clone());
         let (stop2, tasks2) = (stop.clone(), tasks.clone());
         tasks.spawn(async move {
             loop {
@@ -95,7 +102,7 @@ impl Link {
                     r = l.accept() => match r { Ok(v) => v, Err(_) => continue },
                     _ = stop2.cancelled() => return,
                 };
-                let (up, down, stop3) = (up.clone(), down.clone(), stop2.clone());
+                let (up, down, stop3) = (up2.clone(), down2.clone(), stop2.clone());
                 tasks2.spawn(async move {
                     let Ok(b) = TcpStream::connect(upstream).await else {
                         crate::sock::reset(a);
@@ -112,7 +119,19 @@ impl Link {
                 });
             }
         });
-        Ok(Link { addr, stop, tasks })
+        Ok(Link {
+            addr,
+            stop,
+            tasks,
+            up,
+            down,
+        })
+    }
+
+    /// Bytes the link has carried so far, both directions together (TCP payload: what a WAN
+    /// carries, less the packet headers).
+    pub fn bytes(&self) -> u64 {
+        self.up.bytes.load(Ordering::Relaxed) + self.down.bytes.load(Ordering::Relaxed)
     }
 
     /// Stops the link and every relayed connection.

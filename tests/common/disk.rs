@@ -1,5 +1,6 @@
 //! Files and file systems for store tests: a real small tmpfs (for a real "disk full"), and the
-//! store's segment files. Shared by the binary's tests and, by path, by the dedup crate's.
+//! store's segment files. Shared by the binary's tests and, by path, by the dedup crate's (which
+//! include `require.rs` beside it).
 #![allow(dead_code)]
 
 use std::fs;
@@ -12,27 +13,21 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// `None` (after saying why) when this process cannot mount: not root, or no privilege.
+    /// `None` when this process cannot mount (not root, no privilege): the test is skipped, or
+    /// fails under CI (see [`super::require`]).
     pub fn mount(size: &str) -> Option<Tmpfs> {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
             .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
+        let why = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs { dir }),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+            Err(e) => format!("cannot run mount: {e}"),
+        };
+        super::require::skip_without(false, &format!("a tmpfs mount, as root ({why})"));
+        None
     }
 
     pub fn path(&self) -> &Path {

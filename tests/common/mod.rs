@@ -204,4 +204,5 @@ pub fn start_daemon(config: &Path) -> Proc {
 }
 pub mod disk;
 pub mod netns;
+pub mod require;
 pub mod wan;

@@ -17,13 +17,10 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// True (after printing why) when the test cannot run here.
-pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() && Path::new("/usr/sbin/nft").exists() || is_root() && which("nft") {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root and nftables (network namespaces); not running it");
-    true
+/// True when the test cannot run here (see [`super::require`]: under CI it fails instead).
+pub fn skip_unless_root() -> bool {
+    let ok = is_root() && (Path::new("/usr/sbin/nft").exists() || which("nft"));
+    super::require::skip_without(ok, "root and nftables (network namespaces)")
 }
 
 fn which(p: &str) -> bool {

@@ -55,7 +55,7 @@
 mod disk;
 mod index;
 mod ram;
-mod record;
+pub(crate) mod record;
 
 use std::collections::VecDeque;
 use std::fs::File;
