@@ -97,6 +97,11 @@ impl RamTier {
         true
     }
 
+    /// Whether the chunk is cached (does not promote it).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.lru.contains(id)
+    }
+
     /// Drops a cached chunk, if present.
     pub fn remove(&mut self, id: &ChunkId) {
         if let Some(v) = self.lru.pop(id) {
