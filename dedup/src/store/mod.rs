@@ -112,8 +112,9 @@ pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Default bound of the write-behind queue, in payload bytes.
 pub const DEFAULT_WRITE_QUEUE_BYTES: u64 = 32 << 20;
-/// Largest batch of records the writer thread writes at once.
-pub const WRITE_BATCH_BYTES: usize = 1 << 20;
+/// Largest batch of records the writer thread writes at once (small enough that a slow disk finishes
+/// one soon after a stop is asked for).
+pub const WRITE_BATCH_BYTES: usize = 256 << 10;
 /// How long `close` and dropping the store wait for queued writes before dropping them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Shortest interval between two log lines about writes skipped for a full queue.
@@ -1118,6 +1119,10 @@ fn run_writer(shared: Arc<Shared>) {
     let mut g = shared.lock();
     loop {
         if g.q.stop.is_some_and(|at| Instant::now() >= at) && !g.q.jobs.is_empty() {
+            // Past the deadline nothing more is written, hints included.
+            if let Some(disk) = g.disk.as_mut() {
+                disk.pending.clear();
+            }
             let n = g.abandon_queue();
             g.c.writes_skipped += n;
             tracing::warn!(
