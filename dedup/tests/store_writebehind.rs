@@ -166,7 +166,10 @@ fn disk_reads_that_wait_for_the_device_run_in_the_blocking_section() {
         assert_eq!(get(&s, id).as_deref(), Some(&data[..]));
     }
     let cached = s.stats().blocking_reads;
-    eprintln!("page-cached reads that ran in the blocking section: {cached} of {}", chunks.len());
+    eprintln!(
+        "page-cached reads that ran in the blocking section: {cached} of {}",
+        chunks.len()
+    );
     assert_eq!(SECTION_RUNS.load(Ordering::SeqCst), cached);
     // A device that makes every read wait: each one runs in the section.
     s.simulate_slow_disk(Duration::ZERO, Duration::ZERO, 2 * MS);

@@ -66,6 +66,19 @@ pub(crate) fn read_cached(file: &File, buf: &mut [u8], off: u64) -> bool {
     true
 }
 
+/// Whether `dir` is on a file system in RAM (tmpfs, ramfs), whose reads never wait for a device.
+#[cfg(target_os = "linux")]
+pub(crate) fn in_ram(dir: &Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::statfs(dir).is_ok_and(|s| matches!(s.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn in_ram(_dir: &Path) -> bool {
+    false
+}
+
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn read_cached(_file: &File, _buf: &mut [u8], _off: u64) -> bool {
     false

@@ -51,7 +51,8 @@
 //!
 //! # Reads
 //! `get_into` reads a disk-only chunk with one positional read, outside the lock. On Linux it first
-//! asks for the bytes only if the page cache holds them (`RWF_NOWAIT`), which never blocks; a read that
+//! asks for the bytes only if the page cache holds them (`RWF_NOWAIT`), which never blocks (on tmpfs
+//! every read is served inline); a read that
 //! would wait for the device runs inside the *blocking section* the owner installed with
 //! [`ChunkStore::set_blocking_section`] (the proxy passes one that moves the calling async worker's
 //! other tasks to another thread first), or inline if none was installed. `blocking_reads` counts them.
@@ -355,6 +356,8 @@ struct Shared {
     /// Wakes waiters for the queue to be written (`flush`, `wait_written`, stop).
     idle: Condvar,
     blocking: OnceLock<BlockingSection>,
+    /// The disk tier is on a file system in RAM (tmpfs): reads never wait for a device.
+    in_ram: bool,
 }
 
 impl Shared {
@@ -1163,13 +1166,19 @@ fn run_writer(shared: Arc<Shared>) {
 /// the blocking section. Returns the result and whether the blocking section ran.
 fn read_chunk(
     section: Option<BlockingSection>,
+    in_ram: bool,
     file: &File,
     buf: &mut [u8],
     off: u64,
     slow: Duration,
 ) -> (std::io::Result<()>, bool) {
-    if slow.is_zero() && disk::read_cached(file, buf, off) {
-        return (Ok(()), false);
+    if slow.is_zero() {
+        if in_ram {
+            return (disk::read_at(file, buf, off), false);
+        }
+        if disk::read_cached(file, buf, off) {
+            return (Ok(()), false);
+        }
     }
     let mut res = None;
     {
@@ -1215,6 +1224,7 @@ impl ChunkStore {
                     work: Condvar::new(),
                     idle: Condvar::new(),
                     blocking: OnceLock::new(),
+                    in_ram: true,
                 }),
                 writer: None,
             });
@@ -1231,6 +1241,7 @@ impl ChunkStore {
             work: Condvar::new(),
             idle: Condvar::new(),
             blocking: OnceLock::new(),
+            in_ram: disk::in_ram(&dir),
         });
         let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -1312,6 +1323,7 @@ impl ChunkStore {
         let section = self.shared.blocking.get().copied();
         let (read, blocked) = read_chunk(
             section,
+            self.shared.in_ram,
             &file,
             &mut out[old..],
             u64::from(loc_offset(loc)),
