@@ -122,3 +122,171 @@ async fn a_slow_store_disk_throttles_neither_a_cold_transfer_nor_an_interactive_
         "after a restart the store holds exactly the chunks written: {st:?}"
     );
 }
+
+/// One cold transfer of `len` bytes through a fresh pair whose receiving store is `store_b`, with a
+/// 100-byte echo every 10 ms beside it. Returns (seconds, echo round trips).
+async fn cold_run(
+    store_a: &Arc<ChunkStore>,
+    store_b: &Arc<ChunkStore>,
+    len: usize,
+    seed: u64,
+) -> (f64, Vec<Duration>) {
+    let (target, log) = start_server().await;
+    let p = pair_with(target, engine(store_a), engine(store_b)).await;
+    let mut s = tokio::net::TcpStream::connect(p.a_fwd)
+        .await
+        .expect("connect");
+    let mut head = vec![Mode::Echo as u8];
+    head.extend_from_slice(&[0u8; 24]);
+    s.write_all(&head).await.expect("head");
+    let t = Instant::now();
+    let bulk = tokio::spawn(request(p.a_fwd, len, 0, seed));
+    let mut rtts = Vec::new();
+    let mut i = 0u8;
+    while !bulk.is_finished() {
+        let msg = [i; 100];
+        i = i.wrapping_add(1);
+        let t = Instant::now();
+        s.write_all(&msg).await.expect("write");
+        let mut got = [0u8; 100];
+        s.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, msg);
+        rtts.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bulk.await.expect("join").expect("bulk");
+    let secs = t.elapsed().as_secs_f64();
+    s.shutdown().await.expect("shutdown");
+    log.wait("both flows verified", |l| l.ok >= 2).await;
+    assert_eq!(log.get().bad, 0);
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+    (secs, rtts)
+}
+
+/// Echo round trips through an idle pair: the latency baseline.
+async fn idle_rtts(store_a: &Arc<ChunkStore>, store_b: &Arc<ChunkStore>) -> Vec<Duration> {
+    let (target, _log) = start_server().await;
+    let p = pair_with(target, engine(store_a), engine(store_b)).await;
+    let mut s = tokio::net::TcpStream::connect(p.a_fwd)
+        .await
+        .expect("connect");
+    let mut head = vec![Mode::Echo as u8];
+    head.extend_from_slice(&[0u8; 24]);
+    s.write_all(&head).await.expect("head");
+    let mut rtts = Vec::new();
+    for i in 0..200u32 {
+        let msg = [i as u8; 100];
+        let t = Instant::now();
+        s.write_all(&msg).await.expect("write");
+        let mut got = [0u8; 100];
+        s.read_exact(&mut got).await.expect("read");
+        rtts.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.shutdown().await.expect("shutdown");
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+    rtts
+}
+
+fn pct(v: &mut [Duration], p: usize) -> Duration {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Cold throughput through a pair on loopback with the receiving store on tmpfs, on the normal disk,
+/// and on a slow device (the store's hook: 1 ms per 4 KiB written and 50 ms per fsync, about 4 MB/s),
+/// with an interactive echo beside each transfer. Not part of the normal test run:
+///
+/// `cargo test --release -p ditto-proxy --test slow_store -- --ignored --nocapture`
+///
+/// `DITTO_BENCH_MIB` sets the transfer size (default 200), `DITTO_BENCH_ROUNDS` the rounds (default
+/// 3; the kinds of store are interleaved in each round, each transfer on fresh stores).
+/// `DITTO_BENCH_DISK_DIR` is the normal-disk directory (default: the system's temporary directory),
+/// `DITTO_BENCH_TMPFS_DIR` the tmpfs one (default /dev/shm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run with --ignored --release"]
+async fn bench_cold_throughput_by_store_disk() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let mib = env("DITTO_BENCH_MIB", 200);
+    let rounds = env("DITTO_BENCH_ROUNDS", 3);
+    let disk_dir = std::env::var("DITTO_BENCH_DISK_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    let tmpfs_dir = std::env::var("DITTO_BENCH_TMPFS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| "/dev/shm".into());
+    let kinds = ["tmpfs", "disk", "slow disk"];
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut rtts: Vec<Vec<Duration>> = vec![Vec::new(); kinds.len()];
+    let mut skipped = vec![0u64; kinds.len()];
+    let mut idle = Vec::new();
+    for round in 0..rounds {
+        for (k, kind) in kinds.iter().enumerate() {
+            let base = if k == 0 { &tmpfs_dir } else { &disk_dir };
+            let da = tempfile::tempdir_in(base).expect("tempdir");
+            let db = tempfile::tempdir_in(base).expect("tempdir");
+            // The daemon's default sizes: 256 MiB RAM tier, default write queue.
+            let open = |d: &std::path::Path| {
+                Arc::new(
+                    ChunkStore::open(StoreConfig::on_disk(d, 256 << 20, 4 << 30)).expect("open"),
+                )
+            };
+            let (a, b) = (open(da.path()), open(db.path()));
+            if k == 2 {
+                b.simulate_slow_disk(PER_4K, Duration::from_millis(50), Duration::ZERO);
+            }
+            if round == 0 && k == 1 {
+                idle = idle_rtts(&a, &b).await;
+            }
+            let (s, r) = cold_run(&a, &b, mib << 20, 100 + round as u64).await;
+            eprintln!(
+                "round {round} {kind}: {mib} MiB in {s:.2} s ({:.0} MB/s)",
+                (mib << 20) as f64 / s / 1e6
+            );
+            secs[k].push(s);
+            rtts[k].extend(r);
+            skipped[k] += b.stats().writes_skipped;
+        }
+    }
+    let mut idle_v = idle.clone();
+    let (idle_med, idle_p99) = (pct(&mut idle_v, 50), pct(&mut idle_v, 99));
+    println!(
+        "cold transfer, {mib} MiB through a pair on loopback, {rounds} rounds (median MB/s; echo \
+         round trips every 10 ms beside it)"
+    );
+    println!(
+        "idle echo: median {:.2} ms, p99 {:.2} ms",
+        ms(idle_med),
+        ms(idle_p99)
+    );
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let disk_mbs = (mib << 20) as f64 / median(&secs[1]) / 1e6;
+    for (k, kind) in kinds.iter().enumerate() {
+        let mbs = (mib << 20) as f64 / median(&secs[k]) / 1e6;
+        let r = &mut rtts[k];
+        let (med, p99) = (pct(r, 50), pct(r, 99));
+        println!(
+            "| {kind} | {mbs:.0} MB/s | {:.2} x disk | echo median {:.2} ms, p99 {:.2} ms ({} samples) | writes skipped {} |",
+            mbs / disk_mbs,
+            ms(med),
+            ms(p99),
+            r.len(),
+            skipped[k] / rounds as u64
+        );
+    }
+}
