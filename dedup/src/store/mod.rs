@@ -372,7 +372,8 @@ impl Shared {
 struct Job {
     slot: u32,
     id: ChunkId,
-    data: Box<[u8]>,
+    /// Shared with the RAM tier.
+    data: Arc<[u8]>,
 }
 
 /// The write-behind queue.
@@ -577,14 +578,23 @@ impl Inner {
     /// if the RAM tier was its only copy (a RAM-only store, or a disk tier that was off).
     fn cache(&mut self, id: &ChunkId, data: &[u8]) -> bool {
         let Inner { index, ram, c, .. } = self;
-        ram.put(*id, data, |old| {
-            if let Some(s) = index.find(&old) {
-                if index.entry(s).loc == LOC_RAM {
-                    index.remove(s);
-                    c.evictions += 1;
-                }
+        ram.put(*id, data, |old| Self::evicted(index, c, old))
+    }
+
+    /// Same, with bytes shared with the write queue.
+    fn cache_shared(&mut self, id: &ChunkId, data: Arc<[u8]>) -> bool {
+        let Inner { index, ram, c, .. } = self;
+        ram.put_shared(*id, data, |old| Self::evicted(index, c, old))
+    }
+
+    /// The RAM tier evicted `old`: if that was its only copy, it leaves the store.
+    fn evicted(index: &mut Index, c: &mut Counters, old: ChunkId) {
+        if let Some(s) = index.find(&old) {
+            if index.entry(s).loc == LOC_RAM {
+                index.remove(s);
+                c.evictions += 1;
             }
-        })
+        }
     }
 
     /// Handles a failed write to the disk tier: turns the tier off, or keeps it off for longer.
@@ -873,11 +883,12 @@ impl Inner {
             return Ok(false);
         }
         let slot = self.index.insert(*id, LOC_QUEUED, len as u32);
-        self.cache(id, data);
+        let data: Arc<[u8]> = Arc::from(data);
+        self.cache_shared(id, Arc::clone(&data));
         self.q.jobs.push_back(Job {
             slot,
             id: *id,
-            data: data.into(),
+            data,
         });
         self.q.bytes += len;
         Ok(self.q.sleeping)
