@@ -1132,18 +1132,20 @@ impl Inner {
 fn run_writer(shared: Arc<Shared>) {
     let mut g = shared.lock();
     loop {
-        if g.q.stop.is_some_and(|at| Instant::now() >= at) && !g.q.jobs.is_empty() {
+        if g.q.stop.is_some_and(|at| Instant::now() >= at) {
             // Past the deadline nothing more is written, hints included.
             if let Some(disk) = g.disk.as_mut() {
                 disk.pending.clear();
             }
-            let n = g.abandon_queue();
-            g.c.writes_skipped += n;
-            tracing::warn!(
-                "chunk store: stopping: dropped {n} queued chunk writes the disk did not take within \
-                 {}s; those chunks are not kept",
-                DRAIN_TIMEOUT.as_secs()
-            );
+            if !g.q.jobs.is_empty() {
+                let n = g.abandon_queue();
+                g.c.writes_skipped += n;
+                tracing::warn!(
+                    "chunk store: stopping: dropped {n} queued chunk writes the disk did not take \
+                     within {}s; those chunks are not kept",
+                    DRAIN_TIMEOUT.as_secs()
+                );
+            }
         }
         let hints = g.disk.as_ref().map_or(0, |d| d.pending.len());
         let work = !g.q.jobs.is_empty()
