@@ -208,7 +208,9 @@ fn ms(d: Duration) -> f64 {
 /// `DITTO_BENCH_MIB` sets the transfer size (default 200), `DITTO_BENCH_ROUNDS` the rounds (default
 /// 3; the kinds of store are interleaved in each round, each transfer on fresh stores).
 /// `DITTO_BENCH_DISK_DIR` is the normal-disk directory (default: the system's temporary directory),
-/// `DITTO_BENCH_TMPFS_DIR` the tmpfs one (default /dev/shm).
+/// `DITTO_BENCH_TMPFS_DIR` the tmpfs one (default /dev/shm). With `DITTO_BENCH_SLOWFS_DIR` set (a
+/// mount of `bench/scripts/slowfs.py`, the same delays in a FUSE file system), a fourth kind of store
+/// runs there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run with --ignored --release"]
 async fn bench_cold_throughput_by_store_disk() {
@@ -226,15 +228,26 @@ async fn bench_cold_throughput_by_store_disk() {
     let tmpfs_dir = std::env::var("DITTO_BENCH_TMPFS_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| "/dev/shm".into());
-    let kinds = ["tmpfs", "disk", "slow disk"];
+    let slowfs = std::env::var("DITTO_BENCH_SLOWFS_DIR")
+        .ok()
+        .map(std::path::PathBuf::from);
+    let mut kinds = vec!["tmpfs", "disk", "slow disk (hook)"];
+    if slowfs.is_some() {
+        kinds.push("slow disk (FUSE)");
+    }
     let mut secs: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
     let mut rtts: Vec<Vec<Duration>> = vec![Vec::new(); kinds.len()];
     let mut skipped = vec![0u64; kinds.len()];
     let mut idle = Vec::new();
     for round in 0..rounds {
         for (k, kind) in kinds.iter().enumerate() {
-            let base = if k == 0 { &tmpfs_dir } else { &disk_dir };
-            let da = tempfile::tempdir_in(base).expect("tempdir");
+            let base = match (k, &slowfs) {
+                (0, _) => &tmpfs_dir,
+                (3, Some(d)) => d,
+                _ => &disk_dir,
+            };
+            // Only the receiving store is slowed: the sender's is on the normal disk.
+            let da = tempfile::tempdir_in(if k == 0 { base } else { &disk_dir }).expect("tempdir");
             let db = tempfile::tempdir_in(base).expect("tempdir");
             // The daemon's default sizes: 256 MiB RAM tier, default write queue.
             let open = |d: &std::path::Path| {
