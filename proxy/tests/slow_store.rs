@@ -72,14 +72,26 @@ async fn slow_receiver(dir_b: &std::path::Path, hook: bool) {
     } else {
         64 << 20
     };
-    let t = Instant::now();
-    let bulk = tokio::spawn(request(p.a_fwd, len, 0, 7));
     let mut s = tokio::net::TcpStream::connect(p.a_fwd)
         .await
         .expect("connect");
     let mut head = vec![Mode::Echo as u8];
     head.extend_from_slice(&[0u8; 24]);
     s.write_all(&head).await.expect("head");
+    // The echo's own baseline on this machine now: the pair idle.
+    let mut idle = Vec::new();
+    for i in 0..30u8 {
+        let t = Instant::now();
+        s.write_all(&[i; 100]).await.expect("write");
+        let mut got = [0u8; 100];
+        s.read_exact(&mut got).await.expect("read");
+        idle.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    idle.sort();
+    let idle_p99 = idle[idle.len() - 1];
+    let t = Instant::now();
+    let bulk = tokio::spawn(request(p.a_fwd, len, 0, 7));
     let mut rtts = Vec::new();
     let mut i = 0u8;
     while !bulk.is_finished() {
@@ -105,7 +117,7 @@ async fn slow_receiver(dir_b: &std::path::Path, hook: bool) {
     let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
     eprintln!(
         "{} MiB cold through the pair in {took:?} (the slow disk alone: {disk:?}); echo p99 {p99:?}, \
-         worst {:?} over {} round trips",
+         worst {:?} over {} round trips; idle echo worst {idle_p99:?}",
         len >> 20,
         rtts.last().copied().unwrap_or_default(),
         rtts.len()
@@ -116,10 +128,11 @@ async fn slow_receiver(dir_b: &std::path::Path, hook: bool) {
     );
     // Writing inline, each 8 KiB chunk would hold a flow's task for 4 ms on this disk, a frame's
     // chunks far longer; here no flow waits for a write. A generous bound for shared CI cores running
-    // a debug build; the benchmark measures the real p99.
+    // a debug build (scaled by how slow the machine is right now); the benchmark measures the real p99.
+    let bound = Duration::from_millis(500) + 5 * idle_p99;
     assert!(
-        p99 < Duration::from_millis(500),
-        "interactive p99 {p99:?} beside a transfer to a slow store"
+        p99 < bound,
+        "interactive p99 {p99:?} beside a transfer to a slow store (idle: {idle_p99:?})"
     );
     let st = store_b.stats();
     assert!(st.writes_skipped > 0, "{st:?}");
