@@ -1,13 +1,14 @@
 //! # ditto-dedup: the sans-IO dedup engine
 //!
-//! Bytes in, bytes out: no sockets, no runtime, no clocks (except that the chunk store paces its
-//! retries of a failing disk). The proxy drives these state machines; tests drive them in memory.
+//! Bytes in, bytes out: no sockets, no runtime, no clocks (except the chunk store, which paces its
+//! retries of a failing disk and writes to disk from a thread of its own, so that no caller ever waits
+//! for the disk). The proxy drives these state machines; tests drive them in memory.
 //!
 //! - [`chunker`]: content-defined chunk boundaries (FastCDC v2020) that do not depend on how the stream
 //!   was split into reads.
 //! - [`fingerprint`]: chunks are named by 128 bits of BLAKE3.
 //! - [`store`]: the chunk store, a RAM tier over an append-only, checksummed disk tier that survives
-//!   restarts.
+//!   restarts, written behind a bounded queue.
 //! - [`encoder`] / [`decoder`]: one direction of one stream. The encoder emits literals, references and
 //!   runs of references; the decoder resolves them and asks for what it lacks.
 //! - [`wire`]: the byte encoding, specified in `docs/protocol.md`.

@@ -133,22 +133,50 @@ impl Engine {
     /// An encoder/decoder pair for one stream.
     pub fn pair(&self, view: &View) -> (Box<dyn SendCodec>, Box<dyn RecvCodec>) {
         match (self, view) {
-            (Engine::Dedup { store, config }, View::Dedup(v)) => (
-                Box::new(DedupSend(ditto_dedup::Encoder::new(
-                    store.clone(),
-                    v.clone(),
-                    config.clone(),
-                ))),
-                Box::new(DedupRecv(ditto_dedup::Decoder::new(
-                    store.clone(),
-                    v.clone(),
-                    config.clone(),
-                ))),
-            ),
+            (Engine::Dedup { store, config }, View::Dedup(v)) => {
+                // The codecs run on async workers: a chunk read that must wait for the disk hands
+                // the worker's other tasks to another thread first (idempotent, first call wins).
+                store.set_blocking_section(off_worker);
+                self.dedup_pair(store, config, v)
+            }
             // A raw view with a dedup engine cannot happen (views come from the same engine);
             // carrying bytes verbatim is the safe answer if it ever did.
             _ => (Box::new(RawSend::default()), Box::new(RawRecv::default())),
         }
+    }
+
+    fn dedup_pair(
+        &self,
+        store: &Arc<ditto_dedup::ChunkStore>,
+        config: &ditto_dedup::EngineConfig,
+        v: &Arc<ditto_dedup::PeerView>,
+    ) -> (Box<dyn SendCodec>, Box<dyn RecvCodec>) {
+        (
+            Box::new(DedupSend(ditto_dedup::Encoder::new(
+                store.clone(),
+                v.clone(),
+                config.clone(),
+            ))),
+            Box::new(DedupRecv(ditto_dedup::Decoder::new(
+                store.clone(),
+                v.clone(),
+                config.clone(),
+            ))),
+        )
+    }
+}
+
+/// The chunk store's blocking section (see `ChunkStore::set_blocking_section`): on a worker of a
+/// multi-threaded tokio runtime, a read that waits for the disk runs in `block_in_place`, so the
+/// worker's other tasks (other flows) move to another thread instead of waiting behind it. Elsewhere
+/// (a current-thread runtime, a plain thread) it just runs. Reads the page cache holds never get here.
+fn off_worker(read: &mut dyn FnMut()) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(read)
+        }
+        _ => read(),
     }
 }
 

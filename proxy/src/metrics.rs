@@ -69,6 +69,12 @@ pub struct Metrics {
     /// 1 while the store's disk tier is off after write failures, with the `reason` label set to the
     /// kind of failure; all other reasons 0.
     pub store_degraded: IntGaugeVec,
+    /// Chunks the store did not write to disk because its write queue was full (the disk did not keep
+    /// up), fed from the store's own total by [`Metrics::observe_store`].
+    pub store_writes_skipped: IntCounter,
+    store_writes_skipped_seen: Arc<AtomicU64>,
+    /// Payload bytes waiting in the store's write-behind queue.
+    pub store_write_queue_bytes: IntGauge,
     pub stream_resets: IntCounterVec,
     /// Streams waiting for an unreachable peer now, by peer.
     pub streams_held: IntGaugeVec,
@@ -250,6 +256,16 @@ impl Metrics {
                  (disk-full, read-only, io-error); new chunks are then kept in RAM only.",
                 &["reason"],
             ),
+            store_writes_skipped: c(
+                "ditto_store_writes_skipped_total",
+                "Chunks not written to the store's disk tier because the disk did not keep up (write \
+                 queue full): kept in RAM only. Traffic is unaffected; dedup savings may be lower.",
+            ),
+            store_writes_skipped_seen: Arc::new(AtomicU64::new(0)),
+            store_write_queue_bytes: g(
+                "ditto_store_write_queue_bytes",
+                "Bytes of chunks waiting in the store's write-behind queue.",
+            ),
             stream_resets: cv(
                 "ditto_stream_resets_total",
                 "Accelerated streams reset, by reason.",
@@ -336,6 +352,13 @@ impl Metrics {
                 .with_label_values(&[kind.as_str()])
                 .set(i64::from(degraded == Some(kind)));
         }
+        let before = self
+            .store_writes_skipped_seen
+            .fetch_max(stats.writes_skipped, Ordering::Relaxed);
+        self.store_writes_skipped
+            .inc_by(stats.writes_skipped.saturating_sub(before));
+        self.store_write_queue_bytes
+            .set(i64::try_from(stats.write_queue_bytes).unwrap_or(i64::MAX));
     }
 
     /// The current savings totals (LAN and WAN bytes summed over peers).
@@ -400,12 +423,32 @@ mod tests {
             "ditto_store_errors_total{kind=\"write\"} 0",
             "ditto_store_errors_total{kind=\"corrupt\"} 0",
             "ditto_store_degraded{reason=\"disk-full\"} 0",
+            "ditto_store_writes_skipped_total 0",
+            "ditto_store_write_queue_bytes 0",
             "ditto_flows_total{outcome=\"passthrough\",reason=\"peer-down\"} 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert_eq!(sum_counter(&m.lan_bytes, "direction", "sent"), 10);
         assert_eq!(m.savings_now().lan_sent, 10);
+    }
+
+    #[test]
+    fn store_skipped_writes_and_queue_depth() {
+        let m = Metrics::new();
+        let st = |skipped, queued| StoreStats {
+            writes_skipped: skipped,
+            write_queue_bytes: queued,
+            ..StoreStats::default()
+        };
+        m.observe_store(&st(5, 1000), None);
+        m.observe_store(&st(5, 1000), None);
+        assert_eq!(m.store_writes_skipped.get(), 5);
+        m.observe_store(&st(9, 0), None);
+        // A lower total (seen by a racing caller) never takes the counter back.
+        m.observe_store(&st(7, 0), None);
+        assert_eq!(m.store_writes_skipped.get(), 9);
+        assert_eq!(m.store_write_queue_bytes.get(), 0);
     }
 
     #[test]

@@ -50,6 +50,40 @@ pub(crate) fn read_at(file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::read_exact_at(file, buf, off)
 }
 
+/// Reads `buf.len()` bytes at `off` only if the page cache holds them all (`RWF_NOWAIT`): never waits
+/// for the device. False if any part is not cached, or on any error (the caller then reads normally).
+#[cfg(target_os = "linux")]
+pub(crate) fn read_cached(file: &File, buf: &mut [u8], off: u64) -> bool {
+    use rustix::io::{preadv2, ReadWriteFlags};
+    let mut done = 0;
+    while done < buf.len() {
+        let mut iov = [io::IoSliceMut::new(&mut buf[done..])];
+        match preadv2(file, &mut iov, off + done as u64, ReadWriteFlags::NOWAIT) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => done += n,
+        }
+    }
+    true
+}
+
+/// Whether `dir` is on a file system in RAM (tmpfs, ramfs), whose reads never wait for a device.
+#[cfg(target_os = "linux")]
+pub(crate) fn in_ram(dir: &Path) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    const RAMFS_MAGIC: u64 = 0x8584_58f6;
+    rustix::fs::statfs(dir).is_ok_and(|s| matches!(s.f_type as u64, TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn in_ram(_dir: &Path) -> bool {
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn read_cached(_file: &File, _buf: &mut [u8], _off: u64) -> bool {
+    false
+}
+
 #[cfg(unix)]
 pub(crate) fn write_at(file: &File, buf: &[u8], off: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, off)

@@ -13,6 +13,9 @@ use crate::ChunkId;
 
 /// Location of a live entry that exists only in the RAM tier (a store without a disk tier).
 pub(crate) const LOC_RAM: u64 = 0;
+/// Location of a live entry whose record waits in the write-behind queue (not on disk yet). Segment 0
+/// is never allocated, so neither this nor [`LOC_RAM`] is a disk location.
+pub(crate) const LOC_QUEUED: u64 = 1;
 /// Location marking a free slot. Segment number `u32::MAX` is never allocated, so a free slot never
 /// matches a segment during eviction.
 const LOC_FREE: u64 = u64::MAX;
@@ -23,6 +26,12 @@ const NONE: u32 = u32::MAX;
 #[inline]
 pub(crate) fn pack_loc(seg: u32, offset: u32) -> u64 {
     (u64::from(seg) << 32) | u64::from(offset)
+}
+
+/// Whether a live entry's location is a record on disk.
+#[inline]
+pub(crate) fn on_disk(loc: u64) -> bool {
+    loc != LOC_RAM && loc != LOC_QUEUED && loc != LOC_FREE
 }
 
 #[inline]

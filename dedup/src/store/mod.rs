@@ -29,28 +29,54 @@
 //! A failed write (no space left, I/O error, read-only file system: [`FaultKind`]) leaves the store
 //! consistent and turns the disk tier *off* ([`ChunkStore::degraded`]) instead of failing again on every
 //! chunk: nothing is written to disk for [`RETRY_FIRST`], doubled after each failed retry up to
-//! [`RETRY_MAX`]; the first insert after the wait tries again, and a write that succeeds turns the tier
-//! back on. A tier that fails again within [`RETRY_MAX`] of coming back (a disk hovering at full)
+//! [`RETRY_MAX`]; the chunks inserted after the wait are queued again, and a write that succeeds turns
+//! the tier back on. Chunks still queued when a write fails are kept in the RAM tier only. A tier that fails again within [`RETRY_MAX`] of coming back (a disk hovering at full)
 //! continues the doubling rather than starting over. Meanwhile chunks already on disk are still read,
 //! and new chunks are kept in the RAM tier only: an index entry without a disk location, dropped as
 //! soon as the RAM tier evicts the chunk, and never written to a snapshot. A chunk that does not fit
 //! the RAM tier is not stored ([`StoreError::Degraded`]), so the engine sends it without dedup. Each
 //! change of state is logged once (`tracing`, target `ditto_dedup::store`) with the error and the file.
 //!
+//! # Write-behind: the store is never on the caller's path
+//! `insert` never touches the disk. With a disk tier, a new chunk goes to the RAM tier and to a bounded
+//! write queue (`write_queue_bytes` of payload) at once, and its index entry is *queued*: `contains`,
+//! `slot`, `lookup` and `get_into` answer for it like for any other chunk (served from the RAM tier, or
+//! from the queue if the RAM tier already evicted it). A thread of the store's own (`ditto-store-wr`)
+//! writes queued chunks in batches of up to [`WRITE_BATCH_BYTES`] with one positional write, outside
+//! the lock, and then points their entries at the records. When the disk cannot keep up and the queue
+//! is full, a new chunk is not queued: it is kept in the RAM tier only, exactly like a chunk stored
+//! while the disk tier is off (`writes_skipped` counts them), or not stored if it does not fit (then
+//! [`StoreError::WriteQueueFull`]). A slow disk costs dedup savings, never the caller's time.
+//! Successor hints are buffered and written by the same thread.
+//!
+//! # Reads
+//! `get_into` reads a disk-only chunk with one positional read, outside the lock. On Linux it first
+//! asks for the bytes only if the page cache holds them (`RWF_NOWAIT`), which never blocks (on tmpfs
+//! every read is served inline); a read that
+//! would wait for the device runs inside the *blocking section* the owner installed with
+//! [`ChunkStore::set_blocking_section`] (the proxy passes one that moves the calling async worker's
+//! other tasks to another thread first), or inline if none was installed. `blocking_reads` counts them.
+//!
 //! # What survives a restart
-//! Chunks whose insert returned `Ok` are on disk (in the page cache) at once, unless the disk tier was
-//! off (then they live in the RAM tier only); they survive a process crash. Only
+//! Chunks whose record the writer thread wrote are on disk (in the page cache); they survive a process
+//! crash. Queued chunks and chunks kept in RAM only (queue full, or disk tier off) do not: a crash
+//! loses at most the queue. An index entry points at a record only after the record was fully written,
+//! so neither the index nor a snapshot ever names a record that is not on disk (a crash in the middle
+//! of a write leaves a torn tail that recovery truncates). [`ChunkStore::close`] and dropping the store
+//! wait at most [`DRAIN_TIMEOUT`] for the queue; writes still queued then are dropped (counted in
+//! `writes_skipped`, logged) and those chunks are not in the snapshot. Only
 //! [`ChunkStore::flush`]/[`ChunkStore::close`] fsync, so a power loss may lose recent records, which
-//! recovery then drops (never returns). Successor hints are buffered (a few KiB) and written with the
-//! next chunk record, on flush/close, or on drop; a crash may lose the latest hints. Hints are not
+//! recovery then drops (never returns). A crash may lose the latest successor hints. Hints are not
 //! written while the disk tier is off. A missing or garbled meta file wipes the store's files and starts
 //! empty with a new [`StoreId`].
 //!
 //! # Locking
-//! One mutex guards all state. `contains`, `slot`, `successor`, `set_successor` and RAM hits of
-//! `get_into` are one short critical section without allocation. A disk read in `get_into` runs
-//! *outside* the lock (on a shared handle of the segment file) and re-locks briefly to cache the chunk.
-//! `insert` writes the record while holding the lock (one positional write, no fsync).
+//! One mutex guards all state; no file I/O runs under it except creating and deleting segment files
+//! (once per segment). `contains`, `slot`, `successor`, `set_successor` and RAM hits of `get_into` are
+//! one short critical section without allocation; `insert` adds a copy of the chunk to the queue.
+//! A disk read in `get_into` runs outside the lock (on a shared handle of the segment file) and
+//! re-locks briefly to cache the chunk. The writer thread takes the lock to pick a batch and to commit
+//! it, never while writing.
 
 mod disk;
 mod index;
@@ -60,11 +86,12 @@ pub(crate) mod record;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::ChunkId;
-use index::{loc_offset, loc_seg, pack_loc, Index, LOC_RAM};
+use index::{loc_offset, loc_seg, on_disk, pack_loc, Index, LOC_QUEUED, LOC_RAM};
 use ram::RamTier;
 use record::{Record, HDR, SUCC_RECORD_LEN};
 
@@ -76,12 +103,28 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// Buffered successor records are written once they reach this many bytes.
 const PENDING_FLUSH: usize = 4096;
+/// Successor records buffered beyond this (a writer far behind) are dropped: they are only hints.
+const PENDING_MAX: usize = 64 << 10;
 /// Longest prefix of a segment file that recovery reads; anything beyond is treated as a garbage tail.
 const MAX_SEGMENT_FILE: u64 = MAX_SEGMENT_BYTES + 2 * MAX_CHUNK_LEN as u64;
 /// How long the disk tier stays off after a write failure; doubled after each failed retry.
 pub const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts to write to a failing disk tier.
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Default bound of the write-behind queue, in payload bytes.
+pub const DEFAULT_WRITE_QUEUE_BYTES: u64 = 32 << 20;
+/// Largest batch of records the writer thread writes at once (small enough that a slow disk finishes
+/// one soon after a stop is asked for).
+pub const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// How long `close` and dropping the store wait for queued writes before dropping them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shortest interval between two log lines about writes skipped for a full queue.
+const SKIP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// How the store runs a disk read that may wait for the device: it calls the function with the read.
+/// See [`ChunkStore::set_blocking_section`].
+pub type BlockingSection = fn(&mut dyn FnMut());
+
 /// Damaged chunks (failed or mismatching reads) after which the rest of their segment is no longer
 /// trusted: the whole segment is dropped.
 pub const SEGMENT_DAMAGE_LIMIT: u32 = 8;
@@ -99,6 +142,9 @@ pub struct StoreConfig {
     /// quarter of `disk_bytes` (so eviction frees at most about a quarter of the tier at once) and at
     /// [`MAX_SEGMENT_BYTES`].
     pub segment_bytes: u64,
+    /// Bound of the write-behind queue in payload bytes: past it, new chunks are kept in the RAM tier
+    /// only (see the module documentation). At least one chunk is always queued.
+    pub write_queue_bytes: u64,
 }
 
 impl StoreConfig {
@@ -109,6 +155,7 @@ impl StoreConfig {
             ram_bytes,
             disk_bytes: 0,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            write_queue_bytes: DEFAULT_WRITE_QUEUE_BYTES,
         }
     }
 
@@ -119,12 +166,19 @@ impl StoreConfig {
             ram_bytes,
             disk_bytes,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            write_queue_bytes: DEFAULT_WRITE_QUEUE_BYTES,
         }
     }
 
     /// Same, with another segment size.
     pub fn with_segment_bytes(mut self, segment_bytes: u64) -> Self {
         self.segment_bytes = segment_bytes;
+        self
+    }
+
+    /// Same, with another write-behind queue bound.
+    pub fn with_write_queue_bytes(mut self, write_queue_bytes: u64) -> Self {
+        self.write_queue_bytes = write_queue_bytes;
         self
     }
 }
@@ -169,6 +223,15 @@ pub struct StoreStats {
     pub degraded: bool,
     /// Inserts that found the disk tier off: the chunk was kept in the RAM tier only, or not stored.
     pub unpersisted: u64,
+    /// Chunks not written to disk because the write-behind queue was full (the disk did not keep up)
+    /// or still held them when the store closed: kept in the RAM tier only, or not stored.
+    pub writes_skipped: u64,
+    /// Chunks waiting in the write-behind queue now.
+    pub write_queue_chunks: u64,
+    /// Payload bytes waiting in the write-behind queue now.
+    pub write_queue_bytes: u64,
+    /// Disk reads that were not served from the page cache and ran in the blocking section.
+    pub blocking_reads: u64,
     /// Segments dropped whole after [`SEGMENT_DAMAGE_LIMIT`] damaged chunks.
     pub segments_dropped: u64,
     /// Chunks removed for capacity (oldest segment deleted, or RAM-only LRU eviction).
@@ -201,6 +264,10 @@ pub enum StoreError {
     /// RAM tier either: it is not stored.
     #[error("chunk not stored: the chunk store disk tier is off ({0})")]
     Degraded(String),
+    /// The disk does not keep up (the write-behind queue is full) and the chunk does not fit the RAM
+    /// tier: it is not stored.
+    #[error("chunk not stored: the chunk store's write queue is full and the RAM tier too small")]
+    WriteQueueFull,
 }
 
 /// What kind of failure turned the disk tier off.
@@ -276,7 +343,66 @@ pub struct Degraded {
 /// A content-addressed chunk store shared by many streams (`Send + Sync`, use it through an `Arc`).
 pub struct ChunkStore {
     id: StoreId,
+    shared: Arc<Shared>,
+    /// The write-behind thread (with a disk tier).
+    writer: Option<JoinHandle<()>>,
+}
+
+/// What the store and its writer thread share.
+struct Shared {
     inner: Mutex<Inner>,
+    /// Wakes the writer thread: work was queued, hints should be written, or it should stop.
+    work: Condvar,
+    /// Wakes waiters for the queue to be written (`flush`, `wait_written`, stop).
+    idle: Condvar,
+    blocking: OnceLock<BlockingSection>,
+    /// The disk tier is on a file system in RAM (tmpfs): reads never wait for a device.
+    in_ram: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state is kept consistent at every point a panic could unwind from, so a poisoned lock is
+        // still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One chunk waiting to be written.
+struct Job {
+    slot: u32,
+    id: ChunkId,
+    /// Shared with the RAM tier.
+    data: Arc<[u8]>,
+}
+
+/// The write-behind queue.
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Payload bytes in `jobs`.
+    bytes: u64,
+    cap: u64,
+    /// The writer thread has a batch (the first jobs) in flight.
+    busy: bool,
+    /// The writer thread waits for work.
+    sleeping: bool,
+    /// Someone waits for the buffered hints to be written.
+    want_hints: bool,
+    /// Stop once the queue is written, or at the deadline (then drop what is left).
+    stop: Option<Instant>,
+    /// The writer thread has stopped.
+    stopped: bool,
+    /// When writes skipped for a full queue were last logged, and how many were skipped by then.
+    skip_logged: Option<(Instant, u64)>,
+}
+
+/// A simulated slow device (test hook): delays the writer thread and blocking reads.
+#[derive(Clone, Copy, Default)]
+struct SlowDisk {
+    per_4k_write: Duration,
+    fsync: Duration,
+    read: Duration,
 }
 
 #[derive(Default)]
@@ -291,6 +417,8 @@ struct Counters {
     corrupt_records: u64,
     unpersisted: u64,
     segments_dropped: u64,
+    writes_skipped: u64,
+    blocking_reads: u64,
 }
 
 /// The disk tier is off: no writes before `retry_at`.
@@ -345,6 +473,44 @@ struct Inner {
     /// soon (a disk hovering at full) continues that backoff instead of starting over.
     last_on: Option<(Instant, Duration)>,
     c: Counters,
+    q: Queue,
+    slow: SlowDisk,
+}
+
+/// A batch the writer thread writes outside the lock.
+struct Batch {
+    file: Arc<File>,
+    path: PathBuf,
+    seq: u32,
+    /// Where in the segment `wbuf` goes.
+    off: u64,
+    wbuf: Vec<u8>,
+    /// Jobs at the front of the queue this batch covers.
+    jobs: usize,
+    /// Chunk records in `wbuf`: slot, id, payload offset in `wbuf`.
+    recs: Vec<(u32, ChunkId, u64)>,
+    /// Injected failure (test hook).
+    fault: bool,
+    slow: SlowDisk,
+}
+
+impl Batch {
+    /// Writes the batch; on failure cuts off what was written past the old end, if possible.
+    fn write(&self) -> std::io::Result<()> {
+        let res = if self.fault {
+            let half = &self.wbuf[..self.wbuf.len() / 2];
+            disk::write_at(&self.file, half, self.off).and_then(|()| Err(disk_full_error()))
+        } else {
+            disk::write_at(&self.file, &self.wbuf, self.off)
+        };
+        if !self.slow.per_4k_write.is_zero() {
+            std::thread::sleep(self.slow.per_4k_write * self.wbuf.len().div_ceil(4096) as u32);
+        }
+        if res.is_err() {
+            let _ = self.file.set_len(self.off);
+        }
+        res
+    }
 }
 
 impl Disk {
@@ -382,31 +548,12 @@ impl Disk {
         Ok(())
     }
 
-    /// Appends `wbuf` to the current segment; returns the offset it was written at. On failure the
-    /// logical end is unchanged (a partial write past it is cut off if possible, else overwritten by
-    /// the next write or dropped by recovery) and pending successor records are discarded.
-    fn write_wbuf(&mut self) -> Result<u64, StoreError> {
-        let off = self.cur.len;
-        let res = if self.faults > 0 {
-            self.faults -= 1;
-            let half = &self.wbuf[..self.wbuf.len() / 2];
-            disk::write_at(&self.cur.file, half, off).and_then(|()| Err(disk_full_error()))
-        } else {
-            disk::write_at(&self.cur.file, &self.wbuf, off)
-        };
-        self.pending.clear();
-        match res {
-            Ok(()) => {
-                let n = self.wbuf.len() as u64;
-                self.cur.len += n;
-                self.total += n;
-                Ok(off)
-            }
-            Err(e) => {
-                let _ = self.cur.file.set_len(off);
-                Err(disk::io_err(&self.path(self.cur.seq), e))
-            }
+    fn segment_mut(&mut self, seq: u32) -> Option<&mut Segment> {
+        if seq == self.cur.seq {
+            return Some(&mut self.cur);
         }
+        let i = self.sealed.binary_search_by_key(&seq, |s| s.seq).ok()?;
+        self.sealed.get_mut(i)
     }
 }
 
@@ -431,14 +578,23 @@ impl Inner {
     /// if the RAM tier was its only copy (a RAM-only store, or a disk tier that was off).
     fn cache(&mut self, id: &ChunkId, data: &[u8]) -> bool {
         let Inner { index, ram, c, .. } = self;
-        ram.put(*id, data, |old| {
-            if let Some(s) = index.find(&old) {
-                if index.entry(s).loc == LOC_RAM {
-                    index.remove(s);
-                    c.evictions += 1;
-                }
+        ram.put(*id, data, |old| Self::evicted(index, c, old))
+    }
+
+    /// Same, with bytes shared with the write queue.
+    fn cache_shared(&mut self, id: &ChunkId, data: Arc<[u8]>) -> bool {
+        let Inner { index, ram, c, .. } = self;
+        ram.put_shared(*id, data, |old| Self::evicted(index, c, old))
+    }
+
+    /// The RAM tier evicted `old`: if that was its only copy, it leaves the store.
+    fn evicted(index: &mut Index, c: &mut Counters, old: ChunkId) {
+        if let Some(s) = index.find(&old) {
+            if index.entry(s).loc == LOC_RAM {
+                index.remove(s);
+                c.evictions += 1;
             }
-        })
+        }
     }
 
     /// Handles a failed write to the disk tier: turns the tier off, or keeps it off for longer.
@@ -610,7 +766,7 @@ impl Inner {
             if self
                 .index
                 .live(slot)
-                .is_some_and(|e| e.loc != LOC_RAM && loc_seg(e.loc) == seq)
+                .is_some_and(|e| on_disk(e.loc) && loc_seg(e.loc) == seq)
             {
                 self.drop_slot(slot);
                 dropped += 1;
@@ -641,7 +797,7 @@ impl Inner {
             if self
                 .index
                 .live(slot)
-                .is_some_and(|e| loc_seg(e.loc) == seg.seq)
+                .is_some_and(|e| on_disk(e.loc) && loc_seg(e.loc) == seg.seq)
             {
                 self.drop_slot(slot);
                 self.c.evictions += 1;
@@ -679,43 +835,224 @@ impl Inner {
         }
     }
 
-    /// Writes buffered successor records. Failures are only counted (and turn the disk tier off): hints
-    /// may be lost. While the tier is off, hints are dropped.
-    fn write_pending(&mut self) {
-        let off = self.off.is_some();
-        let Some(disk) = self.disk.as_mut() else {
-            return;
-        };
-        if disk.pending.is_empty() {
+    /// Takes a queued chunk off the write path: kept in the RAM tier only if it is there, else gone.
+    fn unqueue(&mut self, slot: u32, id: &ChunkId) {
+        if self.index.find(id) != Some(slot) || self.index.entry(slot).loc != LOC_QUEUED {
             return;
         }
-        if off || disk.pending.len() as u64 > disk.cap {
-            disk.pending.clear();
-            return;
+        if self.ram.contains(id) {
+            let len = self.index.entry(slot).len;
+            self.index.relocate(slot, LOC_RAM, len);
+        } else {
+            self.index.remove(slot);
+            self.c.evictions += 1;
         }
-        disk.wbuf.clear();
-        disk.wbuf.extend_from_slice(&disk.pending);
-        let n = disk.wbuf.len() as u64;
-        let res = self.make_room(n).and_then(|()| match self.disk.as_mut() {
-            Some(disk) => disk.write_wbuf().map(drop),
-            None => Ok(()),
-        });
-        if let Err(e) = res {
-            if let Some(disk) = self.disk.as_mut() {
-                disk.pending.clear();
-            }
-            if matches!(e, StoreError::Io { .. }) {
-                self.c.write_errors += 1;
-                self.disk_failed(&e);
+    }
+
+    /// Removes the first `n` jobs from the queue.
+    fn pop_jobs(&mut self, n: usize) {
+        for _ in 0..n {
+            if let Some(j) = self.q.jobs.pop_front() {
+                self.q.bytes -= j.data.len() as u64;
             }
         }
     }
 
-    fn insert_disk(&mut self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        let Some(disk) = self.disk.as_mut() else {
-            return Ok(());
+    /// Empties the queue: its chunks are kept in the RAM tier only (or gone). Returns how many.
+    fn abandon_queue(&mut self) -> u64 {
+        let jobs = std::mem::take(&mut self.q.jobs);
+        self.q.bytes = 0;
+        for j in &jobs {
+            self.unqueue(j.slot, &j.id);
+        }
+        jobs.len() as u64
+    }
+
+    /// Queues a new chunk for the writer thread, or keeps it in RAM only if the queue is full.
+    /// Returns whether the writer thread must be woken.
+    fn enqueue(&mut self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        let len = data.len() as u64;
+        if !self.q.jobs.is_empty() && self.q.bytes + len > self.q.cap {
+            self.c.writes_skipped += 1;
+            self.log_skips();
+            if len > self.ram.capacity() {
+                return Err(StoreError::WriteQueueFull);
+            }
+            self.index.insert(*id, LOC_RAM, len as u32);
+            self.cache(id, data);
+            return Ok(false);
+        }
+        let slot = self.index.insert(*id, LOC_QUEUED, len as u32);
+        let data: Arc<[u8]> = Arc::from(data);
+        self.cache_shared(id, Arc::clone(&data));
+        self.q.jobs.push_back(Job {
+            slot,
+            id: *id,
+            data,
+        });
+        self.q.bytes += len;
+        Ok(self.q.sleeping)
+    }
+
+    /// Logs writes skipped for a full queue, at most once per [`SKIP_LOG_EVERY`].
+    fn log_skips(&mut self) {
+        let now = Instant::now();
+        let before = match self.q.skip_logged {
+            Some((at, _)) if now.duration_since(at) < SKIP_LOG_EVERY => return,
+            Some((_, n)) => n,
+            None => 0,
         };
-        // Refuse before make_room could empty the whole tier trying to fit the record.
+        tracing::warn!(
+            "chunk store: the disk does not keep up (write queue of {} KiB full): new chunks are kept \
+             in RAM only, not written ({} since the last report; counted in writes_skipped)",
+            self.q.cap >> 10,
+            self.c.writes_skipped - before
+        );
+        self.q.skip_logged = Some((now, self.c.writes_skipped));
+    }
+
+    /// Picks the writer thread's next batch (buffered hints, then queued chunk records, up to
+    /// [`WRITE_BATCH_BYTES`] and the room left in the current segment) and reserves its place at the
+    /// end of the current segment. `None`: nothing to write, or it cannot be written.
+    fn plan(&mut self) -> Option<Batch> {
+        if self.disk_off() {
+            let n = self.abandon_queue();
+            self.c.unpersisted += n;
+            if let Some(disk) = self.disk.as_mut() {
+                disk.pending.clear();
+            }
+            return None;
+        }
+        let disk = self.disk.as_mut()?;
+        let first = self
+            .q
+            .jobs
+            .front()
+            .map_or(0, |j| (HDR + j.data.len()) as u64);
+        if disk.pending.len() as u64 + first > disk.cap {
+            disk.pending.clear();
+        }
+        let head = disk.pending.len() as u64 + first;
+        let room = if disk.cur.len > 0 && disk.cur.len + head > disk.seg_limit {
+            disk.seg_limit
+        } else {
+            disk.seg_limit.saturating_sub(disk.cur.len)
+        };
+        let limit = room.min(WRITE_BATCH_BYTES as u64).max(head);
+        let mut wbuf = std::mem::take(&mut disk.wbuf);
+        wbuf.clear();
+        wbuf.append(&mut disk.pending);
+        let mut recs = Vec::new();
+        let mut jobs = 0;
+        for j in &self.q.jobs {
+            let rec = (HDR + j.data.len()) as u64;
+            if jobs > 0 && wbuf.len() as u64 + rec > limit {
+                break;
+            }
+            jobs += 1;
+            if self.index.find(&j.id) == Some(j.slot) && self.index.entry(j.slot).loc == LOC_QUEUED
+            {
+                let at = (wbuf.len() + HDR) as u64;
+                record::encode_chunk(&mut wbuf, &j.id, &j.data);
+                recs.push((j.slot, j.id, at));
+            }
+        }
+        if wbuf.is_empty() {
+            self.pop_jobs(jobs);
+            return None;
+        }
+        let n = wbuf.len() as u64;
+        if let Err(e) = self.make_room(n) {
+            if matches!(e, StoreError::Io { .. }) {
+                self.c.write_errors += 1;
+            }
+            self.disk_failed(&e);
+            let n = self.abandon_queue();
+            self.c.unpersisted += n;
+            return None;
+        }
+        let disk = self.disk.as_mut()?;
+        let off = disk.cur.len;
+        disk.cur.len += n;
+        disk.total += n;
+        let fault = disk.faults > 0;
+        if fault {
+            disk.faults -= 1;
+        }
+        Some(Batch {
+            file: Arc::clone(&disk.cur.file),
+            path: disk.path(disk.cur.seq),
+            seq: disk.cur.seq,
+            off,
+            wbuf,
+            jobs,
+            recs,
+            fault,
+            slow: self.slow,
+        })
+    }
+
+    /// Takes the result of a batch: points the written chunks' entries at their records, or on
+    /// failure turns the disk tier off and keeps every queued chunk in the RAM tier only.
+    fn commit(&mut self, mut b: Batch, res: std::io::Result<()>) {
+        self.pop_jobs(b.jobs);
+        let n = b.wbuf.len() as u64;
+        let ok = match res {
+            Ok(()) => {
+                self.disk_ok();
+                true
+            }
+            Err(e) => {
+                if let Some(disk) = self.disk.as_mut() {
+                    if disk.cur.seq == b.seq && disk.cur.len == b.off + n {
+                        disk.cur.len = b.off;
+                        disk.total -= n;
+                    }
+                }
+                self.c.write_errors += 1;
+                self.disk_failed(&disk::io_err(&b.path, e));
+                false
+            }
+        };
+        // The segment may have been dropped meanwhile (damage found by a reader).
+        let placed = ok
+            && self
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.segment(b.seq).is_some());
+        for &(slot, id, at) in &b.recs {
+            if self.index.find(&id) != Some(slot) || self.index.entry(slot).loc != LOC_QUEUED {
+                continue;
+            }
+            if placed {
+                let len = self.index.entry(slot).len;
+                self.index
+                    .relocate(slot, pack_loc(b.seq, (b.off + at) as u32), len);
+                if let Some(seg) = self.disk.as_mut().and_then(|d| d.segment_mut(b.seq)) {
+                    seg.slots.push(slot);
+                }
+            } else {
+                self.c.unpersisted += 1;
+                self.unqueue(slot, &id);
+            }
+        }
+        if !ok {
+            let n = self.abandon_queue();
+            self.c.unpersisted += n;
+        }
+        if let Some(disk) = self.disk.as_mut() {
+            b.wbuf.clear();
+            if b.wbuf.capacity() <= 2 * WRITE_BATCH_BYTES {
+                disk.wbuf = b.wbuf;
+            }
+        }
+    }
+
+    fn insert_disk(&mut self, id: &ChunkId, data: &[u8]) -> Result<bool, StoreError> {
+        let Some(disk) = self.disk.as_ref() else {
+            return Ok(false);
+        };
+        // Refuse what could never be written.
         let rec_len = (HDR + data.len()) as u64;
         if rec_len > disk.cap {
             return Err(StoreError::TooLarge {
@@ -724,56 +1061,17 @@ impl Inner {
             });
         }
         if self.disk_off() {
-            return self.insert_unpersisted(id, data, |g| {
-                StoreError::Degraded(
-                    g.off
-                        .as_ref()
-                        .map_or_else(String::new, |o| o.reason.clone()),
-                )
-            });
+            return self
+                .insert_unpersisted(id, data, |g| {
+                    StoreError::Degraded(
+                        g.off
+                            .as_ref()
+                            .map_or_else(String::new, |o| o.reason.clone()),
+                    )
+                })
+                .map(|()| false);
         }
-        match self.write_chunk(id, data) {
-            Ok(()) => {
-                self.disk_ok();
-                Ok(())
-            }
-            Err(e @ StoreError::Io { .. }) => {
-                self.c.write_errors += 1;
-                self.disk_failed(&e);
-                self.insert_unpersisted(id, data, |_| e)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Appends a chunk record (after any buffered successor records) and indexes it.
-    fn write_chunk(&mut self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
-        let Some(disk) = self.disk.as_mut() else {
-            return Ok(());
-        };
-        let rec_len = (HDR + data.len()) as u64;
-        if rec_len + disk.pending.len() as u64 > disk.cap {
-            disk.pending.clear();
-        }
-        disk.wbuf.clear();
-        disk.wbuf.extend_from_slice(&disk.pending);
-        let rec_at = disk.wbuf.len() as u64;
-        record::encode_chunk(&mut disk.wbuf, id, data);
-        let n = disk.wbuf.len() as u64;
-        let res = self.make_room(n).and_then(|()| match self.disk.as_mut() {
-            Some(disk) => disk.write_wbuf().map(|off| (disk.cur.seq, off)),
-            None => Err(StoreError::Config("no disk tier")),
-        });
-        let (seq, off) = res?;
-        let payload_off = off + rec_at + HDR as u64;
-        let slot = self
-            .index
-            .insert(*id, pack_loc(seq, payload_off as u32), data.len() as u32);
-        if let Some(disk) = self.disk.as_mut() {
-            disk.cur.slots.push(slot);
-        }
-        self.cache(id, data);
-        Ok(())
+        self.enqueue(id, data)
     }
 
     fn insert_ram_only(&mut self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
@@ -817,36 +1115,105 @@ impl Inner {
             write_errors: self.c.write_errors,
             degraded: self.off.is_some(),
             unpersisted: self.c.unpersisted,
+            writes_skipped: self.c.writes_skipped,
+            write_queue_chunks: self.q.jobs.len() as u64,
+            write_queue_bytes: self.q.bytes,
+            blocking_reads: self.c.blocking_reads,
             segments_dropped: self.c.segments_dropped,
             evictions: self.c.evictions,
             corrupt_records: self.c.corrupt_records,
             index_bytes: self.index.heap_bytes() + slot_lists,
         }
     }
+}
 
-    /// Writes pending hints and fsyncs the current segment.
-    fn flush(&mut self) -> Result<(), StoreError> {
-        self.write_pending();
-        let Some(disk) = self.disk.as_ref() else {
-            return Ok(());
-        };
-        let res = disk
-            .cur
-            .file
-            .sync_data()
-            .map_err(|e| disk::io_err(&disk.path(disk.cur.seq), e));
-        if let Err(e) = &res {
-            self.c.write_errors += 1;
-            self.disk_failed(e);
+/// The write-behind thread: writes queued chunks and buffered hints in batches, never holding the lock
+/// while writing.
+fn run_writer(shared: Arc<Shared>) {
+    let mut g = shared.lock();
+    loop {
+        if g.q.stop.is_some_and(|at| Instant::now() >= at) {
+            // Past the deadline nothing more is written, hints included.
+            if let Some(disk) = g.disk.as_mut() {
+                disk.pending.clear();
+            }
+            if !g.q.jobs.is_empty() {
+                let n = g.abandon_queue();
+                g.c.writes_skipped += n;
+                tracing::warn!(
+                    "chunk store: stopping: dropped {n} queued chunk writes the disk did not take \
+                     within {}s; those chunks are not kept",
+                    DRAIN_TIMEOUT.as_secs()
+                );
+            }
         }
-        res
+        let hints = g.disk.as_ref().map_or(0, |d| d.pending.len());
+        let work = !g.q.jobs.is_empty()
+            || (hints > 0 && (hints >= PENDING_FLUSH || g.q.want_hints || g.q.stop.is_some()));
+        if !work {
+            g.q.want_hints = false;
+            if g.q.stop.is_some() {
+                g.q.stopped = true;
+                shared.idle.notify_all();
+                return;
+            }
+            shared.idle.notify_all();
+            g.q.sleeping = true;
+            g = shared.work.wait(g).unwrap_or_else(|p| p.into_inner());
+            g.q.sleeping = false;
+            continue;
+        }
+        let Some(batch) = g.plan() else {
+            continue;
+        };
+        g.q.busy = true;
+        drop(g);
+        let res = batch.write();
+        g = shared.lock();
+        g.commit(batch, res);
+        g.q.busy = false;
     }
+}
+
+/// Reads `buf.len()` bytes at `off`: from the page cache without blocking if it holds them, else in
+/// the blocking section. Returns the result and whether the blocking section ran.
+fn read_chunk(
+    section: Option<BlockingSection>,
+    in_ram: bool,
+    file: &File,
+    buf: &mut [u8],
+    off: u64,
+    slow: Duration,
+) -> (std::io::Result<()>, bool) {
+    if slow.is_zero() {
+        if in_ram {
+            return (disk::read_at(file, buf, off), false);
+        }
+        if disk::read_cached(file, buf, off) {
+            return (Ok(()), false);
+        }
+    }
+    let mut res = None;
+    {
+        let mut read = || {
+            if !slow.is_zero() {
+                std::thread::sleep(slow);
+            }
+            res = Some(disk::read_at(file, buf, off));
+        };
+        match section {
+            Some(section) => section(&mut read),
+            None => read(),
+        }
+    }
+    let res = res.unwrap_or_else(|| Err(std::io::Error::other("the read did not run")));
+    (res, true)
 }
 
 impl ChunkStore {
     /// Opens (or creates) a store. With a disk tier, recovers its contents as described in the module
-    /// documentation; never fails because of what the files contain, only on I/O errors on the
-    /// directory or meta file, or a bad configuration.
+    /// documentation and starts its writer thread; never fails because of what the files contain,
+    /// only on I/O errors on the directory or meta file, or a bad configuration.
     pub fn open(cfg: StoreConfig) -> Result<ChunkStore, StoreError> {
         let ram = RamTier::new(cfg.ram_bytes);
         let Some(dir) = cfg.dir.clone() else {
@@ -860,10 +1227,19 @@ impl ChunkStore {
                 off: None,
                 last_on: None,
                 c: Counters::default(),
+                q: Queue::default(),
+                slow: SlowDisk::default(),
             };
             return Ok(ChunkStore {
                 id: StoreId(rand::random()),
-                inner: Mutex::new(inner),
+                shared: Arc::new(Shared {
+                    inner: Mutex::new(inner),
+                    work: Condvar::new(),
+                    idle: Condvar::new(),
+                    blocking: OnceLock::new(),
+                    in_ram: true,
+                }),
+                writer: None,
             });
         };
         if cfg.disk_bytes == 0 || cfg.segment_bytes == 0 {
@@ -871,22 +1247,41 @@ impl ChunkStore {
                 "disk_bytes and segment_bytes must be > 0",
             ));
         }
-        let (id, inner) = open_disk(&dir, &cfg, ram)?;
+        let (id, mut inner) = open_disk(&dir, &cfg, ram)?;
+        inner.q.cap = cfg.write_queue_bytes;
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+            blocking: OnceLock::new(),
+            in_ram: disk::in_ram(&dir),
+        });
+        let for_writer = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("ditto-store-wr".into())
+            .spawn(move || run_writer(for_writer))
+            .map_err(|e| disk::io_err(&dir, e))?;
         Ok(ChunkStore {
             id,
-            inner: Mutex::new(inner),
+            shared,
+            writer: Some(writer),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // The state is kept consistent at every point a panic could unwind from, so a poisoned lock is
-        // still usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.lock()
     }
 
     /// Identity of this store's contents.
     pub fn identity(&self) -> StoreId {
         self.id
+    }
+
+    /// Sets how disk reads that may wait for the device run (see the module documentation): `section`
+    /// is called with the read and must call it once, e.g. after telling an async runtime that the
+    /// calling thread is about to block. The first call wins; later ones are ignored.
+    pub fn set_blocking_section(&self, section: BlockingSection) {
+        let _ = self.shared.blocking.set(section);
     }
 
     /// Whether the chunk is stored (index lookup only; a later `get_into` may still miss if the data
@@ -897,10 +1292,10 @@ impl ChunkStore {
     }
 
     /// Appends the chunk's bytes to `out` and returns true, or leaves `out` unchanged and returns
-    /// false. RAM-tier hits are trusted; disk reads are verified with blake3 and a mismatch drops the
-    /// entry (`verify_failures += 1`).
+    /// false. RAM-tier hits (and chunks still in the write queue) are trusted; disk reads are verified
+    /// with blake3 and a mismatch drops the entry (`verify_failures += 1`).
     pub fn get_into(&self, id: &ChunkId, out: &mut Vec<u8>) -> bool {
-        let (file, loc, len) = {
+        let (file, loc, len, slow) = {
             let mut g = self.lock();
             if let Some(data) = g.ram.get(id) {
                 out.extend_from_slice(data);
@@ -913,12 +1308,20 @@ impl ChunkStore {
                 return false;
             };
             let e = *g.index.entry(slot);
+            if e.loc == LOC_QUEUED {
+                // Evicted from the RAM tier before the writer got to it: the queue has it.
+                if let Some(j) = g.q.jobs.iter().find(|j| j.id == *id) {
+                    out.extend_from_slice(&j.data);
+                    g.c.ram_hits += 1;
+                    return true;
+                }
+            }
             let seg = match (&g.disk, e.loc) {
-                (Some(disk), loc) if loc != LOC_RAM => disk.segment(loc_seg(loc)),
+                (Some(disk), loc) if on_disk(loc) => disk.segment(loc_seg(loc)),
                 _ => None,
             };
             match seg {
-                Some(seg) => (Arc::clone(&seg.file), e.loc, e.len),
+                Some(seg) => (Arc::clone(&seg.file), e.loc, e.len, g.slow.read),
                 None => {
                     // Only the RAM tier held it, and no longer does (eviction normally drops such
                     // entries at once): it is gone.
@@ -930,10 +1333,21 @@ impl ChunkStore {
         };
         let old = out.len();
         out.resize(old + len as usize, 0);
-        let read = disk::read_at(&file, &mut out[old..], u64::from(loc_offset(loc)));
+        let section = self.shared.blocking.get().copied();
+        let (read, blocked) = read_chunk(
+            section,
+            self.shared.in_ram,
+            &file,
+            &mut out[old..],
+            u64::from(loc_offset(loc)),
+            slow,
+        );
         drop(file);
         let good = read.is_ok() && id.matches(&out[old..]);
         let mut g = self.lock();
+        if blocked {
+            g.c.blocking_reads += 1;
+        }
         if good {
             g.c.disk_hits += 1;
             if g.index.find(id).is_some() {
@@ -962,8 +1376,10 @@ impl ChunkStore {
         false
     }
 
-    /// Stores a chunk; `id` must be `ChunkId::of(data)`. Already present: no-op. On `Err` the chunk is
-    /// not stored and everything stored before is intact; later inserts may succeed.
+    /// Stores a chunk; `id` must be `ChunkId::of(data)`. Already present: no-op. Never waits for the
+    /// disk: with a disk tier the chunk is queued for the writer thread (or, if the queue is full, kept
+    /// in the RAM tier only). On `Err` the chunk is not stored and everything stored before is intact;
+    /// later inserts may succeed.
     pub fn insert(&self, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {
         debug_assert_eq!(
             *id,
@@ -980,11 +1396,15 @@ impl ChunkStore {
         if g.index.find(id).is_some() {
             return Ok(());
         }
-        if g.disk.is_some() {
-            g.insert_disk(id, data)
-        } else {
-            g.insert_ram_only(id, data)
+        if g.disk.is_none() {
+            return g.insert_ram_only(id, data);
         }
+        let wake = g.insert_disk(id, data)?;
+        drop(g);
+        if wake {
+            self.shared.work.notify_one();
+        }
+        Ok(())
     }
 
     /// The chunk's index slot: a small integer, stable while the chunk stays stored (also across a
@@ -1012,7 +1432,8 @@ impl ChunkStore {
     }
 
     /// Records that `next` followed `prev`. Ignored unless both are stored. A change is persisted
-    /// (buffered, see the module documentation); write errors are only counted.
+    /// (buffered and written by the writer thread, see the module documentation); write errors are
+    /// only counted.
     pub fn set_successor(&self, prev: &ChunkId, next: &ChunkId) {
         let mut g = self.lock();
         let (Some(p), Some(n)) = (g.index.find(prev), g.index.find(next)) else {
@@ -1025,10 +1446,16 @@ impl ChunkStore {
             // Not persisted while the disk tier is off.
             return;
         }
+        let sleeping = g.q.sleeping;
         if let Some(disk) = g.disk.as_mut() {
+            if disk.pending.len() >= PENDING_MAX {
+                // The writer is behind: hints are only hints.
+                return;
+            }
             record::encode_succ(&mut disk.pending, prev, next);
-            if disk.pending.len() >= PENDING_FLUSH {
-                g.write_pending();
+            if disk.pending.len() >= PENDING_FLUSH && sleeping {
+                drop(g);
+                self.shared.work.notify_one();
             }
         }
     }
@@ -1038,15 +1465,95 @@ impl ChunkStore {
         self.lock().stats()
     }
 
-    /// Writes buffered successor hints and fsyncs the current segment.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.lock().flush()
+    /// Waits until every chunk queued so far is written (or was given up on), at most `timeout`.
+    /// Returns whether the queue is empty. Immediate without a disk tier.
+    pub fn wait_written(&self, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        let mut g = self.lock();
+        while !g.q.jobs.is_empty() || g.q.busy {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || g.q.stopped || self.writer.is_none() {
+                return false;
+            }
+            g = match self.shared.idle.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
     }
 
-    /// Clean shutdown: flush, fsync, and write the index snapshot that lets the next open skip the scan.
-    pub fn close(self) -> Result<(), StoreError> {
+    /// Waits for the queue and the buffered hints to be written, then fsyncs the current segment.
+    /// Waits for the disk, however slow: not for an async runtime's threads.
+    pub fn flush(&self) -> Result<(), StoreError> {
         let mut g = self.lock();
-        g.flush()?;
+        if self.writer.is_some() && !g.q.stopped {
+            g.q.want_hints = true;
+            if g.q.sleeping {
+                self.shared.work.notify_one();
+            }
+            while (g.q.want_hints || g.q.busy || !g.q.jobs.is_empty()) && !g.q.stopped {
+                g = self.shared.idle.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        let Some(disk) = g.disk.as_ref() else {
+            return Ok(());
+        };
+        let file = Arc::clone(&disk.cur.file);
+        let path = disk.path(disk.cur.seq);
+        let slow = g.slow.fsync;
+        drop(g);
+        let res = file.sync_data();
+        if !slow.is_zero() {
+            std::thread::sleep(slow);
+        }
+        if let Err(e) = res {
+            let e = disk::io_err(&path, e);
+            let mut g = self.lock();
+            g.c.write_errors += 1;
+            g.disk_failed(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stops the writer thread: it writes what is queued for at most `timeout`, drops the rest, and
+    /// writes the buffered hints. A writer stuck in a write on a hung device is not waited for long.
+    fn stop_writer(&mut self, timeout: Duration) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let until = Instant::now() + timeout + Duration::from_secs(2);
+        let mut g = self.lock();
+        g.q.stop = Some(Instant::now() + timeout);
+        self.shared.work.notify_one();
+        while !g.q.stopped {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            g = match self.shared.idle.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        let stopped = g.q.stopped;
+        drop(g);
+        if stopped {
+            let _ = writer.join();
+        } else {
+            tracing::warn!(
+                "chunk store: the writer thread is stuck in a write; not waiting for it"
+            );
+        }
+    }
+
+    /// Clean shutdown: writes the queue (waiting at most [`DRAIN_TIMEOUT`]), fsyncs, and writes the
+    /// index snapshot that lets the next open skip the scan.
+    pub fn close(mut self) -> Result<(), StoreError> {
+        self.stop_writer(DRAIN_TIMEOUT);
+        self.flush()?;
+        let g = self.lock();
         let Some(disk) = g.disk.as_ref() else {
             return Ok(());
         };
@@ -1056,9 +1563,10 @@ impl ChunkStore {
             .chain(std::iter::once(&disk.cur))
             .map(|s| (s.seq, s.len))
             .collect();
-        // Chunks held only by the RAM tier (stored while the disk tier was off) do not survive.
+        // Chunks held only by the RAM tier (stored while the disk tier was off or the queue full, or
+        // still queued) do not survive.
         let slots = g.index.iter_slots().map(|e| {
-            if e.is_live() && e.loc == LOC_RAM {
+            if e.is_live() && !on_disk(e.loc) {
                 index::Entry::FREE
             } else {
                 *e
@@ -1073,8 +1581,8 @@ impl ChunkStore {
     /// A write that fails (no space, I/O error, read-only file system, ...) turns the tier off: for
     /// [`RETRY_FIRST`], doubled after each failed retry up to [`RETRY_MAX`]. Meanwhile nothing is
     /// written to disk, new chunks are kept in the RAM tier only (or, if they do not fit, not stored)
-    /// and chunks already on disk are still read. The first insert after the wait tries the disk
-    /// again; if that write succeeds the tier is back on.
+    /// and chunks already on disk are still read. Chunks inserted after the wait are queued again; if
+    /// their write succeeds the tier is back on.
     pub fn degraded(&self) -> Option<Degraded> {
         let g = self.lock();
         let off = g.off.as_ref()?;
@@ -1103,12 +1611,25 @@ impl ChunkStore {
             off.retry_at = Instant::now();
         }
     }
+
+    /// Test hook: simulates a slow device. Every write of the writer thread takes `per_4k_write` per
+    /// 4 KiB more, every fsync `fsync` more, and every disk read `read` (bypassing the page cache
+    /// check, so it always runs in the blocking section).
+    #[doc(hidden)]
+    pub fn simulate_slow_disk(&self, per_4k_write: Duration, fsync: Duration, read: Duration) {
+        self.lock().slow = SlowDisk {
+            per_4k_write,
+            fsync,
+            read,
+        };
+    }
 }
 
 impl Drop for ChunkStore {
-    /// Writes buffered successor hints (best effort; no fsync, no snapshot).
+    /// Stops the writer thread: queued chunks are written for at most [`DRAIN_TIMEOUT`], then the
+    /// buffered hints (no fsync, no snapshot).
     fn drop(&mut self) {
-        self.lock().write_pending();
+        self.stop_writer(DRAIN_TIMEOUT);
     }
 }
 
@@ -1211,6 +1732,8 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
         off: None,
         last_on: None,
         c,
+        q: Queue::default(),
+        slow: SlowDisk::default(),
     };
     // The capacity may have shrunk since the files were written.
     inner.make_room(0)?;
@@ -1218,9 +1741,12 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
 }
 
 /// Rebuilds the index from the segments, oldest first, so later records win. Verifies every record;
-/// truncates a torn tail of the newest segment.
+/// truncates a torn tail of the newest segment. Successor records are applied after every chunk is
+/// indexed (in order, so later ones win): the writer thread may write a hint before the chunk record
+/// it names.
 fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index {
     let mut index = Index::new();
+    let mut hints: Vec<(ChunkId, ChunkId)> = Vec::new();
     let mut buf = Vec::new();
     for seg in segs.iter_mut() {
         let want = seg.len.min(MAX_SEGMENT_FILE) as usize;
@@ -1249,11 +1775,7 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
                 };
                 slots.push(slot);
             }
-            Record::Succ { prev, next } => {
-                if let (Some(p), Some(n)) = (index.find(&prev), index.find(&next)) {
-                    index.set_successor(p, n);
-                }
-            }
+            Record::Succ { prev, next } => hints.push((prev, next)),
         });
         c.verify_failures += sum.bad_payloads;
         c.corrupt_records += sum.bad_regions;
@@ -1272,6 +1794,11 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
                 Ok(()) => seg.len = sum.good_end as u64,
                 Err(_) => c.write_errors += 1,
             }
+        }
+    }
+    for (prev, next) in hints {
+        if let (Some(p), Some(n)) = (index.find(&prev), index.find(&next)) {
+            index.set_successor(p, n);
         }
     }
     index
@@ -1314,8 +1841,10 @@ mod tests {
         let (a, da) = chunk(1, 100);
         let (b, db) = chunk(2, 200);
         s.insert(&a, &da).expect("insert");
+        assert!(s.wait_written(Duration::from_secs(10)));
         s.set_successor(&a, &a);
         s.insert(&b, &db).expect("insert");
+        assert!(s.wait_written(Duration::from_secs(10)));
         let g = s.lock();
         let ea = *g.index.entry(g.index.find(&a).expect("a"));
         let eb = *g.index.entry(g.index.find(&b).expect("b"));

@@ -4,6 +4,7 @@
 //! reused slot number; the ids are uniformly random, so the hasher simply takes their first 8 bytes.
 
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use lru::LruCache;
 
@@ -40,7 +41,8 @@ impl Hasher for IdHasher {
 }
 
 pub(crate) struct RamTier {
-    lru: LruCache<ChunkId, Box<[u8]>, BuildHasherDefault<IdHasher>>,
+    /// Shared with the write-behind queue while a chunk waits there: one copy for both.
+    lru: LruCache<ChunkId, Arc<[u8]>, BuildHasherDefault<IdHasher>>,
     bytes: u64,
     cap: u64,
 }
@@ -74,7 +76,24 @@ impl RamTier {
 
     /// Caches `data` (if it fits at all), evicting least recently used entries; each evicted id is
     /// passed to `on_evict`. Returns whether `data` is now cached.
-    pub fn put(&mut self, id: ChunkId, data: &[u8], mut on_evict: impl FnMut(ChunkId)) -> bool {
+    pub fn put(&mut self, id: ChunkId, data: &[u8], on_evict: impl FnMut(ChunkId)) -> bool {
+        if data.len() as u64 > self.cap {
+            return false;
+        }
+        if self.lru.contains(&id) {
+            self.lru.promote(&id);
+            return true;
+        }
+        self.put_shared(id, Arc::from(data), on_evict)
+    }
+
+    /// Same, with bytes the caller shares.
+    pub fn put_shared(
+        &mut self,
+        id: ChunkId,
+        data: Arc<[u8]>,
+        mut on_evict: impl FnMut(ChunkId),
+    ) -> bool {
         let len = data.len() as u64;
         if len > self.cap {
             return false;
@@ -92,9 +111,14 @@ impl RamTier {
                 None => break,
             }
         }
-        self.lru.put(id, data.into());
+        self.lru.put(id, data);
         self.bytes += len;
         true
+    }
+
+    /// Whether the chunk is cached (does not promote it).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.lru.contains(id)
     }
 
     /// Drops a cached chunk, if present.
