@@ -9,6 +9,8 @@
 mod common;
 #[path = "../../tests/common/disk.rs"]
 mod disk;
+#[path = "../../tests/common/require.rs"]
+mod require;
 
 use common::*;
 use std::sync::Arc;
