@@ -98,3 +98,52 @@ pub fn session(data: &[u8]) {
         let _ = s.buffered();
     }
 }
+
+/// Decodes arbitrary bytes as a sequence of frames, as a link reader does. Must never panic. A
+/// decoded frame encodes back to the bytes it came from, except for the two places where the wire
+/// allows more than one spelling of a value: an RST reason this build does not know (read as
+/// `other`, written as 255) and an OPEN client address not in its canonical text form; those must
+/// still decode again to the same frame.
+pub fn frame(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    let mut at = 0;
+    while let Ok(Some(f)) = frame::decode(&mut buf) {
+        let end = data.len() - buf.len();
+        let raw = &data[at..end];
+        at = end;
+        let mut again = Vec::new();
+        f.encode(&mut again);
+        if again != raw {
+            assert!(
+                matches!(
+                    f,
+                    frame::Frame::Rst {
+                        reason: ResetReason::Other,
+                        ..
+                    } | frame::Frame::Open { .. }
+                ),
+                "{f:?} re-encodes differently"
+            );
+            let mut b = BytesMut::from(&again[..]);
+            assert_eq!(frame::decode(&mut b), Ok(Some(f)), "re-encoded frame");
+            assert!(b.is_empty());
+        }
+    }
+}
+
+/// Decodes arbitrary bytes as a hello (a 9-byte head, then the body). Must never panic. A decoded
+/// hello encodes and decodes again to the same value (bytes may differ: a later version's fields
+/// after the name are ignored, and the head's length is the reader's business).
+pub fn hello(data: &[u8]) {
+    let Some(head) = data.get(..9) else {
+        return;
+    };
+    let mut h = [0u8; 9];
+    h.copy_from_slice(head);
+    if let Ok(hello) = crate::hello::Hello::decode(&h, &data[9..]) {
+        let bytes = hello.encode();
+        h.copy_from_slice(&bytes[..9]);
+        let again = crate::hello::Hello::decode(&h, &bytes[9..]).expect("a re-encoded hello");
+        assert_eq!(again, hello);
+    }
+}
