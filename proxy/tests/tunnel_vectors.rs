@@ -40,7 +40,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("odd hex length: {s}"));
     }
     (0..s.len())
@@ -658,7 +658,7 @@ impl Pair {
                     let key = if lost {
                         format!("{dir}-lost")
                     } else {
-                        format!("{dir}")
+                        dir.to_string()
                     };
                     lines.push(format!("{key} {}  # {}", hex(raw), describe(&f)));
                     if !lost {
@@ -879,7 +879,8 @@ fn the_resume_transcript_replays() {
     assert_eq!(text.lines().count(), now.lines().count(), "{RESUME_FILE}");
 }
 
-/// The seed corpora of the `frame` and `hello` fuzz targets replay without a panic.
+/// The seed corpora of the `frame` and `hello` fuzz targets replay without a panic, and so do
+/// their one-byte corruptions and prefixes.
 #[test]
 fn fuzz_corpora_replay() {
     for (target, run) in [
@@ -890,9 +891,18 @@ fn fuzz_corpora_replay() {
         let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         let mut n = 0;
         for e in entries.flatten() {
-            if let Ok(bytes) = std::fs::read(e.path()) {
+            if let Ok(mut bytes) = std::fs::read(e.path()) {
                 run(&bytes);
                 n += 1;
+                // And every one-byte corruption of it, and every cut.
+                for i in 0..bytes.len() {
+                    for x in [0x01, 0x80, 0xff] {
+                        bytes[i] ^= x;
+                        run(&bytes);
+                        bytes[i] ^= x;
+                    }
+                    run(&bytes[..i]);
+                }
             }
         }
         assert!(n >= 2, "{target}: only {n} corpus files");
