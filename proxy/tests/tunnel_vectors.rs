@@ -479,6 +479,47 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, String)> {
         .collect()
 }
 
+/// (what, bytes, the error's text) of hellos that must be refused.
+fn bad_hellos() -> Vec<(&'static str, Vec<u8>, String)> {
+    let good = hellos().remove(0).1;
+    let with = |f: &dyn Fn(&mut Hello)| {
+        let mut h = good.clone();
+        f(&mut h);
+        h.encode()
+    };
+    let mut v2 = good.encode();
+    v2[5..7].copy_from_slice(&2u16.to_be_bytes());
+    let mut magic = good.encode();
+    magic[0] = b'd';
+    let truncated = good.encode();
+    let list = vec![
+        ("a version 2 build (its body has no version list)", v2),
+        (
+            "a build that speaks only version 4",
+            with(&|h| h.versions = vec![4]),
+        ),
+        ("not a ditto hello (bad magic)", magic),
+        ("window below 64 KiB", with(&|h| h.window = 65_535)),
+        ("window above 1 GiB", with(&|h| h.window = (1 << 30) + 1)),
+        ("max_streams 0", with(&|h| h.max_streams = 0)),
+        (
+            "body cut before the last byte of the name",
+            truncated[..truncated.len() - 1].to_vec(),
+        ),
+    ];
+    list.into_iter()
+        .map(|(what, bytes)| {
+            let mut head = [0u8; 9];
+            head.copy_from_slice(&bytes[..9]);
+            let err = match Hello::decode(&head, &bytes[9..]) {
+                Err(e) => e.to_string(),
+                Ok(h) => panic!("{what}: decoded as {h:?}"),
+            };
+            (what, bytes, err)
+        })
+        .collect()
+}
+
 fn field_lines(out: &mut String, fields: &Fields) {
     for (b, what) in fields {
         // Long byte fields are cut into lines of 32 bytes, annotated on the first.
@@ -497,7 +538,7 @@ fn field_lines(out: &mut String, fields: &Fields) {
 fn codec_text() -> String {
     let mut out = String::new();
     out.push_str(
-        "# ditto tunnel protocol version 3 test vectors: hellos, frames, malformed frames.\n\
+        "# ditto tunnel protocol version 3 test vectors: hellos, refused hellos, frames, malformed frames.\n\
          # Format and replay rules: docs/tunnel.md, \"Test vectors\". Written by proxy/tests/tunnel_vectors.rs.\n",
     );
     for (what, h) in hellos() {
@@ -505,6 +546,13 @@ fn codec_text() -> String {
         let _ = writeln!(out, "\nhello  # {what}");
         field_lines(&mut out, &fields);
         let _ = writeln!(out, "is {}", describe_hello(&h));
+    }
+    for (what, bytes, err) in bad_hellos() {
+        let _ = writeln!(out, "\nbad-hello  # {what}");
+        for piece in bytes.chunks(32) {
+            let _ = writeln!(out, "bytes {}", hex(piece));
+        }
+        let _ = writeln!(out, "error {err}");
     }
     for (what, f) in frames() {
         let _ = writeln!(out, "\nframe  # {what}");
@@ -538,7 +586,7 @@ fn parse_codec(text: &str) -> Vec<Entry> {
         }
         let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
         match key {
-            "hello" | "frame" | "malformed" => out.push(Entry {
+            "hello" | "bad-hello" | "frame" | "malformed" => out.push(Entry {
                 kind: key.to_string(),
                 bytes: Vec::new(),
                 is: None,
@@ -796,7 +844,8 @@ fn read(name: &str) -> String {
 fn hellos_and_frames_decode_to_their_meaning_and_back() {
     let entries = parse_codec(&read(CODEC_FILE));
     let count = |k: &str| entries.iter().filter(|e| e.kind == k).count();
-    assert!(count("hello") >= 2 && count("frame") >= 10 && count("malformed") >= 6);
+    assert!(count("hello") >= 2 && count("bad-hello") >= 3);
+    assert!(count("frame") >= 10 && count("malformed") >= 6);
     for e in &entries {
         let at = format!("{CODEC_FILE} line {}", e.line);
         match e.kind.as_str() {
@@ -807,6 +856,15 @@ fn hellos_and_frames_decode_to_their_meaning_and_back() {
                 let h = Hello::decode(&head, &e.bytes[9..]).unwrap_or_else(|x| panic!("{at}: {x}"));
                 assert_eq!(Some(describe_hello(&h)), e.is, "{at}");
                 assert_eq!(hex(&h.encode()), hex(&e.bytes), "{at}: re-encoded");
+            }
+            "bad-hello" => {
+                assert!(e.bytes.len() >= 9, "{at}: short hello");
+                let mut head = [0u8; 9];
+                head.copy_from_slice(&e.bytes[..9]);
+                match Hello::decode(&head, &e.bytes[9..]) {
+                    Err(x) => assert_eq!(Some(x.to_string()), e.error, "{at}"),
+                    Ok(h) => panic!("{at}: accepted as {h:?}"),
+                }
             }
             "frame" => {
                 let mut buf = BytesMut::from(&e.bytes[..]);
@@ -943,5 +1001,8 @@ fn write_vectors() {
     }
     for (i, (_, h)) in hellos().iter().enumerate() {
         std::fs::write(hd.join(format!("vector-{i}")), h.encode()).expect("write");
+    }
+    for (i, (_, bytes, _)) in bad_hellos().iter().enumerate() {
+        std::fs::write(hd.join(format!("bad-{i}")), bytes).expect("write");
     }
 }
