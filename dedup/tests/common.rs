@@ -136,3 +136,19 @@ impl Link {
         self.wire_bytes - start_wire
     }
 }
+
+/// Deterministic, distinct chunk contents: chunk `n` of `len` bytes, and its id.
+pub fn chunk(n: u32, len: usize) -> (ditto_dedup::ChunkId, Vec<u8>) {
+    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut data = Vec::with_capacity(len);
+    for _ in 0..len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.push(x as u8);
+    }
+    if len >= 4 {
+        data[..4].copy_from_slice(&n.to_le_bytes());
+    }
+    (ditto_dedup::ChunkId::of(&data), data)
+}

@@ -5,6 +5,8 @@ mod disk;
 #[path = "../../tests/common/require.rs"]
 mod require;
 
+mod common;
+use common::chunk;
 use disk::{dir_bytes, segments};
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -19,22 +21,6 @@ use proptest::prelude::*;
 
 /// Record header size of the segment format (see `store/record.rs`).
 const HDR: u64 = 32;
-
-/// Deterministic, distinct chunk contents.
-fn chunk(n: u32, len: usize) -> (ChunkId, Vec<u8>) {
-    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut data = Vec::with_capacity(len);
-    for _ in 0..len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.push(x as u8);
-    }
-    if len >= 4 {
-        data[..4].copy_from_slice(&n.to_le_bytes());
-    }
-    (ChunkId::of(&data), data)
-}
 
 fn disk_cfg(dir: &Path) -> StoreConfig {
     // No RAM tier: every read goes to disk and is verified.

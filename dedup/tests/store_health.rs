@@ -10,6 +10,8 @@ mod disk;
 #[path = "../../tests/common/require.rs"]
 mod require;
 
+mod common;
+use common::chunk;
 use disk::{dir_bytes, segments, Tmpfs};
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -23,19 +25,6 @@ use ditto_dedup::ChunkId;
 
 /// Record header size of the segment format (see `store/record.rs`).
 const HDR: u64 = 32;
-
-fn chunk(n: u32, len: usize) -> (ChunkId, Vec<u8>) {
-    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut data = Vec::with_capacity(len);
-    for _ in 0..len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.push(x as u8);
-    }
-    data[..4].copy_from_slice(&n.to_le_bytes());
-    (ChunkId::of(&data), data)
-}
 
 /// Inserts and waits for the writer thread, so that the disk tier's state reflects the chunk.
 fn put(s: &ChunkStore, id: &ChunkId, data: &[u8]) -> Result<(), StoreError> {

@@ -3,6 +3,8 @@
 //! closing waits for a slow disk only for a bounded time. The disk is slowed by the store's test hook
 //! (`simulate_slow_disk`), which delays the writer thread like a device of that speed would.
 
+mod common;
+use common::chunk;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,19 +13,6 @@ use ditto_dedup::store::{ChunkStore, StoreConfig, DRAIN_TIMEOUT};
 use ditto_dedup::ChunkId;
 
 const MS: Duration = Duration::from_millis(1);
-
-fn chunk(n: u32, len: usize) -> (ChunkId, Vec<u8>) {
-    let mut x = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut data = Vec::with_capacity(len);
-    for _ in 0..len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.push(x as u8);
-    }
-    data[..4].copy_from_slice(&n.to_le_bytes());
-    (ChunkId::of(&data), data)
-}
 
 fn get(s: &ChunkStore, id: &ChunkId) -> Option<Vec<u8>> {
     let mut out = Vec::new();
