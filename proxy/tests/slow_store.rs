@@ -92,23 +92,8 @@ async fn slow_receiver(dir_b: &std::path::Path, hook: bool) {
     }
     idle.sort();
     let idle_p99 = idle[idle.len() - 1];
-    let t = Instant::now();
-    let bulk = tokio::spawn(request(p.a_fwd, len, 0, 7));
-    let mut rtts = Vec::new();
-    let mut i = 0u8;
-    while !bulk.is_finished() {
-        let msg = [i; 100];
-        i = i.wrapping_add(1);
-        let t = Instant::now();
-        s.write_all(&msg).await.expect("write");
-        let mut got = [0u8; 100];
-        s.read_exact(&mut got).await.expect("read");
-        assert_eq!(got, msg);
-        rtts.push(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bulk.await.expect("join").expect("bulk");
-    let took = t.elapsed();
+    let (took, mut rtts) =
+        echo_beside_bulk(&mut s, p.a_fwd, len, 7, Duration::from_millis(20)).await;
     s.shutdown().await.expect("shutdown");
     log.wait("both flows verified", |l| l.ok >= 2).await;
     assert_eq!(log.get().bad, 0);
@@ -182,8 +167,28 @@ async fn cold_run(
     let mut head = vec![Mode::Echo as u8];
     head.extend_from_slice(&[0u8; 24]);
     s.write_all(&head).await.expect("head");
+    let (took, rtts) =
+        echo_beside_bulk(&mut s, p.a_fwd, len, seed, Duration::from_millis(10)).await;
+    let secs = took.as_secs_f64();
+    s.shutdown().await.expect("shutdown");
+    log.wait("both flows verified", |l| l.ok >= 2).await;
+    assert_eq!(log.get().bad, 0);
+    p.a.shutdown().await;
+    p.b.shutdown().await;
+    (secs, rtts)
+}
+
+/// Sends a bulk request of `len` bytes through `fwd` and, until it is done, a 100-byte echo on `s`
+/// every `every`: (the bulk transfer's time, each echo's round trip).
+async fn echo_beside_bulk(
+    s: &mut tokio::net::TcpStream,
+    fwd: std::net::SocketAddr,
+    len: usize,
+    seed: u64,
+    every: Duration,
+) -> (Duration, Vec<Duration>) {
     let t = Instant::now();
-    let bulk = tokio::spawn(request(p.a_fwd, len, 0, seed));
+    let bulk = tokio::spawn(request(fwd, len, 0, seed));
     let mut rtts = Vec::new();
     let mut i = 0u8;
     while !bulk.is_finished() {
@@ -195,16 +200,10 @@ async fn cold_run(
         s.read_exact(&mut got).await.expect("read");
         assert_eq!(got, msg);
         rtts.push(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(every).await;
     }
     bulk.await.expect("join").expect("bulk");
-    let secs = t.elapsed().as_secs_f64();
-    s.shutdown().await.expect("shutdown");
-    log.wait("both flows verified", |l| l.ok >= 2).await;
-    assert_eq!(log.get().bad, 0);
-    p.a.shutdown().await;
-    p.b.shutdown().await;
-    (secs, rtts)
+    (t.elapsed(), rtts)
 }
 
 /// Echo round trips through an idle pair: the latency baseline.
