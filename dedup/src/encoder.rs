@@ -271,7 +271,7 @@ impl State {
         }
         let fresh = &chunk[self.sent_prefix..];
         let found = self.store.lookup(&id);
-        let known = found.is_some_and(|(s, _)| self.view.has(s));
+        let known = self.view.knows(&id, found.map(|(s, _)| s));
         let successor = found.and_then(|(_, next)| next);
         let start = self.raw.len();
         let mut old = known.then_some(id);
@@ -362,7 +362,7 @@ impl State {
             .prev_old
             .and_then(|o| self.store.successor(&o))
             .or_else(|| self.prev.and_then(|p| self.store.successor(&p)))
-            .filter(|b| b != id && self.store.slot(b).is_some_and(|s| self.view.has(s)))?;
+            .filter(|b| b != id && self.view.knows(b, self.store.slot(b)))?;
         self.scratch.clear();
         if !self.store.get_into(&base, &mut self.scratch) {
             return None;
@@ -377,7 +377,7 @@ impl State {
         match self.store.insert(id, chunk) {
             Ok(()) => {
                 if let Some(slot) = self.store.slot(id) {
-                    self.view.mark(slot);
+                    self.view.believe(id, slot);
                 }
             }
             Err(_) => self.stats.store_errors += 1,
@@ -430,7 +430,7 @@ impl State {
             .prev
             .and_then(|p| self.store.successor(&p))
             .filter(|next| {
-                self.store.slot(next).is_some_and(|s| self.view.has(s)) && {
+                self.view.knows(next, self.store.slot(next)) && {
                     self.scratch.clear();
                     self.store.get_into(next, &mut self.scratch)
                         && self.scratch.starts_with(pending)
@@ -508,11 +508,7 @@ impl State {
         put_varint(&mut body, seq);
         put_varint(&mut body, op);
         // The peer lacked what we thought it held: correct our belief so the next copy goes as bytes.
-        let forget = |id: &ChunkId| {
-            if let Some(slot) = self.store.slot(id) {
-                self.view.unmark(slot);
-            }
-        };
+        let forget = |id: &ChunkId| self.view.forget(id, self.store.slot(id));
         match span.kind {
             wire::OP_RUN => {
                 let lens = crate::chunker::chunk_all(self.cfg.chunking, bytes);

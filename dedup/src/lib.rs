@@ -38,6 +38,7 @@ pub mod fuzzing;
 mod hints;
 pub mod peer;
 pub mod store;
+pub mod summary;
 pub mod wire;
 
 pub use chunker::{ChunkParams, Chunker};
@@ -47,4 +48,5 @@ pub use encoder::{Encoder, EncoderStats};
 pub use fingerprint::{ChunkId, CHUNK_ID_LEN};
 pub use peer::PeerView;
 pub use store::{ChunkStore, StoreConfig, StoreError, StoreId, StoreStats};
+pub use summary::{Reconciler, Summarizer};
 pub use wire::WireError;

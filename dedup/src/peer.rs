@@ -1,30 +1,434 @@
 //! What we believe a peer's store holds.
 //!
-//! A `PeerView` is a bitmap over our own store's index slots: bit set = we sent this chunk to the peer
-//! or received it from the peer, so the peer's store should hold it. It is only a belief: the peer may
-//! have evicted the chunk, lost its disk, or the slot may since hold another chunk of ours. None of that
-//! can corrupt data — a reference the peer cannot resolve is answered with the bytes — it only costs a
-//! round trip, after which the belief is corrected.
+//! A `PeerView` combines two beliefs:
+//! - **Marks**: a bitmap over our own store's index slots, bit set = we sent this chunk to the peer or
+//!   received it from the peer during this run, so the peer's store should hold it.
+//! - **Summaries** (`crate::summary`): the fingerprints of the chunks the peer's disk tier holds, per
+//!   segment of its store, as the peer described them. They cover chunks whoever sent them there (a hub
+//!   that received a file from another branch), and they survive restarts: the view keeps them in a
+//!   log file of its own (below), and after a restart of either side only what changed is asked again.
+//!
+//! Both are only beliefs: the peer may have evicted a chunk, lost its disk, two chunks may share a
+//! summary fingerprint. None of that can corrupt data — a reference the peer cannot resolve is
+//! answered with the bytes — it only costs a round trip, after which the chunk is believed absent
+//! ([`PeerView::forget`]) until we send it again. Beliefs are tied to chunk ids (fingerprints), never
+//! to where a chunk sits in either store, so a slot or a segment reused for other chunks is never
+//! believed by mistake: a changed segment has another fold and is asked again from its start.
 //!
 //! The view is tied to the peer store's identity: a peer that comes back with a new store id has lost
-//! its store, and gets a fresh, empty view.
+//! its store, and gets a fresh, empty view (the old log file is deleted).
+//!
+//! # The log file
+//! `<dir>/<peer store id>.view`: a header (magic, peer store id, checksum) and records appended as
+//! the view changes: each part as the peer sent it, and each dropped segment. Every record carries a
+//! BLAKE3 checksum and is checked, then applied like a message from the network, when the file is
+//! loaded. A torn or damaged record ends the replay there: the file is cut to the records before it
+//! and the rest is asked from the peer again (logged, [`LoadReport`]). A damaged header drops the
+//! file. Records are written without fsync: a crash of the process loses nothing written, a power
+//! loss may lose the last seconds of beliefs, which the next exchange restores. The log is rewritten
+//! compactly once it is more than twice what it describes.
 
 use crate::store::StoreId;
-use std::sync::Mutex;
+use crate::summary::{decode_keys, fp, Msg, Part, SegInfo};
+use crate::ChunkId;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+/// Fingerprints believed absent (after a NEED) are remembered up to this many; then forgotten.
+const MAX_DENIED: usize = 1 << 16;
+/// Largest view file read at load (a 64 TiB peer store's summaries are well below it).
+const MAX_FILE: u64 = 1 << 30;
+const MAGIC: &[u8; 8] = b"DITTOVW1";
+const HEADER_LEN: usize = 8 + 16 + 8;
+const REC_PART: u8 = 1;
+const REC_DROP: u8 = 2;
+
+#[derive(Default)]
+struct Marks {
+    bits: Vec<u64>,
+    denied: HashSet<u64>,
+}
+
+/// One segment of the peer's store as far as we know it: from its start to `upto`.
+#[derive(Default)]
+struct SegKnown {
+    upto: u64,
+    fold: u64,
+    keys: u64,
+    /// The parts, as received (kept to forget their keys, and to rewrite the log).
+    parts: Vec<Part>,
+}
+
+#[derive(Default)]
+struct Known {
+    segs: BTreeMap<u32, SegKnown>,
+    /// Sorted fingerprints of all parts (a fingerprint in two segments is there twice).
+    base: Vec<u64>,
+    /// Recently added, sorted; merged into `base` when it grows.
+    recent: Vec<u64>,
+}
+
+/// What [`PeerView::apply_part`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The part extends (or starts) what we know of its segment.
+    Added,
+    /// It does not continue what we know (a duplicate, or an answer to an older question): ignored.
+    Stale,
+    /// What we knew of the segment does not match what came before the part on the peer: we forgot
+    /// the segment; ask for it from the start.
+    Mismatch,
+}
+
+/// What loading the view's file found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Records replayed.
+    pub records: u64,
+    /// The file was damaged (bad header, or a bad record and everything after it): that part was
+    /// dropped, never believed.
+    pub damaged: bool,
+    pub dropped_bytes: u64,
+}
+
+struct Log {
+    path: PathBuf,
+    file: Option<File>,
+    len: u64,
+}
 
 #[derive(Debug)]
 pub struct PeerView {
     store: StoreId,
-    bits: Mutex<Vec<u64>>,
+    marks: Mutex<Marks>,
+    known: RwLock<Known>,
+    log: Mutex<Option<Log>>,
+    report: LoadReport,
+}
+
+impl std::fmt::Debug for Marks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Marks").finish_non_exhaustive()
+    }
+}
+impl std::fmt::Debug for Known {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Known")
+            .field("segments", &self.segs.len())
+            .finish_non_exhaustive()
+    }
+}
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log").field("path", &self.path).finish()
+    }
+}
+
+/// Whether sorted `v` holds `x`: interpolation (fingerprints are uniform), then a galloping search.
+fn sorted_contains(v: &[u64], x: u64) -> bool {
+    let n = v.len();
+    if n == 0 {
+        return false;
+    }
+    let g = ((u128::from(x) * n as u128) >> crate::summary::FP_BITS).min(n as u128 - 1) as usize;
+    if v[g] == x {
+        return true;
+    }
+    let mut step = 1;
+    if v[g] < x {
+        let mut lo = g;
+        loop {
+            let hi = (g + step).min(n - 1);
+            if v[hi] >= x || hi == n - 1 {
+                return v[lo..=hi].binary_search(&x).is_ok();
+            }
+            lo = hi;
+            step *= 2;
+        }
+    } else {
+        let mut hi = g;
+        loop {
+            let lo = g.saturating_sub(step);
+            if v[lo] <= x || lo == 0 {
+                return v[lo..=hi].binary_search(&x).is_ok();
+            }
+            hi = lo;
+            step *= 2;
+        }
+    }
+}
+
+/// Merges sorted `b` into sorted `a`.
+fn merge_into(a: &mut Vec<u64>, b: &[u64]) {
+    if b.is_empty() {
+        return;
+    }
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i] <= b[j] {
+            out.push(a[i]);
+            i += 1;
+        } else {
+            out.push(b[j]);
+            j += 1;
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    *a = out;
+}
+
+/// Removes one occurrence of each of sorted `b` from sorted `a`.
+fn remove_from(a: &mut Vec<u64>, b: &[u64]) {
+    if b.is_empty() {
+        return;
+    }
+    let mut j = 0;
+    a.retain(|&x| {
+        while j < b.len() && b[j] < x {
+            j += 1;
+        }
+        if j < b.len() && b[j] == x {
+            j += 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+impl Known {
+    fn contains(&self, f: u64) -> bool {
+        sorted_contains(&self.base, f) || sorted_contains(&self.recent, f)
+    }
+
+    fn chunks(&self) -> u64 {
+        self.segs.values().map(|s| s.keys).sum()
+    }
+
+    fn drop_seg(&mut self, seq: u32) -> bool {
+        let Some(s) = self.segs.remove(&seq) else {
+            return false;
+        };
+        let mut gone = Vec::with_capacity(s.keys as usize);
+        for p in &s.parts {
+            // Parts were checked when they were added.
+            if let Ok(k) = decode_keys(p.count, p.k, &p.bits) {
+                gone.extend(k);
+            }
+        }
+        gone.sort_unstable();
+        let recent = std::mem::take(&mut self.recent);
+        merge_into(&mut self.base, &recent);
+        remove_from(&mut self.base, &gone);
+        true
+    }
+
+    fn apply_part(&mut self, p: &Part) -> Applied {
+        let Ok(keys) = decode_keys(p.count, p.k, &p.bits) else {
+            return Applied::Stale;
+        };
+        if p.from == 0 {
+            self.drop_seg(p.seq);
+        } else {
+            match self.segs.get(&p.seq) {
+                Some(s) if s.upto == p.from => {
+                    if s.fold != p.fold_before {
+                        self.drop_seg(p.seq);
+                        return Applied::Mismatch;
+                    }
+                }
+                _ => return Applied::Stale,
+            }
+        }
+        let s = self.segs.entry(p.seq).or_default();
+        s.upto = p.to;
+        s.fold = s.fold.wrapping_add(p.fold);
+        s.keys += keys.len() as u64;
+        s.parts.push(p.clone());
+        merge_into(&mut self.recent, &keys);
+        if self.recent.len() > (self.base.len() / 8).max(4096) {
+            let recent = std::mem::take(&mut self.recent);
+            merge_into(&mut self.base, &recent);
+        }
+        Applied::Added
+    }
+}
+
+fn record(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(13 + body.len());
+    r.extend_from_slice(&(body.len() as u32 + 1).to_le_bytes());
+    let mut h = blake3::Hasher::new();
+    h.update(&[kind]);
+    h.update(body);
+    r.extend_from_slice(&h.finalize().as_bytes()[..8]);
+    r.push(kind);
+    r.extend_from_slice(body);
+    r
+}
+
+fn header(store: StoreId) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER_LEN);
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&store.0.to_le_bytes());
+    let check = blake3::hash(&b);
+    b.extend_from_slice(&check.as_bytes()[..8]);
+    b
+}
+
+/// Creates (or truncates) a file only its owner may read.
+fn create_private(path: &Path) -> std::io::Result<File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.create(true).write(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
 }
 
 impl PeerView {
-    /// An empty view of the peer store `store`.
+    /// An empty view of the peer store `store`, kept in RAM only.
     pub fn new(store: StoreId) -> PeerView {
         PeerView {
             store,
-            bits: Mutex::new(Vec::new()),
+            marks: Mutex::default(),
+            known: RwLock::default(),
+            log: Mutex::new(None),
+            report: LoadReport::default(),
         }
+    }
+
+    /// The view of the peer store `store`, kept in `dir` (created, mode 0700): loads what an earlier
+    /// run learned (see the module documentation). Never fails: a file that cannot be read or
+    /// written leaves a view in RAM only (logged).
+    pub fn open(store: StoreId, dir: &Path) -> PeerView {
+        let mut v = PeerView::new(store);
+        let path = dir.join(format!("{:032x}.view", store.0));
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        if let Err(e) = builder.create(dir) {
+            tracing::warn!(
+                "peer view: cannot create {}: {e}; the view of this peer is kept in RAM only",
+                dir.display()
+            );
+            return v;
+        }
+        let (keep, report) = v.load(&path);
+        v.report = report;
+        let file = if keep > 0 {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .and_then(|f| {
+                    f.set_len(keep)?;
+                    Ok(f)
+                })
+        } else {
+            create_private(&path).and_then(|mut f| {
+                f.write_all(&header(store))?;
+                Ok(f)
+            })
+        };
+        match file {
+            Ok(f) => {
+                *v.log.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(Log {
+                    path,
+                    file: Some(f),
+                    len: keep.max(HEADER_LEN as u64),
+                })
+            }
+            Err(e) => tracing::warn!(
+                "peer view: cannot write {}: {e}; the view of this peer is kept in RAM only",
+                path.display()
+            ),
+        }
+        v
+    }
+
+    /// Replays the file; returns how many bytes of it to keep (0: start it anew).
+    fn load(&mut self, path: &Path) -> (u64, LoadReport) {
+        let mut rep = LoadReport::default();
+        let data = match std::fs::metadata(path) {
+            Err(_) => return (0, rep),
+            Ok(m) if m.len() > MAX_FILE => {
+                rep.damaged = true;
+                rep.dropped_bytes = m.len();
+                tracing::warn!(
+                    "peer view {} is larger than any view can be: dropped; relearning it from the peer",
+                    path.display()
+                );
+                return (0, rep);
+            }
+            Ok(_) => match std::fs::read(path) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(
+                        "peer view {}: cannot read: {e}; relearning it from the peer",
+                        path.display()
+                    );
+                    return (0, rep);
+                }
+            },
+        };
+        if data.len() < HEADER_LEN || data[..HEADER_LEN] != header(self.store)[..] {
+            rep.damaged = true;
+            rep.dropped_bytes = data.len() as u64;
+            tracing::warn!(
+                "peer view {} has a damaged header: dropped; relearning it from the peer",
+                path.display()
+            );
+            return (0, rep);
+        }
+        let known = self.known.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut pos = HEADER_LEN;
+        while pos < data.len() {
+            let ok = (|| {
+                let len = u32::from_le_bytes(data.get(pos..pos + 4)?.try_into().ok()?) as usize;
+                let sum = data.get(pos + 4..pos + 12)?;
+                let body = data.get(pos + 12..pos + 12 + len)?;
+                if len == 0 || blake3::hash(body).as_bytes()[..8] != *sum {
+                    return None;
+                }
+                match body[0] {
+                    REC_PART => match Msg::parse(&body[1..]).ok()? {
+                        Msg::Part(p) => {
+                            known.apply_part(&p);
+                        }
+                        _ => return None,
+                    },
+                    REC_DROP => {
+                        let seq = u32::from_le_bytes(body.get(1..5)?.try_into().ok()?);
+                        known.drop_seg(seq);
+                    }
+                    _ => return None,
+                }
+                Some(12 + len)
+            })();
+            match ok {
+                Some(n) => {
+                    pos += n;
+                    rep.records += 1;
+                }
+                None => {
+                    rep.damaged = true;
+                    rep.dropped_bytes = (data.len() - pos) as u64;
+                    tracing::warn!(
+                        "peer view {} is damaged at byte {pos} (torn or altered): kept the {} records \
+                         before it, dropped {} bytes; relearning the rest from the peer",
+                        path.display(),
+                        rep.records,
+                        rep.dropped_bytes
+                    );
+                    break;
+                }
+            }
+        }
+        (pos as u64, rep)
     }
 
     /// The identity of the peer store this view describes.
@@ -32,46 +436,265 @@ impl PeerView {
         self.store
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
-        // A panic elsewhere while holding the lock leaves a bitmap that is still a valid belief.
-        self.bits.lock().unwrap_or_else(|e| e.into_inner())
+    /// What loading the file found.
+    pub fn load_report(&self) -> &LoadReport {
+        &self.report
     }
 
-    /// Whether we believe the peer holds the chunk in our slot `slot`.
+    fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
+        // A panic elsewhere while holding the lock leaves a bitmap that is still a valid belief.
+        self.marks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn known_mut(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
+        self.known.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether we believe the peer holds the chunk in our slot `slot` (by our marks only).
     #[inline]
     pub fn has(&self, slot: u32) -> bool {
-        let bits = self.lock();
-        bits.get((slot / 64) as usize)
+        let m = self.marks();
+        m.bits
+            .get((slot / 64) as usize)
             .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    /// Whether we believe the peer holds chunk `id` (in our slot `slot`, if we hold it): marked, or
+    /// in the peer's summaries and not found missing since.
+    #[inline]
+    pub fn knows(&self, id: &ChunkId, slot: Option<u32>) -> bool {
+        let f = fp(id);
+        {
+            let m = self.marks();
+            if let Some(slot) = slot {
+                if m.bits
+                    .get((slot / 64) as usize)
+                    .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+                {
+                    return true;
+                }
+            }
+            if m.denied.contains(&f) {
+                return false;
+            }
+        }
+        self.known().contains(f)
     }
 
     /// Records that the peer holds the chunk in our slot `slot`.
     #[inline]
     pub fn mark(&self, slot: u32) {
-        let mut bits = self.lock();
+        let mut m = self.marks();
         let word = (slot / 64) as usize;
-        if bits.len() <= word {
-            bits.resize(word + 1, 0);
+        if m.bits.len() <= word {
+            m.bits.resize(word + 1, 0);
         }
-        bits[word] |= 1 << (slot % 64);
+        m.bits[word] |= 1 << (slot % 64);
+    }
+
+    /// Records that the peer now holds chunk `id` (in our slot `slot`): we sent it.
+    pub fn believe(&self, id: &ChunkId, slot: u32) {
+        self.mark(slot);
+        let mut m = self.marks();
+        if !m.denied.is_empty() {
+            m.denied.remove(&fp(id));
+        }
     }
 
     /// Records that the peer does not hold the chunk in our slot `slot`.
     #[inline]
     pub fn unmark(&self, slot: u32) {
-        let mut bits = self.lock();
-        if let Some(w) = bits.get_mut((slot / 64) as usize) {
+        let mut m = self.marks();
+        if let Some(w) = m.bits.get_mut((slot / 64) as usize) {
             *w &= !(1 << (slot % 64));
         }
     }
 
-    /// Chunks believed held (for status and tests).
+    /// The peer asked for chunk `id`: it does not hold it, whatever marks or summaries said.
+    pub fn forget(&self, id: &ChunkId, slot: Option<u32>) {
+        if let Some(s) = slot {
+            self.unmark(s);
+        }
+        let mut m = self.marks();
+        if m.denied.len() >= MAX_DENIED {
+            m.denied.clear();
+        }
+        m.denied.insert(fp(id));
+    }
+
+    /// Drops the marks (the peer process restarted: what it had not written to disk is gone; its
+    /// summaries tell what survived).
+    pub fn clear_marks(&self) {
+        *self.marks() = Marks::default();
+    }
+
+    /// Chunks believed held by marks (for status and tests).
     pub fn count(&self) -> u64 {
-        self.lock().iter().map(|w| u64::from(w.count_ones())).sum()
+        self.marks()
+            .bits
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Chunks of the peer's store its summaries told us about.
+    pub fn summarized_chunks(&self) -> u64 {
+        self.known().chunks()
+    }
+
+    /// How far we know segment `seq` of the peer's store (0: not at all).
+    pub fn known_upto(&self, seq: u32) -> u64 {
+        self.known().segs.get(&seq).map_or(0, |s| s.upto)
     }
 
     /// Bytes of RAM the view uses.
     pub fn ram_bytes(&self) -> usize {
-        self.lock().capacity() * 8
+        let m = self.marks();
+        let k = self.known();
+        m.bits.capacity() * 8
+            + m.denied.capacity() * 9
+            + (k.base.capacity() + k.recent.capacity()) * 8
+            + k.segs
+                .values()
+                .flat_map(|s| &s.parts)
+                .map(|p| p.bits.capacity() + 64)
+                .sum::<usize>()
+    }
+
+    /// Applies the peer's INDEX: forgets segments it no longer lists and segments that changed under
+    /// us; returns what to ask for, as (segment, from).
+    pub fn apply_index(&self, entries: &[SegInfo]) -> Vec<(u32, u64)> {
+        let mut wants = Vec::new();
+        let mut dropped = Vec::new();
+        {
+            let mut k = self.known_mut();
+            let listed: HashSet<u32> = entries.iter().map(|e| e.seq).collect();
+            let gone: Vec<u32> = k
+                .segs
+                .keys()
+                .copied()
+                .filter(|s| !listed.contains(s))
+                .collect();
+            for seq in gone {
+                k.drop_seg(seq);
+                dropped.push(seq);
+            }
+            for e in entries {
+                let (upto, fold) = k.segs.get(&e.seq).map_or((0, 0), |s| (s.upto, s.fold));
+                let changed = upto > e.len || (upto == e.len && upto > 0 && fold != e.fold);
+                if changed {
+                    k.drop_seg(e.seq);
+                    dropped.push(e.seq);
+                    wants.push((e.seq, 0));
+                } else if upto < e.len {
+                    wants.push((e.seq, if k.segs.contains_key(&e.seq) { upto } else { 0 }));
+                }
+            }
+        }
+        for seq in dropped {
+            self.append(REC_DROP, &seq.to_le_bytes());
+        }
+        wants
+    }
+
+    /// Applies a part the peer sent (already parsed and checked by [`Msg::parse`]).
+    pub fn apply_part(&self, p: &Part) -> Applied {
+        let r = self.known_mut().apply_part(p);
+        match r {
+            Applied::Added => {
+                let body = Msg::Part(p.clone()).encode();
+                self.append(REC_PART, &body);
+            }
+            Applied::Mismatch => self.append(REC_DROP, &p.seq.to_le_bytes()),
+            Applied::Stale => {}
+        }
+        r
+    }
+
+    /// Forgets segment `seq` of the peer's store.
+    pub fn drop_segment(&self, seq: u32) {
+        if self.known_mut().drop_seg(seq) {
+            self.append(REC_DROP, &seq.to_le_bytes());
+        }
+    }
+
+    /// Appends a record to the log; rewrites the log when it has grown to twice what it describes.
+    fn append(&self, kind: u8, body: &[u8]) {
+        let mut g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = g.as_mut() else {
+            return;
+        };
+        let Some(file) = log.file.as_mut() else {
+            return;
+        };
+        let rec = record(kind, body);
+        if let Err(e) = file.write_all(&rec) {
+            tracing::warn!(
+                "peer view {}: cannot write: {e}; no longer kept on disk this run",
+                log.path.display()
+            );
+            log.file = None;
+            return;
+        }
+        log.len += rec.len() as u64;
+        let live: u64 = {
+            let k = self.known();
+            k.segs
+                .values()
+                .flat_map(|s| &s.parts)
+                .map(|p| p.bits.len() as u64 + 64)
+                .sum()
+        };
+        if log.len > 2 * live + (1 << 20) {
+            self.rewrite(log);
+        }
+    }
+
+    /// Writes the log anew (a temporary file renamed over it) with one record per part held.
+    fn rewrite(&self, log: &mut Log) {
+        let tmp = log.path.with_extension("view.tmp");
+        let mut buf = header(self.store);
+        {
+            let k = self.known();
+            for p in k.segs.values().flat_map(|s| &s.parts) {
+                buf.extend_from_slice(&record(REC_PART, &Msg::Part(p.clone()).encode()));
+            }
+        }
+        let res = create_private(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&buf)?;
+                f.sync_data()?;
+                Ok(f)
+            })
+            .and_then(|f| {
+                std::fs::rename(&tmp, &log.path)?;
+                Ok(f)
+            });
+        match res {
+            Ok(f) => {
+                log.file = Some(f);
+                log.len = buf.len() as u64;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(
+                    "peer view {}: cannot rewrite: {e}; no longer kept on disk this run",
+                    log.path.display()
+                );
+                log.file = None;
+            }
+        }
+    }
+
+    /// The peer store this view describes is gone (the peer has a new store): delete the file.
+    pub fn discard(&self) {
+        let mut g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(log) = g.take() {
+            let _ = std::fs::remove_file(&log.path);
+        }
     }
 }

@@ -79,6 +79,7 @@
 //! it, never while writing.
 
 mod disk;
+mod listing;
 mod index;
 mod ram;
 pub(crate) mod record;
@@ -95,6 +96,7 @@ use index::{loc_offset, loc_seg, on_disk, pack_loc, Index, LOC_QUEUED, LOC_RAM};
 use ram::RamTier;
 use record::{Record, HDR, SUCC_RECORD_LEN};
 
+pub use listing::SegmentState;
 pub use record::MAX_CHUNK_LEN;
 
 /// Default size at which a segment file is sealed.
