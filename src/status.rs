@@ -121,6 +121,20 @@ fn render(v: &Status) -> String {
             p.reconnects,
             p.resumed_streams,
         );
+        if let Some(s) = &p.summary {
+            let pct = match s.store_chunks {
+                0 => "-".to_owned(),
+                n => format!("{:.0}%", 100.0 * s.known_chunks.min(n) as f64 / n as f64),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<16} its store: we know {} of its {} chunks ({pct}){}",
+                "",
+                s.known_chunks,
+                s.store_chunks,
+                if s.in_sync { "" } else { ", learning" },
+            );
+        }
     }
     let _ = writeln!(o, "flows: {} active", v.flows_active);
     for f in &v.flows {
@@ -180,6 +194,11 @@ mod tests {
                 resumed_streams: 7,
                 healthy_connections: 0,
                 version_mismatch: false,
+                summary: Some(ditto_proxy::peer::SummaryStatus {
+                    known_chunks: 990,
+                    store_chunks: 1000,
+                    in_sync: false,
+                }),
             }],
             flows_active: 5,
             flows: vec![FlowCount {
@@ -215,6 +234,7 @@ mod tests {
             "NOT ANSWERING",
             "conns 2 streams 3 (3 held, waiting for the peer) rtt 41.5 ms",
             "resumed 7",
+            "its store: we know 990 of its 1000 chunks (99%), learning",
             "LAN 30.0 MiB / 1.0 MiB  WAN 10.0 MiB / 1.0 MiB",
             "reconnects 4",
             "flows: 5 active",

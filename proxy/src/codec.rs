@@ -19,6 +19,10 @@ pub struct SendStats {
     pub output_bytes: u64,
     pub dedup_saved_bytes: u64,
     pub compression_saved_bytes: u64,
+    /// Chunks sent as references.
+    pub references: u64,
+    /// References the peer asked for again (NEED).
+    pub needs: u64,
 }
 
 /// Counters a decoder keeps, as totals since it was created.
@@ -109,13 +113,29 @@ impl Engine {
         }
     }
 
-    /// A view for a peer store.
+    /// A view for a peer store. With a disk tier it is kept in `<store dir>/peers`, so what the
+    /// peer's summaries told us survives our restarts.
     pub fn new_view(&self, peer_store: u128) -> View {
         match self {
             Engine::Raw { .. } => View::Raw,
-            Engine::Dedup { .. } => View::Dedup(Arc::new(ditto_dedup::PeerView::new(
-                ditto_dedup::StoreId(peer_store),
-            ))),
+            Engine::Dedup { store, .. } => {
+                let id = ditto_dedup::StoreId(peer_store);
+                View::Dedup(Arc::new(match store.dir() {
+                    Some(d) => ditto_dedup::PeerView::open(id, &d.join("peers")),
+                    None => ditto_dedup::PeerView::new(id),
+                }))
+            }
+        }
+    }
+
+    /// What describes our store to peers: with a disk tier only (a RAM-only store forgets its
+    /// chunks on restart; peers learn it from our traffic alone).
+    pub fn summarizer(&self) -> Option<Arc<ditto_dedup::Summarizer>> {
+        match self {
+            Engine::Dedup { store, .. } if store.dir().is_some() => {
+                Some(Arc::new(ditto_dedup::Summarizer::new(store.clone())))
+            }
+            _ => None,
         }
     }
 
@@ -283,6 +303,8 @@ impl SendCodec for DedupSend {
             output_bytes: s.output_bytes,
             dedup_saved_bytes: s.dedup_saved_bytes,
             compression_saved_bytes: s.compression_saved_bytes,
+            references: s.chunks_deduped,
+            needs: s.needs_received,
         }
     }
 }

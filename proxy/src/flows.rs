@@ -57,6 +57,8 @@ fn flow_ctx(inner: &FlowEnv, peer: &Peer) -> FlowCtx {
         lan_received: peer.m.lan_received.clone(),
         dedup_saved: m.dedup_saved.clone(),
         compression_saved: m.compression_saved.clone(),
+        references: m.dedup_references.clone(),
+        needs: m.dedup_needs.clone(),
         chunk_misses: m.chunk_misses.clone(),
         verify_failures: m.verify_failures.clone(),
         resets: m.stream_resets.clone(),

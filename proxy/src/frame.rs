@@ -34,6 +34,8 @@ pub mod kind {
     pub const PING: u8 = 8;
     pub const PONG: u8 = 9;
     pub const GOAWAY: u8 = 10;
+    /// From version 4.
+    pub const SUMMARY: u8 = 11;
 }
 
 /// Why a stream was reset. The first seven travel in RST; the rest are local outcomes that only
@@ -182,6 +184,8 @@ pub enum Frame {
     Pong(u64),
     /// The sender opens no more streams in this session (it is shutting down).
     GoAway,
+    /// A store summary message (`ditto_dedup::summary`), carried opaquely (version 4 on).
+    Summary(Bytes),
 }
 
 /// Why a byte sequence is not a valid frame. Any of these closes the connection.
@@ -276,6 +280,10 @@ impl Frame {
                 out.put_u64(*v);
             }
             Frame::GoAway => header(out, kind::GOAWAY, 0, 0),
+            Frame::Summary(b) => {
+                header(out, kind::SUMMARY, 0, b.len());
+                out.extend_from_slice(b);
+            }
         }
     }
 
@@ -283,8 +291,11 @@ impl Frame {
     pub fn parse(kind: u8, stream: u32, mut p: Bytes) -> Result<Frame, FrameError> {
         let len = p.len();
         let bad = || FrameError::BadPayload { kind, len };
-        let on_zero = matches!(kind, kind::PING | kind::PONG | kind::GOAWAY);
-        if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+        let on_zero = matches!(
+            kind,
+            kind::PING | kind::PONG | kind::GOAWAY | kind::SUMMARY
+        );
+        if !(kind::OPEN..=kind::SUMMARY).contains(&kind) {
             return Err(FrameError::UnknownType(kind));
         }
         if on_zero != (stream == 0) {
@@ -359,6 +370,12 @@ impl Frame {
                     Frame::Pong(v)
                 }
             }
+            kind::SUMMARY => {
+                if p.is_empty() {
+                    return Err(bad());
+                }
+                Frame::Summary(p)
+            }
             _ => {
                 exact(0)?;
                 Frame::GoAway
@@ -395,7 +412,7 @@ pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     let kind = buf[0];
     let stream = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     let len32 = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
-    if !(kind::OPEN..=kind::GOAWAY).contains(&kind) {
+    if !(kind::OPEN..=kind::SUMMARY).contains(&kind) {
         return Err(FrameError::UnknownType(kind));
     }
     if len32 as usize > MAX_PAYLOAD {
@@ -481,6 +498,7 @@ mod tests {
             Frame::Ping(7),
             Frame::Pong(7),
             Frame::GoAway,
+            Frame::Summary(Bytes::from_static(b"\x02summary")),
         ];
         let mut bytes = Vec::new();
         for f in &frames {

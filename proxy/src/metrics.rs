@@ -82,6 +82,18 @@ pub struct Metrics {
     pub streams_resumed: IntCounterVec,
     /// Stream-seconds spent waiting for an unreachable peer, by peer.
     pub streams_held_seconds: CounterVec,
+    /// Store summary bytes exchanged with the peer (`direction` sent/received).
+    pub summary_bytes: IntCounterVec,
+    /// Summary messages from the peer refused as malformed or over a limit.
+    pub summary_rejected: IntCounterVec,
+    /// Chunks of the peer's store we know of from its summaries.
+    pub peer_known_chunks: IntGaugeVec,
+    /// Chunks on the peer's disk, per its latest summary index.
+    pub peer_store_chunks: IntGaugeVec,
+    /// Chunks sent as references (single or in runs).
+    pub dedup_references: IntCounter,
+    /// References the peer could not resolve and asked for (NEED), answered with the bytes.
+    pub dedup_needs: IntCounter,
     pub up_seconds: Gauge,
     /// Savings totals of the last hour, for the admin status page.
     pub history: Arc<History>,
@@ -291,6 +303,34 @@ impl Metrics {
                     &["peer"],
                 )
                 .expect(BAD),
+            ),
+            summary_bytes: cv(
+                "ditto_summary_bytes_total",
+                "Store summary bytes exchanged with the peer, by direction.",
+                &["peer", "direction"],
+            ),
+            summary_rejected: cv(
+                "ditto_summary_rejected_total",
+                "Store summary messages from the peer refused as malformed or over a limit.",
+                &["peer"],
+            ),
+            peer_known_chunks: gv(
+                "ditto_peer_known_chunks",
+                "Chunks of the peer's store we know of from its summaries.",
+                &["peer"],
+            ),
+            peer_store_chunks: gv(
+                "ditto_peer_store_chunks",
+                "Chunks on the peer's disk, per its latest summary index.",
+                &["peer"],
+            ),
+            dedup_references: c(
+                "ditto_dedup_references_total",
+                "Chunks sent as references to chunks the peer was believed to hold.",
+            ),
+            dedup_needs: c(
+                "ditto_dedup_needs_total",
+                "References the peer could not resolve (it asked for the bytes, NEED).",
             ),
             up_seconds: reg(
                 &r,

@@ -16,6 +16,8 @@ use crate::session::{
     UpEvents,
 };
 use bytes::Bytes;
+use ditto_dedup::summary::ReconcileStats;
+use ditto_dedup::{Reconciler, Summarizer};
 use prometheus::{Counter, Gauge, IntCounter, IntCounterVec, IntGauge};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,6 +89,35 @@ pub(crate) struct PeerMetrics {
     pub resumed: IntCounter,
     pub held_seconds: Counter,
     pub resets: IntCounterVec,
+    pub summary_sent: IntCounter,
+    pub summary_received: IntCounter,
+    pub summary_rejected: IntCounter,
+    pub known_chunks: IntGauge,
+    pub store_chunks: IntGauge,
+}
+
+/// The store summary exchange with the peer (tunnel protocol version 4 on): our side of it for the
+/// current peer session, and what its counters already reported.
+#[derive(Default)]
+struct SummaryState {
+    recon: Option<Reconciler>,
+    /// Built once, from the engine, at the first attach.
+    summarizer: Option<Option<Arc<Summarizer>>>,
+    seen: ReconcileStats,
+    /// When a refused summary message was last logged, and how many were refused since.
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+/// What we know of the peer's store from its summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SummaryStatus {
+    /// Chunks of its store we know of.
+    pub known_chunks: u64,
+    /// Chunks on its disk, per its latest index.
+    pub store_chunks: u64,
+    /// Every segment of its latest index is known to its announced length.
+    pub in_sync: bool,
 }
 
 /// Wake-ups of one stream's owner.
@@ -159,6 +190,7 @@ pub struct Peer {
     /// The peer speaks no tunnel protocol version we speak (flows pass through as `version`).
     pub(crate) version_mismatch: AtomicBool,
     pub(crate) m: PeerMetrics,
+    summaries: Mutex<SummaryState>,
 }
 
 impl Peer {
@@ -182,6 +214,11 @@ impl Peer {
             resumed: metrics.streams_resumed.with_label_values(&[n]),
             held_seconds: metrics.streams_held_seconds.with_label_values(&[n]),
             resets: metrics.stream_resets.clone(),
+            summary_sent: metrics.summary_bytes.with_label_values(&[n, "sent"]),
+            summary_received: metrics.summary_bytes.with_label_values(&[n, "received"]),
+            summary_rejected: metrics.summary_rejected.with_label_values(&[n]),
+            known_chunks: metrics.peer_known_chunks.with_label_values(&[n]),
+            store_chunks: metrics.peer_store_chunks.with_label_values(&[n]),
         };
         m.up.set(0);
         m.reconnects.inc_by(0);
@@ -196,6 +233,7 @@ impl Peer {
             incoming,
             version_mismatch: AtomicBool::new(false),
             m,
+            summaries: Mutex::default(),
         }
     }
 
@@ -257,6 +295,7 @@ impl Peer {
             .collect();
         let mut incoming = Vec::new();
         let mut closing = Vec::new();
+        let mut summaries = Vec::new();
         for e in events {
             match e {
                 Event::Incoming { stream, target } => {
@@ -270,6 +309,7 @@ impl Peer {
                         closing.push((ctl.clone(), why));
                     }
                 }
+                Event::Summary(b) => summaries.push(b),
                 Event::LinkSuspect(link) => {
                     if let Some(ctl) = st.links.get(&link) {
                         tracing::info!(peer = %self.name, link = link.0, "tunnel connection stopped answering: new flows avoid it");
@@ -325,6 +365,9 @@ impl Peer {
         if earlier {
             self.timer.notify_one();
         }
+        if !summaries.is_empty() {
+            self.on_summaries(summaries);
+        }
         Some((r, gen))
     }
 
@@ -341,7 +384,8 @@ impl Peer {
         }
         let now = Instant::now();
         let mut st = self.lock();
-        if st.session.is_none() || st.peer_session != hello.session_id {
+        let new_session = st.session.is_none() || st.peer_session != hello.session_id;
+        if new_session {
             let had = st.session.is_some();
             let old_streams = st.session.as_ref().map_or(0, |s| s.stats(now).streams);
             let old = std::mem::take(&mut st.streams);
@@ -378,16 +422,28 @@ impl Peer {
             for l in old_links.values() {
                 l.close_because("the peer process restarted".into());
             }
-        }
-        match &st.view {
-            Some((id, _)) if *id == hello.store_id => {}
-            old => {
-                if old.is_some() {
-                    tracing::info!(peer = %self.name, "peer has a new store identity; starting a fresh view of it");
+            // What the peer had not yet written to disk is gone with its process: forget what we
+            // marked; its summaries tell what survived.
+            if let (true, Some((id, View::Dedup(v)))) = (had, &st.view) {
+                if *id == hello.store_id {
+                    v.clear_marks();
                 }
-                st.view = Some((hello.store_id, engine.new_view(hello.store_id)));
             }
         }
+        let new_view = match &st.view {
+            Some((id, _)) if *id == hello.store_id => false,
+            old => {
+                if let Some((_, old)) = old {
+                    tracing::info!(peer = %self.name, "peer has a new store identity; starting a fresh view of it");
+                    if let View::Dedup(v) = old {
+                        v.discard();
+                    }
+                }
+                st.view = Some((hello.store_id, engine.new_view(hello.store_id)));
+                true
+            }
+        };
+        let view = st.view.as_ref().map(|(_, v)| v.clone());
         let gen = st.gen;
         let id = st
             .session
@@ -412,7 +468,131 @@ impl Peer {
         // Waiting streams may have been bound to the new link, which pings at once.
         self.with(|_, _| ());
         self.timer.notify_one();
+        let summaries = hello.versions.iter().any(|&v| v >= 4);
+        self.start_summaries(summaries, view, new_session || new_view, engine);
         Ok(ctl)
+    }
+
+    // ----- store summaries ---------------------------------------------------------------------
+
+    fn summary_state(&self) -> MutexGuard<'_, SummaryState> {
+        self.summaries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A link joined: with a peer that speaks summaries, a new peer session (or a new view) gets a
+    /// new reconciler, an existing one announces our store on the new link.
+    fn start_summaries(
+        self: &Arc<Self>,
+        speaks: bool,
+        view: Option<View>,
+        fresh: bool,
+        engine: &Engine,
+    ) {
+        {
+            let mut ss = self.summary_state();
+            match view {
+                Some(View::Dedup(v)) if speaks => match ss.recon.as_mut() {
+                    Some(r) if !fresh => r.link_up(),
+                    _ => {
+                        let summ = ss
+                            .summarizer
+                            .get_or_insert_with(|| engine.summarizer())
+                            .clone();
+                        ss.recon = Some(Reconciler::new(v, summ));
+                        ss.seen = ReconcileStats::default();
+                    }
+                },
+                _ => ss.recon = None,
+            }
+        }
+        self.poll_summaries();
+    }
+
+    /// Summary messages from the peer.
+    fn on_summaries(self: &Arc<Self>, bodies: Vec<Bytes>) {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        {
+            let mut ss = self.summary_state();
+            let ss = &mut *ss;
+            let Some(r) = ss.recon.as_mut() else {
+                return;
+            };
+            for b in &bodies {
+                if let Err(e) = r.on_message(b, now, &mut out) {
+                    // One line a minute at most, with the count since the last.
+                    ss.unlogged += 1;
+                    if ss.logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                        tracing::warn!(
+                            peer = %self.name,
+                            refused = ss.unlogged,
+                            "store summary from the peer refused: {e}; nothing of it is believed"
+                        );
+                        ss.logged = Some(now);
+                        ss.unlogged = 0;
+                    }
+                }
+            }
+            self.note_summaries(ss);
+        }
+        self.send_summaries(out);
+    }
+
+    /// Periodic summary work (announce our store's changes, ask again what was lost).
+    fn poll_summaries(self: &Arc<Self>) {
+        let mut out = Vec::new();
+        {
+            let mut ss = self.summary_state();
+            let Some(r) = ss.recon.as_mut() else {
+                return;
+            };
+            r.poll(Instant::now(), &mut out);
+            self.note_summaries(&mut ss);
+        }
+        self.send_summaries(out);
+    }
+
+    fn send_summaries(self: &Arc<Self>, out: Vec<Vec<u8>>) {
+        if !out.is_empty() {
+            self.with(move |s, _| {
+                for b in out {
+                    s.send_summary(b);
+                }
+            });
+        }
+    }
+
+    fn note_summaries(&self, ss: &mut SummaryState) {
+        let Some(r) = ss.recon.as_ref() else {
+            return;
+        };
+        let now = r.stats();
+        let was = ss.seen;
+        self.m
+            .summary_sent
+            .inc_by(now.bytes_sent.saturating_sub(was.bytes_sent));
+        self.m
+            .summary_received
+            .inc_by(now.bytes_received.saturating_sub(was.bytes_received));
+        self.m
+            .summary_rejected
+            .inc_by(now.rejected.saturating_sub(was.rejected));
+        self.m
+            .known_chunks
+            .set(r.view().summarized_chunks() as i64);
+        self.m.store_chunks.set(now.peer_chunks as i64);
+        ss.seen = now;
+    }
+
+    /// What we know of the peer's store from its summaries (`None` without a summary exchange).
+    pub fn summary_status(&self) -> Option<SummaryStatus> {
+        let ss = self.summary_state();
+        let r = ss.recon.as_ref()?;
+        Some(SummaryStatus {
+            known_chunks: r.view().summarized_chunks(),
+            store_chunks: r.stats().peer_chunks,
+            in_sync: r.in_sync(),
+        })
     }
 
     /// Our view of the peer's store, once a link told us which store it has.
@@ -488,6 +668,7 @@ impl Peer {
             if Instant::now() >= deadline.unwrap_or_else(Instant::now) {
                 self.with(|s, now| s.handle_timeout(now));
             }
+            self.poll_summaries();
             self.refresh_metrics();
         }
     }

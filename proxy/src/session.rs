@@ -95,6 +95,8 @@ pub enum Event {
     CloseLink { link: LinkId, why: String },
     /// The link stopped answering: dial a replacement if we dial.
     LinkSuspect(LinkId),
+    /// A store summary message from the peer, for the owner's reconciler.
+    Summary(Bytes),
 }
 
 /// Why a stream could not be opened.
@@ -386,6 +388,8 @@ impl Stream {
 
 struct Link {
     control: Vec<u8>,
+    /// Encoded summary frames: one leaves per [`Session::poll_transmit`], after the control frames.
+    summaries: VecDeque<Vec<u8>>,
     light: VecDeque<u32>,
     bulk: VecDeque<u32>,
     streak: u32,
@@ -475,6 +479,7 @@ impl Session {
             id,
             Link {
                 control: Vec::new(),
+                summaries: VecDeque::new(),
                 light: VecDeque::new(),
                 bulk: VecDeque::new(),
                 streak: 0,
@@ -959,6 +964,28 @@ impl Session {
                 self.peer_going_away = true;
                 Ok(())
             }
+            Frame::Summary(b) => {
+                self.events.push_back(Event::Summary(b));
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues a store summary message on a link (healthy ones first); dropped if there is none (the
+    /// reconcilers ask again). Their own window bounds how many wait.
+    pub fn send_summary(&mut self, body: Vec<u8>) {
+        let link = self
+            .links
+            .iter()
+            .min_by_key(|(id, l)| (l.suspect, **id))
+            .map(|(id, _)| *id);
+        if let Some(id) = link {
+            if let Some(l) = self.links.get_mut(&id) {
+                let mut f = Vec::with_capacity(body.len() + crate::frame::HEADER_LEN);
+                Frame::Summary(Bytes::from(body)).encode(&mut f);
+                l.summaries.push_back(f);
+                self.dirty.insert(id);
+            }
         }
     }
 
@@ -1153,6 +1180,9 @@ impl Session {
             return;
         };
         out.append(&mut l.control);
+        if let Some(f) = l.summaries.pop_front() {
+            out.extend_from_slice(&f);
+        }
         while out.len() < BATCH_BYTES {
             let Some(l) = self.links.get_mut(&link) else {
                 return;
@@ -1190,7 +1220,12 @@ impl Session {
         if self
             .links
             .get(&link)
-            .is_some_and(|l| !l.light.is_empty() || !l.bulk.is_empty() || !l.control.is_empty())
+            .is_some_and(|l| {
+                !l.light.is_empty()
+                    || !l.bulk.is_empty()
+                    || !l.control.is_empty()
+                    || !l.summaries.is_empty()
+            })
         {
             self.dirty.insert(link);
         }
@@ -1297,7 +1332,11 @@ impl Session {
             t.0 += s.data_out.bytes() + s.fb_out.bytes();
             t.1 += s.data_in.queued + s.fb_in.queued;
         }
-        t.0 += self.links.values().map(|l| l.control.len()).sum::<usize>();
+        t.0 += self
+            .links
+            .values()
+            .map(|l| l.control.len() + l.summaries.iter().map(Vec::len).sum::<usize>())
+            .sum::<usize>();
         t
     }
 

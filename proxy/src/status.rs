@@ -82,6 +82,10 @@ pub struct PeerStatus {
     pub healthy_connections: usize,
     /// The peer speaks no tunnel protocol version in common with us.
     pub version_mismatch: bool,
+    /// What we know of the peer's store from its summaries (absent without a summary exchange:
+    /// a peer of protocol version 3, or an engine without a store).
+    #[serde(default)]
+    pub summary: Option<crate::peer::SummaryStatus>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -119,6 +123,7 @@ impl StatusSource {
                     resumed_streams: p.m.resumed.get(),
                     healthy_connections: st.healthy_links,
                     version_mismatch: p.version_mismatch.load(Ordering::Relaxed),
+                    summary: p.summary_status(),
                 }
             })
             .collect();

@@ -37,6 +37,8 @@ pub struct FlowCtx {
     pub lan_received: IntCounter,
     pub dedup_saved: IntCounter,
     pub compression_saved: IntCounter,
+    pub references: IntCounter,
+    pub needs: IntCounter,
     pub chunk_misses: IntCounter,
     pub verify_failures: IntCounter,
     pub resets: prometheus::IntCounterVec,
@@ -145,6 +147,9 @@ fn report_send(stats: SendStats, last: &mut SendStats, ctx: &FlowCtx) {
             .compression_saved_bytes
             .saturating_sub(last.compression_saved_bytes),
     );
+    ctx.references
+        .inc_by(stats.references.saturating_sub(last.references));
+    ctx.needs.inc_by(stats.needs.saturating_sub(last.needs));
     *last = stats;
 }
 

@@ -1,4 +1,4 @@
-//! Test vectors of the tunnel protocol (version 3): `docs/vectors/tunnel-v3-*.txt` (the format is
+//! Test vectors of the tunnel protocol (version 4): `docs/vectors/tunnel-v4-*.txt` (the format is
 //! described in `docs/tunnel.md`, "Test vectors"). They hold hellos and frames with every field
 //! annotated and their parsed meaning, malformed frames with the error each must produce, and a
 //! transcript of two sessions where a stream resumes on a new link after its link was lost.
@@ -18,8 +18,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const CODEC_FILE: &str = "tunnel-v3-codec.txt";
-const RESUME_FILE: &str = "tunnel-v3-resume.txt";
+const CODEC_FILE: &str = "tunnel-v4-codec.txt";
+const RESUME_FILE: &str = "tunnel-v4-resume.txt";
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors")
@@ -100,6 +100,7 @@ fn describe(f: &Frame) -> String {
         Frame::Ping(v) => format!("PING 0x{v:016x}"),
         Frame::Pong(v) => format!("PONG 0x{v:016x}"),
         Frame::GoAway => "GOAWAY".to_string(),
+        Frame::Summary(b) => format!("SUMMARY bytes={}", hex(b)),
     }
 }
 
@@ -172,6 +173,7 @@ fn frame_fields(f: &Frame) -> Fields {
         Frame::Ping(_) => (8, "PING", 0),
         Frame::Pong(_) => (9, "PONG", 0),
         Frame::GoAway => (10, "GOAWAY", 0),
+        Frame::Summary(_) => (11, "SUMMARY", 0),
     };
     let mut p: Fields = Vec::new();
     let u64f = |p: &mut Fields, v: u64, what: String| p.push((v.to_be_bytes().to_vec(), what));
@@ -220,6 +222,10 @@ fn frame_fields(f: &Frame) -> Fields {
         )),
         Frame::Ping(v) | Frame::Pong(v) => u64f(&mut p, *v, "8 opaque bytes".into()),
         Frame::GoAway => {}
+        Frame::Summary(b) => p.push((
+            b.to_vec(),
+            format!("{} bytes: a store summary message (docs/tunnel.md)", b.len()),
+        )),
     }
     let len: usize = p.iter().map(|(b, _)| b.len()).sum();
     let mut out: Fields = vec![
@@ -240,9 +246,9 @@ fn frame_fields(f: &Frame) -> Fields {
 fn hellos() -> Vec<(&'static str, Hello)> {
     vec![
         (
-            "the hello of site-a, a dedup node",
+            "the hello of site-a, a dedup node (versions 3 and 4: both sides then use 4)",
             Hello {
-                versions: vec![3],
+                versions: vec![3, 4],
                 store_id: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
                 session_id: 0x5e55_1010_0000_0000_0000_0000_0000_002a,
                 window: 4 << 20,
@@ -253,9 +259,9 @@ fn hellos() -> Vec<(&'static str, Hello)> {
             },
         ),
         (
-            "a later build that speaks versions 3 and 4 (both sides then use 3), raw codec",
+            "a later build that speaks versions 3, 4 and 5 (both sides then use 4), raw codec",
             Hello {
-                versions: vec![3, 4],
+                versions: vec![3, 4, 5],
                 store_id: 1,
                 session_id: u128::MAX - 1,
                 window: 64 * 1024,
@@ -428,6 +434,12 @@ fn frames() -> Vec<(&'static str, Frame)> {
         ("PING", Frame::Ping(0x0000_0000_0001_e240)),
         ("PONG echoing it", Frame::Pong(0x0000_0000_0001_e240)),
         ("GOAWAY", Frame::GoAway),
+        (
+            "SUMMARY carrying a WANT for segment 3 from byte 4096 (version 4)",
+            Frame::Summary(Bytes::from(
+                ditto_dedup::summary::Msg::Want { seq: 3, from: 4096 }.encode(),
+            )),
+        ),
     ]
 }
 
@@ -495,8 +507,8 @@ fn bad_hellos() -> Vec<(&'static str, Vec<u8>, String)> {
     let list = vec![
         ("a version 2 build (its body has no version list)", v2),
         (
-            "a build that speaks only version 4",
-            with(&|h| h.versions = vec![4]),
+            "a build that speaks only version 5",
+            with(&|h| h.versions = vec![5]),
         ),
         ("not a ditto hello (bad magic)", magic),
         ("window below 64 KiB", with(&|h| h.window = 65_535)),
