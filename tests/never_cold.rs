@@ -2,8 +2,8 @@
 //!
 //! * the restart matrix: {sender, receiver, both} x {SIGTERM, kill -9} between a first transfer
 //!   and the same data again, then a new version of it, over the project's WAN emulator: WAN bytes
-//!   within 1.1x of the same transfers without a restart;
-//! * the receiver's store wiped (a new, empty store): byte-exact, and no worse than cold;
+//!   within 1.1x of the same transfers without a restart (plus 4 KiB for keepalives);
+//! * either store wiped (a new, empty store): byte-exact, and no worse than cold;
 //! * a hub and two spokes: spoke 2 sending what spoke 1 already sent the hub costs under 5% of cold,
 //!   because the hub's summaries tell spoke 2 what the hub holds.
 //!
@@ -284,7 +284,9 @@ fn restart_matrix_keeps_the_savings() {
                 new / 1024.0,
                 new / base_new
             );
-            if again > base_again * 1.1 || new > base_new * 1.1 {
+            // Keepalives (a PING and its PONG a second, about 100 bytes with TLS) ride along with
+            // whatever is measured: 4 KiB of slack keeps them from deciding a 1 KiB comparison.
+            if again > base_again * 1.1 + 4096.0 || new > base_new * 1.1 + 4096.0 {
                 failures.push(format!("{who} SIG{sig}: {again:.0} / {new:.0} bytes"));
             }
         }
@@ -296,22 +298,27 @@ fn restart_matrix_keeps_the_savings() {
 }
 
 #[test]
-fn a_wiped_receiver_store_is_no_worse_than_cold() {
+fn a_wiped_store_is_no_worse_than_cold() {
     if skip() {
         return;
     }
-    let (cold, _, _) = run("nc-wipe", |lab| {
-        lab.stop(1, "TERM");
-        let store = lab.dir.path().join("site-b-store");
-        std::fs::remove_dir_all(&store).expect("wipe the store");
-        lab.start(1);
-        let up = wait_until(Duration::from_secs(30), || {
-            status(&lab.wan.a).is_some_and(|s| s["peers"][0]["up"].as_bool() == Some(true))
+    for (i, who) in [(1, "receiver"), (0, "sender")] {
+        let (cold, again, new) = run("nc-wipe", |lab| {
+            lab.stop(i, "TERM");
+            let name = if i == 0 { "site-a-store" } else { "site-b-store" };
+            std::fs::remove_dir_all(lab.dir.path().join(name)).expect("wipe the store");
+            lab.start(i);
         });
-        assert!(up.is_some(), "tunnel never came back\n{}", lab.logs());
-    });
-    // `run` checked every transfer byte for byte; the first one after the wipe was cold again.
-    println!("wiped receiver: cold {:.0} KiB", cold / 1024.0);
+        // `run` checked every transfer byte for byte.
+        println!(
+            "{who}'s store wiped: cold {:.0} KiB, then the same data {:.0} KiB, new version {:.0} KiB",
+            cold / 1024.0,
+            again / 1024.0,
+            new / 1024.0
+        );
+        assert!(again <= cold * 1.02, "{who} wiped: {again:.0} bytes, cold {cold:.0}");
+        assert!(new <= cold * 1.02, "{who} wiped: {new:.0} bytes, cold {cold:.0}");
+    }
 }
 
 /// Hub (namespace `h`, with the server) and two spokes, each joined to the hub by a veth pair.
