@@ -99,3 +99,84 @@ pub fn store_records_seeds() -> Vec<Vec<u8>> {
     encode_chunk(&mut one, &ids[0], &chunks[0]);
     vec![clean, torn, garbage, one]
 }
+
+/// Store summaries from a peer. The first byte chooses: even, `data` is a sequence of summary
+/// messages (each preceded by its length, u16 big-endian) for a learner; odd, `data` is the bytes
+/// of a persisted view file. Whatever is believed afterwards must come from a part that parsed.
+pub fn summary(data: &[u8]) {
+    use crate::summary::{Msg, Reconciler};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let store = crate::StoreId(0x5eed);
+    if mode % 2 == 1 {
+        let v = crate::PeerView::from_log_bytes(store, rest);
+        let _ = v.summarized_chunks();
+        return;
+    }
+    let view = std::sync::Arc::new(crate::PeerView::new(store));
+    let mut r = Reconciler::new(view.clone(), None);
+    let now = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut rest = rest;
+    let mut parsed = false;
+    while rest.len() >= 2 {
+        let n = usize::from(u16::from_be_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        let (m, tail) = rest[2..].split_at(n);
+        parsed |= matches!(Msg::parse(m), Ok(Msg::Part(_)));
+        let _ = r.on_message(m, now, &mut out);
+        rest = tail;
+    }
+    r.poll(now + std::time::Duration::from_secs(60), &mut out);
+    assert!(parsed || view.summarized_chunks() == 0);
+}
+
+/// Seeds for [`summary`]: a real exchange's messages (an index and parts of a store), and the view
+/// file they leave.
+pub fn summary_seeds() -> Vec<Vec<u8>> {
+    use crate::summary::{Msg, Part, SegInfo};
+    let keys: Vec<u64> = (1..200u64).map(|i| i * 5_000_000_007 % (1 << 40)).collect();
+    let mut keys = keys;
+    keys.sort_unstable();
+    keys.dedup();
+    let (k, bits) = crate::summary::encode_keys(&keys);
+    let fold = keys.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+    let part = Part {
+        seq: 1,
+        from: 0,
+        to: 900_000,
+        fold_before: 0,
+        fold,
+        count: keys.len() as u32,
+        k,
+        bits,
+    };
+    let msgs = [
+        Msg::Index {
+            first: true,
+            last: true,
+            entries: vec![SegInfo {
+                seq: 1,
+                len: 900_000,
+                keys: keys.len() as u32,
+                fold,
+            }],
+        },
+        Msg::Part(part.clone()),
+        Msg::Gone { seq: 1 },
+        Msg::Want { seq: 1, from: 0 },
+    ];
+    let mut exchange = vec![0u8];
+    for m in &msgs {
+        let b = m.encode();
+        exchange.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        exchange.extend_from_slice(&b);
+    }
+    let view = crate::PeerView::new(crate::StoreId(0x5eed));
+    view.apply_part(&part);
+    let mut file = vec![1u8];
+    file.extend_from_slice(&view.log_bytes());
+    let mut torn = file.clone();
+    torn.truncate(file.len() - 7);
+    vec![exchange, file, torn]
+}

@@ -375,12 +375,18 @@ impl PeerView {
                 }
             },
         };
+        self.replay(&data, &path.display().to_string())
+    }
+
+    /// Replays the bytes of a view file (`what` names it in logs); returns how many to keep.
+    fn replay(&mut self, data: &[u8], what: &str) -> (u64, LoadReport) {
+        let mut rep = LoadReport::default();
         if data.len() < HEADER_LEN || data[..HEADER_LEN] != header(self.store)[..] {
             rep.damaged = true;
             rep.dropped_bytes = data.len() as u64;
             tracing::warn!(
                 "peer view {} has a damaged header: dropped; relearning it from the peer",
-                path.display()
+                what
             );
             return (0, rep);
         }
@@ -420,7 +426,7 @@ impl PeerView {
                     tracing::warn!(
                         "peer view {} is damaged at byte {pos} (torn or altered): kept the {} records \
                          before it, dropped {} bytes; relearning the rest from the peer",
-                        path.display(),
+                        what,
                         rep.records,
                         rep.dropped_bytes
                     );
@@ -429,6 +435,26 @@ impl PeerView {
             }
         }
         (pos as u64, rep)
+    }
+
+    /// A view in RAM from the bytes of a view file (for the fuzzer).
+    #[doc(hidden)]
+    pub fn from_log_bytes(store: StoreId, data: &[u8]) -> PeerView {
+        let mut v = PeerView::new(store);
+        let (_, rep) = v.replay(data, "(bytes)");
+        v.report = rep;
+        v
+    }
+
+    /// The bytes of a view file holding what this view knows (for the fuzzer's seeds).
+    #[doc(hidden)]
+    pub fn log_bytes(&self) -> Vec<u8> {
+        let mut buf = header(self.store);
+        let k = self.known();
+        for p in k.segs.values().flat_map(|s| &s.parts) {
+            buf.extend_from_slice(&record(REC_PART, &Msg::Part(p.clone()).encode()));
+        }
+        buf
     }
 
     /// The identity of the peer store this view describes.

@@ -283,6 +283,7 @@ fn fuzz_corpus_replays_without_panic() {
         ("decoder", ditto_dedup::fuzzing::decoder as fn(&[u8])),
         ("encoder_feedback", ditto_dedup::fuzzing::encoder_feedback),
         ("store_records", ditto_dedup::fuzzing::store_records),
+        ("summary", ditto_dedup::fuzzing::summary),
     ] {
         let dir = root.join(target);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -308,6 +309,10 @@ fn write_corpus_seeds() {
         .enumerate()
     {
         std::fs::write(root.join(format!("store_records/seed-{i}")), seed).expect("write");
+    }
+    std::fs::create_dir_all(root.join("summary")).expect("mkdir");
+    for (i, seed) in ditto_dedup::fuzzing::summary_seeds().iter().enumerate() {
+        std::fs::write(root.join(format!("summary/seed-{i}")), seed).expect("write");
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     for (i, (len, flush)) in [
