@@ -99,6 +99,10 @@ pub struct Scenario {
     /// The emulated link goes down in the middle of the measured transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outage: Option<Outage>,
+    /// Both appliances are restarted between the warm-up file and the measured one (ditto: the
+    /// same stores, new processes; the other contenders keep no state to lose).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart: bool,
 }
 
 /// A WAN outage: every packet in both directions dropped for `secs`, starting `after_s` into the
@@ -235,6 +239,7 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         client_rcvbuf: None,
         workload,
         outage: None,
+        restart: false,
     };
     let mut legacy = sc(
         "legacy-window",
@@ -275,9 +280,21 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         });
         o
     });
+    let mut warm_restart = sc(
+        "warm-restart",
+        "TypeScript 5.4.5 npm tarball after 5.4.4 went through, both appliances restarted in between",
+        "20mbit",
+        "80ms",
+        Workload::File {
+            name: "src-v2.tar".into(),
+            warm: Some("src-v1.tar".into()),
+        },
+    );
+    warm_restart.restart = true;
     Ok(vec![
         legacy,
         lossy,
+        warm_restart,
         sc(
             "warm-repeat",
             "TypeScript 5.4.5 npm tarball after 5.4.4 went through",
@@ -660,6 +677,53 @@ pub(crate) fn start_ditto_with(
     Ok(r)
 }
 
+/// Stops both ditto processes (SIGTERM) and starts them again on the same configs and stores,
+/// then waits until the tunnel is up and site A knows site B's store again (its summaries are in
+/// sync), as a transfer some minutes after a maintenance window would find it.
+fn restart_ditto(ctx: &Ctx, tag: &str, running: &mut Running) -> Result<()> {
+    let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let dir = ctx.dir(&format!("ditto-{tag}"))?;
+    let target = running.target.clone();
+    let _ = std::mem::replace(running, Running::direct()).stop();
+    let ds = d.to_string_lossy().into_owned();
+    let b = ctx.spawn_wrapped(
+        Role::SiteB,
+        "ditto-b",
+        &ds,
+        &["run".into(), "--config".into(), dir.join("site-b.toml").display().to_string()],
+    )?;
+    let a = ctx.spawn_wrapped(
+        Role::SiteA,
+        "ditto-a",
+        &ds,
+        &["run".into(), "--config".into(), dir.join("site-a.toml").display().to_string()],
+    )?;
+    let mut cleanup = None;
+    if ctx.ditto_mode.intercepts() {
+        let mut cmd = ctx.topo.cmd(Role::SiteA, &d);
+        cmd.arg("cleanup").arg("--config").arg(dir.join("site-a.toml"));
+        cleanup = Some(cmd);
+    }
+    *running = Running {
+        target,
+        side_a: vec![a],
+        side_b: vec![b],
+        cleanup,
+    };
+    wait_ditto_ready(ctx, &d, Role::SiteA, ctx.ditto_mode, 15)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ditto_status(ctx, &d, Role::SiteA)
+        .and_then(|v| v.pointer("/peers/0/summary/in_sync")?.as_bool())
+        != Some(true)
+    {
+        if std::time::Instant::now() > deadline {
+            bail!("site A never learned site B's store again after the restart");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// `ditto status --json` of the node in `role`.
 pub(crate) fn ditto_status(ctx: &Ctx, ditto: &Path, role: Role) -> Option<serde_json::Value> {
     let out = ctx
@@ -1032,7 +1096,7 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
             return run_rsync(ctx, &sc.name, name, warm.as_deref(), &link);
         }
     }
-    let running = match c {
+    let mut running = match c {
         Contender::Plain | Contender::Rsync => Running::direct(),
         Contender::Ditto => {
             let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
@@ -1114,6 +1178,10 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                             )?;
                             if !f.exact {
                                 bail!("warm-up transfer of {w} was not byte-exact: {:?}", f.errors);
+                            }
+                            if sc.restart && c == Contender::Ditto {
+                                restart_ditto(ctx, &sc.name, &mut running)?;
+                                r.note = "both appliances restarted after the warm-up".into();
                             }
                         }
                         Some(name.as_str())
