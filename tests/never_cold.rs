@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::netns::{admin_get, addr, link, status, unique, wait_until, Daemon, Ns};
+use common::netns::{addr, admin_get, link, status, unique, wait_until, Daemon, Ns};
 use common::wan::{Wan, B_IP};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -94,7 +94,13 @@ fn upload(ns: &Ns, which: u8, data: &[u8]) -> bool {
 fn metric(ns: &Ns, series: &str) -> f64 {
     let m = admin_get(ns, "/metrics").unwrap_or_default();
     m.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }
 
@@ -160,7 +166,8 @@ impl Lab {
         )
         .expect("config");
         serve(
-            wan.b.listen(format!("0.0.0.0:{SERVER_PORT}").parse().unwrap()),
+            wan.b
+                .listen(format!("0.0.0.0:{SERVER_PORT}").parse().unwrap()),
             expect,
         );
         let mut lab = Lab {
@@ -210,7 +217,11 @@ impl Lab {
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "log") {
                 let t = std::fs::read_to_string(&p).unwrap_or_default();
@@ -228,7 +239,11 @@ impl Lab {
     /// Uploads version `which` from site A; the WAN bytes site A sent for it.
     fn send(&self, which: u8, data: &[u8]) -> f64 {
         let before = wan_sent(&self.wan.a, "site-b");
-        assert!(upload(&self.wan.a, which, data), "upload {which} not exact\n{}", self.logs());
+        assert!(
+            upload(&self.wan.a, which, data),
+            "upload {which} not exact\n{}",
+            self.logs()
+        );
         wan_sent(&self.wan.a, "site-b") - before
     }
 }
@@ -305,7 +320,11 @@ fn a_wiped_store_is_no_worse_than_cold() {
     for (i, who) in [(1, "receiver"), (0, "sender")] {
         let (cold, again, new) = run("nc-wipe", |lab| {
             lab.stop(i, "TERM");
-            let name = if i == 0 { "site-a-store" } else { "site-b-store" };
+            let name = if i == 0 {
+                "site-a-store"
+            } else {
+                "site-b-store"
+            };
             std::fs::remove_dir_all(lab.dir.path().join(name)).expect("wipe the store");
             lab.start(i);
         });
@@ -316,8 +335,14 @@ fn a_wiped_store_is_no_worse_than_cold() {
             again / 1024.0,
             new / 1024.0
         );
-        assert!(again <= cold * 1.02, "{who} wiped: {again:.0} bytes, cold {cold:.0}");
-        assert!(new <= cold * 1.02, "{who} wiped: {new:.0} bytes, cold {cold:.0}");
+        assert!(
+            again <= cold * 1.02,
+            "{who} wiped: {again:.0} bytes, cold {cold:.0}"
+        );
+        assert!(
+            new <= cold * 1.02,
+            "{who} wiped: {new:.0} bytes, cold {cold:.0}"
+        );
     }
 }
 
@@ -338,7 +363,9 @@ fn a_spoke_sends_references_to_what_another_spoke_sent_the_hub() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let fp_h = common::keygen(d, "hub");
-    let fps: Vec<String> = (1..=2).map(|i| common::keygen(d, &format!("spoke-{i}"))).collect();
+    let fps: Vec<String> = (1..=2)
+        .map(|i| common::keygen(d, &format!("spoke-{i}")))
+        .collect();
     let file = common::payload(11, DATA);
     serve(
         hub.listen(format!("0.0.0.0:{SERVER_PORT}").parse().unwrap()),
@@ -350,7 +377,10 @@ fn a_spoke_sends_references_to_what_another_spoke_sent_the_hub() {
         node(d, "hub")
     );
     for (i, fp) in fps.iter().enumerate() {
-        hub_cfg += &format!("\n[[peer]]\nname = \"spoke-{}\"\nfingerprint = \"{fp}\"\n", i + 1);
+        hub_cfg += &format!(
+            "\n[[peer]]\nname = \"spoke-{}\"\nfingerprint = \"{fp}\"\n",
+            i + 1
+        );
     }
     std::fs::write(&cfg_h, hub_cfg).expect("config");
     let _hub_d = Daemon::start(&hub, &cfg_h);
@@ -372,19 +402,31 @@ fn a_spoke_sends_references_to_what_another_spoke_sent_the_hub() {
     }
     for s in &spokes {
         let ok = wait_until(Duration::from_secs(30), || in_sync(s));
-        assert!(ok.is_some(), "spoke never in sync with the hub: {:?}", status(s));
+        assert!(
+            ok.is_some(),
+            "spoke never in sync with the hub: {:?}",
+            status(s)
+        );
     }
     let before = wan_sent(&spokes[0], "hub");
     assert!(upload(&spokes[0], 0, &file), "spoke 1's upload not exact");
     let cold = wan_sent(&spokes[0], "hub") - before;
     // Spoke 2 learns from the hub's next summary what spoke 1 left there.
     let hub_chunks = || {
-        status(&spokes[1]).map_or(0, |s| s["peers"][0]["summary"]["known_chunks"].as_u64().unwrap_or(0))
+        status(&spokes[1]).map_or(0, |s| {
+            s["peers"][0]["summary"]["known_chunks"]
+                .as_u64()
+                .unwrap_or(0)
+        })
     };
     let learned = wait_until(Duration::from_secs(30), || {
         in_sync(&spokes[1]) && hub_chunks() as usize >= DATA / 16384
     });
-    assert!(learned.is_some(), "spoke 2 never learned the hub's new chunks: {:?}", status(&spokes[1]));
+    assert!(
+        learned.is_some(),
+        "spoke 2 never learned the hub's new chunks: {:?}",
+        status(&spokes[1])
+    );
     let before = wan_sent(&spokes[1], "hub");
     assert!(upload(&spokes[1], 0, &file), "spoke 2's upload not exact");
     let warm = wan_sent(&spokes[1], "hub") - before;
@@ -394,5 +436,8 @@ fn a_spoke_sends_references_to_what_another_spoke_sent_the_hub() {
         warm / 1024.0,
         100.0 * warm / cold
     );
-    assert!(warm < cold * 0.05, "spoke 2 paid {warm:.0} bytes, cold was {cold:.0}");
+    assert!(
+        warm < cold * 0.05,
+        "spoke 2 paid {warm:.0} bytes, cold was {cold:.0}"
+    );
 }

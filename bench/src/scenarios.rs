@@ -690,18 +690,28 @@ fn restart_ditto(ctx: &Ctx, tag: &str, running: &mut Running) -> Result<()> {
         Role::SiteB,
         "ditto-b",
         &ds,
-        &["run".into(), "--config".into(), dir.join("site-b.toml").display().to_string()],
+        &[
+            "run".into(),
+            "--config".into(),
+            dir.join("site-b.toml").display().to_string(),
+        ],
     )?;
     let a = ctx.spawn_wrapped(
         Role::SiteA,
         "ditto-a",
         &ds,
-        &["run".into(), "--config".into(), dir.join("site-a.toml").display().to_string()],
+        &[
+            "run".into(),
+            "--config".into(),
+            dir.join("site-a.toml").display().to_string(),
+        ],
     )?;
     let mut cleanup = None;
     if ctx.ditto_mode.intercepts() {
         let mut cmd = ctx.topo.cmd(Role::SiteA, &d);
-        cmd.arg("cleanup").arg("--config").arg(dir.join("site-a.toml"));
+        cmd.arg("cleanup")
+            .arg("--config")
+            .arg(dir.join("site-a.toml"));
         cleanup = Some(cmd);
     }
     *running = Running {

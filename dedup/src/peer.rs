@@ -66,7 +66,7 @@ struct SegKnown {
 struct Known {
     segs: BTreeMap<u32, SegKnown>,
     /// Sorted fingerprints of all parts (a fingerprint in two segments is there twice).
-    base: Vec<u64>,
+    base: Sorted,
     /// Recently added, sorted; merged into `base` when it grows.
     recent: Vec<u64>,
 }
@@ -127,36 +127,48 @@ impl std::fmt::Debug for Log {
     }
 }
 
-/// Whether sorted `v` holds `x`: interpolation (fingerprints are uniform), then a galloping search.
-fn sorted_contains(v: &[u64], x: u64) -> bool {
-    let n = v.len();
-    if n == 0 {
-        return false;
-    }
-    let g = ((u128::from(x) * n as u128) >> crate::summary::FP_BITS).min(n as u128 - 1) as usize;
-    if v[g] == x {
-        return true;
-    }
-    let mut step = 1;
-    if v[g] < x {
-        let mut lo = g;
-        loop {
-            let hi = (g + step).min(n - 1);
-            if v[hi] >= x || hi == n - 1 {
-                return v[lo..=hi].binary_search(&x).is_ok();
+/// Sorted fingerprints with a directory of where each range of top bits starts, so a lookup reads
+/// about one cache line of it (fingerprints are uniform: four to eight per directory entry).
+#[derive(Default)]
+struct Sorted {
+    v: Vec<u64>,
+    /// `dir[i]`: the first index whose fingerprint's top `bits` bits are at least `i`.
+    dir: Vec<u32>,
+    bits: u32,
+}
+
+impl Sorted {
+    fn reindex(&mut self) {
+        let n = self.v.len();
+        self.bits = if n < 2 {
+            0
+        } else {
+            (usize::BITS - 1 - n.leading_zeros())
+                .saturating_sub(2)
+                .min(crate::summary::FP_BITS)
+        };
+        let shift = crate::summary::FP_BITS - self.bits;
+        let buckets = 1usize << self.bits;
+        self.dir.clear();
+        self.dir.reserve_exact(buckets + 1);
+        let mut j = 0usize;
+        for i in 0..buckets {
+            while j < n && ((self.v[j] >> shift) as usize) < i {
+                j += 1;
             }
-            lo = hi;
-            step *= 2;
+            self.dir.push(j as u32);
         }
-    } else {
-        let mut hi = g;
-        loop {
-            let lo = g.saturating_sub(step);
-            if v[lo] <= x || lo == 0 {
-                return v[lo..=hi].binary_search(&x).is_ok();
-            }
-            hi = lo;
-            step *= 2;
+        self.dir.push(n as u32);
+    }
+
+    fn contains(&self, x: u64) -> bool {
+        if self.v.is_empty() {
+            return false;
+        }
+        let i = (x >> (crate::summary::FP_BITS - self.bits)) as usize;
+        match (self.dir.get(i), self.dir.get(i + 1)) {
+            (Some(&a), Some(&b)) => self.v[a as usize..b as usize].contains(&x),
+            _ => false,
         }
     }
 }
@@ -203,7 +215,13 @@ fn remove_from(a: &mut Vec<u64>, b: &[u64]) {
 
 impl Known {
     fn contains(&self, f: u64) -> bool {
-        sorted_contains(&self.base, f) || sorted_contains(&self.recent, f)
+        self.base.contains(f) || self.recent.binary_search(&f).is_ok()
+    }
+
+    fn merge_recent(&mut self) {
+        let recent = std::mem::take(&mut self.recent);
+        merge_into(&mut self.base.v, &recent);
+        self.base.reindex();
     }
 
     fn chunks(&self) -> u64 {
@@ -223,8 +241,9 @@ impl Known {
         }
         gone.sort_unstable();
         let recent = std::mem::take(&mut self.recent);
-        merge_into(&mut self.base, &recent);
-        remove_from(&mut self.base, &gone);
+        merge_into(&mut self.base.v, &recent);
+        remove_from(&mut self.base.v, &gone);
+        self.base.reindex();
         true
     }
 
@@ -251,9 +270,8 @@ impl Known {
         s.keys += keys.len() as u64;
         s.parts.push(p.clone());
         merge_into(&mut self.recent, &keys);
-        if self.recent.len() > (self.base.len() / 8).max(4096) {
-            let recent = std::mem::take(&mut self.recent);
-            merge_into(&mut self.base, &recent);
+        if self.recent.len() > (self.base.v.len() / 8).max(4096) {
+            self.merge_recent();
         }
         Applied::Added
     }
@@ -572,6 +590,14 @@ impl PeerView {
         self.known().chunks()
     }
 
+    /// Folds recently learned fingerprints into the indexed set (one pass over what we know), so
+    /// lookups read one place. Called when the exchange is quiet.
+    pub fn settle(&self) {
+        if !self.known().recent.is_empty() {
+            self.known_mut().merge_recent();
+        }
+    }
+
     /// How far we know segment `seq` of the peer's store (0: not at all).
     pub fn known_upto(&self, seq: u32) -> u64 {
         self.known().segs.get(&seq).map_or(0, |s| s.upto)
@@ -583,7 +609,8 @@ impl PeerView {
         let k = self.known();
         m.bits.capacity() * 8
             + m.denied.capacity() * 9
-            + (k.base.capacity() + k.recent.capacity()) * 8
+            + (k.base.v.capacity() + k.recent.capacity()) * 8
+            + k.base.dir.capacity() * 4
             + k.segs
                 .values()
                 .flat_map(|s| &s.parts)

@@ -428,7 +428,9 @@ pub fn decode_keys(count: u32, k: u8, bits: &[u8]) -> Result<Vec<u64>, SummaryEr
         let q = r.unary(limit)?;
         let gap = (q << k) | r.bits(k)?;
         if i > 0 && gap == 0 {
-            return Err(SummaryError::Malformed("fingerprints not strictly increasing"));
+            return Err(SummaryError::Malformed(
+                "fingerprints not strictly increasing",
+            ));
         }
         let x = prev
             .checked_add(gap)
@@ -475,7 +477,9 @@ impl Summarizer {
                     let Some(now) = self.store.segment_chunks(st.seq, &mut chunks) else {
                         continue;
                     };
-                    let fold = chunks.iter().fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
+                    let fold = chunks
+                        .iter()
+                        .fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
                     let keys = chunks.len() as u32;
                     cache.insert(st.seq, (now, keys, fold));
                     (keys, fold)
@@ -498,38 +502,42 @@ impl Summarizer {
         let Some(st) = self.store.segment_chunks(seq, &mut chunks) else {
             return Msg::Gone { seq };
         };
-        if from > st.len {
-            return Msg::Gone { seq };
-        }
-        chunks.sort_unstable_by_key(|&(off, _)| off);
-        let split = chunks.partition_point(|&(off, _)| u64::from(off) < from);
-        let fold_before = chunks[..split]
-            .iter()
-            .fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
-        let rest = &chunks[split..];
-        let (rest, to) = if rest.len() > MAX_PART_KEYS {
-            (&rest[..MAX_PART_KEYS], u64::from(rest[MAX_PART_KEYS].0))
-        } else {
-            (rest, st.len)
-        };
-        let fold = rest
-            .iter()
-            .fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
-        let mut keys: Vec<u64> = rest.iter().map(|(_, id)| fp(id)).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let (k, bits) = encode_keys(&keys);
-        Msg::Part(Part {
-            seq,
-            from,
-            to,
-            fold_before,
-            fold,
-            count: keys.len() as u32,
-            k,
-            bits,
-        })
+        part_of(seq, from, st.len, &mut chunks)
     }
+}
+
+/// The PART (or GONE) for segment `seq` of length `len` holding `chunks` (payload offset, id; any
+/// order), from `from` on: at most [`MAX_PART_KEYS`] fingerprints.
+pub fn part_of(seq: u32, from: u64, len: u64, chunks: &mut [(u32, ChunkId)]) -> Msg {
+    if from > len {
+        return Msg::Gone { seq };
+    }
+    chunks.sort_unstable_by_key(|&(off, _)| off);
+    let split = chunks.partition_point(|&(off, _)| u64::from(off) < from);
+    let fold_before = chunks[..split]
+        .iter()
+        .fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
+    let rest = &chunks[split..];
+    let (rest, to) = if rest.len() > MAX_PART_KEYS {
+        (&rest[..MAX_PART_KEYS], u64::from(rest[MAX_PART_KEYS].0))
+    } else {
+        (rest, len)
+    };
+    let fold = rest.iter().fold(0u64, |a, (_, id)| a.wrapping_add(fp(id)));
+    let mut keys: Vec<u64> = rest.iter().map(|(_, id)| fp(id)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (k, bits) = encode_keys(&keys);
+    Msg::Part(Part {
+        seq,
+        from,
+        to,
+        fold_before,
+        fold,
+        count: keys.len() as u32,
+        k,
+        bits,
+    })
 }
 
 // ----- both sides of one peer session -------------------------------------------------------------
@@ -631,7 +639,9 @@ impl Reconciler {
                 }
                 if !self.index_open {
                     self.stats.rejected += 1;
-                    return Err(SummaryError::Malformed("index continuation without a start"));
+                    return Err(SummaryError::Malformed(
+                        "index continuation without a start",
+                    ));
                 }
                 if self.index_acc.len() + entries.len() > MAX_SEGMENTS
                     || self
@@ -738,6 +748,9 @@ impl Reconciler {
             .filter(|(_, &t)| now.saturating_duration_since(t) >= WANT_TIMEOUT)
             .map(|(&s, _)| s)
             .collect();
+        if self.outstanding.is_empty() && self.queue.is_empty() {
+            self.view.settle();
+        }
         for seq in lost {
             self.outstanding.remove(&seq);
             let upto = self.view.known_upto(seq);

@@ -99,7 +99,11 @@ fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
         s.segment_states().len(),
         ratio * 100.0
     );
-    assert!(ratio < 0.001, "summary costs {:.4}% of the store", ratio * 100.0);
+    assert!(
+        ratio < 0.001,
+        "summary costs {:.4}% of the store",
+        ratio * 100.0
+    );
     // Chunks the store never held are not believed (40-bit fingerprints: a false positive among
     // 5000 has odds of 1 in 40 million).
     let strangers = (100_000..105_000u64).filter(|&n| view.knows(&chunk(n, 4096).0, None));

@@ -291,10 +291,7 @@ impl Frame {
     pub fn parse(kind: u8, stream: u32, mut p: Bytes) -> Result<Frame, FrameError> {
         let len = p.len();
         let bad = || FrameError::BadPayload { kind, len };
-        let on_zero = matches!(
-            kind,
-            kind::PING | kind::PONG | kind::GOAWAY | kind::SUMMARY
-        );
+        let on_zero = matches!(kind, kind::PING | kind::PONG | kind::GOAWAY | kind::SUMMARY);
         if !(kind::OPEN..=kind::SUMMARY).contains(&kind) {
             return Err(FrameError::UnknownType(kind));
         }

@@ -522,7 +522,10 @@ impl Peer {
                 if let Err(e) = r.on_message(b, now, &mut out) {
                     // One line a minute at most, with the count since the last.
                     ss.unlogged += 1;
-                    if ss.logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+                    if ss
+                        .logged
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+                    {
                         tracing::warn!(
                             peer = %self.name,
                             refused = ss.unlogged,
@@ -577,9 +580,7 @@ impl Peer {
         self.m
             .summary_rejected
             .inc_by(now.rejected.saturating_sub(was.rejected));
-        self.m
-            .known_chunks
-            .set(r.view().summarized_chunks() as i64);
+        self.m.known_chunks.set(r.view().summarized_chunks() as i64);
         self.m.store_chunks.set(now.peer_chunks as i64);
         ss.seen = now;
     }

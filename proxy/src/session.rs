@@ -1217,16 +1217,12 @@ impl Session {
             }
             self.maybe_retire(id);
         }
-        if self
-            .links
-            .get(&link)
-            .is_some_and(|l| {
-                !l.light.is_empty()
-                    || !l.bulk.is_empty()
-                    || !l.control.is_empty()
-                    || !l.summaries.is_empty()
-            })
-        {
+        if self.links.get(&link).is_some_and(|l| {
+            !l.light.is_empty()
+                || !l.bulk.is_empty()
+                || !l.control.is_empty()
+                || !l.summaries.is_empty()
+        }) {
             self.dirty.insert(link);
         }
     }

@@ -224,7 +224,10 @@ fn frame_fields(f: &Frame) -> Fields {
         Frame::GoAway => {}
         Frame::Summary(b) => p.push((
             b.to_vec(),
-            format!("{} bytes: a store summary message (docs/tunnel.md)", b.len()),
+            format!(
+                "{} bytes: a store summary message (docs/tunnel.md)",
+                b.len()
+            ),
         )),
     }
     let len: usize = p.iter().map(|(b, _)| b.len()).sum();

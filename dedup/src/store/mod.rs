@@ -79,8 +79,8 @@
 //! it, never while writing.
 
 mod disk;
-mod listing;
 mod index;
+mod listing;
 mod ram;
 pub(crate) mod record;
 
