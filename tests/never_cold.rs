@@ -121,9 +121,13 @@ fn in_sync(ns: &Ns) -> bool {
 }
 
 fn node(dir: &Path, name: &str) -> String {
+    node_with(dir, name, "512MiB")
+}
+
+fn node_with(dir: &Path, name: &str, disk: &str) -> String {
     format!(
         "[node]\nname = \"{name}\"\nkey = \"{}\"\nadmin = \"127.0.0.1:9090\"\nstore_dir = \"{}\"\n\
-         store_ram = \"16MiB\"\nstore_disk = \"512MiB\"\n",
+         store_ram = \"16MiB\"\nstore_disk = \"{disk}\"\n",
         dir.join(format!("{name}.key")).display(),
         dir.join(format!("{name}-store")).display(),
     )
@@ -139,6 +143,11 @@ struct Lab {
 
 impl Lab {
     fn new(tag: &str, expect: Vec<Vec<u8>>) -> Lab {
+        Lab::with_b_disk(tag, expect, "512MiB")
+    }
+
+    /// Site B's store disk tier is `b_disk`.
+    fn with_b_disk(tag: &str, expect: Vec<Vec<u8>>, b_disk: &str) -> Lab {
         let wan = Wan::new(tag, &LINK);
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -161,7 +170,7 @@ impl Lab {
             format!(
                 "{}\n[tunnel]\nlisten = \"{B_IP}:{TUNNEL_PORT}\"\n\n[[peer]]\nname = \"site-a\"\n\
                  fingerprint = \"{fp_a}\"\n",
-                node(d, "site-b")
+                node_with(d, "site-b", b_disk)
             ),
         )
         .expect("config");
@@ -344,6 +353,41 @@ fn a_wiped_store_is_no_worse_than_cold() {
             "{who} wiped: {new:.0} bytes, cold {cold:.0}"
         );
     }
+}
+
+/// Site B's store (64 MiB) is smaller than what crosses (4 x 24 MiB): what site A believes B holds
+/// goes stale as B evicts. The NEED rate (references B could not resolve) stays low, and the data
+/// exact.
+#[test]
+fn need_rate_stays_low_with_a_store_smaller_than_the_working_set() {
+    if skip() {
+        return;
+    }
+    let files: Vec<Vec<u8>> = (0..4).map(|i| common::payload(20 + i, DATA)).collect();
+    let lab = Lab::with_b_disk("nc-small", files.clone(), "64MiB");
+    let needs = || metric(&lab.wan.a, "ditto_dedup_needs_total");
+    let refs = || metric(&lab.wan.a, "ditto_dedup_references_total");
+    for (i, f) in files.iter().enumerate() {
+        lab.send(i as u8, f);
+    }
+    let (n0, r0) = (needs(), refs());
+    // The first file was evicted at B long ago; the last is still there.
+    let first = lab.send(0, &files[0]);
+    let last = lab.send(3, &files[3]);
+    let (n, r) = (needs() - n0, refs() - r0);
+    let rate = if r > 0.0 { n / r } else { 0.0 };
+    println!(
+        "store smaller than the working set: the first file again {:.0} KiB, the last again {:.0} KiB; \
+         {n:.0} NEEDs for {r:.0} references ({:.2}%)",
+        first / 1024.0,
+        last / 1024.0,
+        100.0 * rate
+    );
+    assert!(
+        last < DATA as f64 * 0.05,
+        "the last file, still held, cost {last:.0} bytes"
+    );
+    assert!(rate < 0.05, "NEED rate {:.2}%", 100.0 * rate);
 }
 
 /// Hub (namespace `h`, with the server) and two spokes, each joined to the hub by a veth pair.

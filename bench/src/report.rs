@@ -456,6 +456,7 @@ mod tests {
             client_rcvbuf: None,
             workload: crate::scenarios::Workload::Rand { bytes: 1 },
             outage: None,
+            restart: false,
         };
         let r = RunReport {
             date: "d".into(),

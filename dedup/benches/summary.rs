@@ -68,11 +68,11 @@ fn main() {
 
     let probes: Vec<ChunkId> = (0..1_000_000).map(|_| id()).collect();
     let t = Instant::now();
-    let hits = probes.iter().filter(|p| view.knows(p, None)).count();
+    let hits = probes.iter().filter(|p| view.knows(p)).count();
     let lookup = t.elapsed();
     let held = &store[segs as usize / 2];
     let t = Instant::now();
-    let known = held.iter().filter(|(_, i)| view.knows(i, None)).count();
+    let known = held.iter().filter(|(_, i)| view.knows(i)).count();
     let lookup_held = t.elapsed();
 
     println!(

@@ -533,9 +533,7 @@ impl Decoder {
                 Err(_) => self.stats.store_errors += 1,
             }
         }
-        if let Some(slot) = self.store.slot(&id) {
-            self.view.mark(slot);
-        }
+        self.view.believe(&id);
         if let Some(prev) = self.prev {
             self.hints.record(&self.store, &prev, &id, false);
         }

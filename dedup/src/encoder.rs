@@ -271,7 +271,7 @@ impl State {
         }
         let fresh = &chunk[self.sent_prefix..];
         let found = self.store.lookup(&id);
-        let known = self.view.knows(&id, found.map(|(s, _)| s));
+        let known = self.view.knows(&id);
         let successor = found.and_then(|(_, next)| next);
         let start = self.raw.len();
         let mut old = known.then_some(id);
@@ -362,7 +362,7 @@ impl State {
             .prev_old
             .and_then(|o| self.store.successor(&o))
             .or_else(|| self.prev.and_then(|p| self.store.successor(&p)))
-            .filter(|b| b != id && self.view.knows(b, self.store.slot(b)))?;
+            .filter(|b| b != id && self.view.knows(b))?;
         self.scratch.clear();
         if !self.store.get_into(&base, &mut self.scratch) {
             return None;
@@ -374,14 +374,10 @@ impl State {
     /// The peer stores every chunk it completes from bytes we sent: store it too, and remember that the
     /// peer now holds it.
     fn remember_sent(&mut self, id: &ChunkId, chunk: &[u8]) {
-        match self.store.insert(id, chunk) {
-            Ok(()) => {
-                if let Some(slot) = self.store.slot(id) {
-                    self.view.believe(id, slot);
-                }
-            }
-            Err(_) => self.stats.store_errors += 1,
+        if self.store.insert(id, chunk).is_err() {
+            self.stats.store_errors += 1;
         }
+        self.view.believe(id);
     }
 
     fn maybe_emit(&mut self, out: &mut Vec<u8>) {
@@ -430,7 +426,7 @@ impl State {
             .prev
             .and_then(|p| self.store.successor(&p))
             .filter(|next| {
-                self.view.knows(next, self.store.slot(next)) && {
+                self.view.knows(next) && {
                     self.scratch.clear();
                     self.store.get_into(next, &mut self.scratch)
                         && self.scratch.starts_with(pending)
@@ -508,7 +504,7 @@ impl State {
         put_varint(&mut body, seq);
         put_varint(&mut body, op);
         // The peer lacked what we thought it held: correct our belief so the next copy goes as bytes.
-        let forget = |id: &ChunkId| self.view.forget(id, self.store.slot(id));
+        let forget = |id: &ChunkId| self.view.forget(id);
         match span.kind {
             wire::OP_RUN => {
                 let lens = crate::chunker::chunk_all(self.cfg.chunking, bytes);

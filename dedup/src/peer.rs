@@ -1,8 +1,12 @@
 //! What we believe a peer's store holds.
 //!
 //! A `PeerView` combines two beliefs:
-//! - **Marks**: a bitmap over our own store's index slots, bit set = we sent this chunk to the peer or
-//!   received it from the peer during this run, so the peer's store should hold it.
+//! - **Marks**: chunks we sent to the peer or received from it, so the peer's store should hold them.
+//!   They bridge the seconds until the peer's next summary lists them, and are kept in two
+//!   generations: each time the peer's summaries are in sync again after a new index, the older
+//!   generation is dropped (its chunks are in the summaries now, or the peer no longer keeps them
+//!   on disk). With a peer that sends no summaries, a generation is dropped every
+//!   [`MAX_MARKS`] marks instead.
 //! - **Summaries** (`crate::summary`): the fingerprints of the chunks the peer's disk tier holds, per
 //!   segment of its store, as the peer described them. They cover chunks whoever sent them there (a hub
 //!   that received a file from another branch), and they survive restarts: the view keeps them in a
@@ -39,6 +43,8 @@ use std::sync::{Mutex, RwLock};
 
 /// Fingerprints believed absent (after a NEED) are remembered up to this many; then forgotten.
 const MAX_DENIED: usize = 1 << 16;
+/// Marks per generation (about 4 GiB of 4 KiB chunks): past it the older generation is dropped.
+pub const MAX_MARKS: usize = 1 << 20;
 /// Largest view file read at load (a 64 TiB peer store's summaries are well below it).
 const MAX_FILE: u64 = 1 << 30;
 const MAGIC: &[u8; 8] = b"DITTOVW1";
@@ -48,7 +54,9 @@ const REC_DROP: u8 = 2;
 
 #[derive(Default)]
 struct Marks {
-    bits: Vec<u64>,
+    /// Fingerprints of chunks marked since the last rotation, and in the generation before.
+    cur: HashSet<u64>,
+    prev: HashSet<u64>,
     denied: HashSet<u64>,
 }
 
@@ -498,29 +506,15 @@ impl PeerView {
         self.known.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether we believe the peer holds the chunk in our slot `slot` (by our marks only).
+    /// Whether we believe the peer holds chunk `id`: marked, or in the peer's summaries and not
+    /// found missing since.
     #[inline]
-    pub fn has(&self, slot: u32) -> bool {
-        let m = self.marks();
-        m.bits
-            .get((slot / 64) as usize)
-            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
-    }
-
-    /// Whether we believe the peer holds chunk `id` (in our slot `slot`, if we hold it): marked, or
-    /// in the peer's summaries and not found missing since.
-    #[inline]
-    pub fn knows(&self, id: &ChunkId, slot: Option<u32>) -> bool {
+    pub fn knows(&self, id: &ChunkId) -> bool {
         let f = fp(id);
         {
             let m = self.marks();
-            if let Some(slot) = slot {
-                if m.bits
-                    .get((slot / 64) as usize)
-                    .is_some_and(|w| w & (1 << (slot % 64)) != 0)
-                {
-                    return true;
-                }
+            if m.cur.contains(&f) || m.prev.contains(&f) {
+                return true;
             }
             if m.denied.contains(&f) {
                 return false;
@@ -529,60 +523,49 @@ impl PeerView {
         self.known().contains(f)
     }
 
-    /// Records that the peer holds the chunk in our slot `slot`.
-    #[inline]
-    pub fn mark(&self, slot: u32) {
-        let mut m = self.marks();
-        let word = (slot / 64) as usize;
-        if m.bits.len() <= word {
-            m.bits.resize(word + 1, 0);
-        }
-        m.bits[word] |= 1 << (slot % 64);
-    }
-
-    /// Records that the peer now holds chunk `id` (in our slot `slot`): we sent it.
-    pub fn believe(&self, id: &ChunkId, slot: u32) {
-        self.mark(slot);
+    /// Records that the peer now holds chunk `id`: we sent it, or it sent it to us.
+    pub fn believe(&self, id: &ChunkId) {
+        let f = fp(id);
         let mut m = self.marks();
         if !m.denied.is_empty() {
-            m.denied.remove(&fp(id));
+            m.denied.remove(&f);
         }
-    }
-
-    /// Records that the peer does not hold the chunk in our slot `slot`.
-    #[inline]
-    pub fn unmark(&self, slot: u32) {
-        let mut m = self.marks();
-        if let Some(w) = m.bits.get_mut((slot / 64) as usize) {
-            *w &= !(1 << (slot % 64));
+        if m.cur.len() >= MAX_MARKS {
+            m.prev = std::mem::take(&mut m.cur);
         }
+        m.cur.insert(f);
     }
 
     /// The peer asked for chunk `id`: it does not hold it, whatever marks or summaries said.
-    pub fn forget(&self, id: &ChunkId, slot: Option<u32>) {
-        if let Some(s) = slot {
-            self.unmark(s);
-        }
+    pub fn forget(&self, id: &ChunkId) {
+        let f = fp(id);
         let mut m = self.marks();
+        m.cur.remove(&f);
+        m.prev.remove(&f);
         if m.denied.len() >= MAX_DENIED {
             m.denied.clear();
         }
-        m.denied.insert(fp(id));
+        m.denied.insert(f);
+    }
+
+    /// Drops the older generation of marks (the peer's summaries now cover what it kept of them).
+    pub fn rotate_marks(&self) {
+        let mut m = self.marks();
+        m.prev = std::mem::take(&mut m.cur);
     }
 
     /// Drops the marks (the peer process restarted: what it had not written to disk is gone; its
     /// summaries tell what survived).
     pub fn clear_marks(&self) {
-        *self.marks() = Marks::default();
+        let mut m = self.marks();
+        m.cur.clear();
+        m.prev.clear();
     }
 
     /// Chunks believed held by marks (for status and tests).
     pub fn count(&self) -> u64 {
-        self.marks()
-            .bits
-            .iter()
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+        let m = self.marks();
+        (m.cur.len() + m.prev.len()) as u64
     }
 
     /// Chunks of the peer's store its summaries told us about.
@@ -607,8 +590,7 @@ impl PeerView {
     pub fn ram_bytes(&self) -> usize {
         let m = self.marks();
         let k = self.known();
-        m.bits.capacity() * 8
-            + m.denied.capacity() * 9
+        (m.cur.capacity() + m.prev.capacity() + m.denied.capacity()) * 9
             + (k.base.v.capacity() + k.recent.capacity()) * 8
             + k.base.dir.capacity() * 4
             + k.segs

@@ -50,6 +50,9 @@ pub const WANT_WINDOW: usize = 8;
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an owner whose store changed announces it again.
 pub const INDEX_INTERVAL: Duration = Duration::from_secs(2);
+/// Shortest time between two rotations of the marks: a chunk marked when it was encoded may wait
+/// in send queues for a while before the peer stores it and a summary can list it.
+pub const ROTATE_MIN: Duration = Duration::from_secs(10);
 
 /// The fingerprint a summary carries for a chunk.
 #[inline]
@@ -567,6 +570,10 @@ pub struct Reconciler {
     peer_index: BTreeMap<u32, SegInfo>,
     queue: VecDeque<(u32, u64)>,
     outstanding: HashMap<u32, Instant>,
+    /// A new index arrived: once we know all it lists, the older generation of marks goes (at
+    /// most every [`ROTATE_MIN`]).
+    rotate_due: bool,
+    rotated: Option<Instant>,
     // owner
     next_index: Option<Instant>,
     last_index: Option<Vec<SegInfo>>,
@@ -585,6 +592,8 @@ impl Reconciler {
             peer_index: BTreeMap::new(),
             queue: VecDeque::new(),
             outstanding: HashMap::new(),
+            rotate_due: false,
+            rotated: None,
             next_index: None,
             last_index: None,
             force_index: true,
@@ -663,6 +672,7 @@ impl Reconciler {
                     let wants = self.view.apply_index(&entries);
                     self.peer_index = entries.into_iter().map(|e| (e.seq, e)).collect();
                     self.queue = wants.into();
+                    self.rotate_due = true;
                 }
             }
             Msg::Want { seq, from } => {
@@ -699,7 +709,21 @@ impl Reconciler {
             }
         }
         self.fill_window(now, out);
+        self.maybe_rotate(now);
         Ok(())
+    }
+
+    /// Marks older than the latest index the peer's summaries now cover (or the peer no longer
+    /// holds on disk): drop their generation.
+    fn maybe_rotate(&mut self, now: Instant) {
+        let due = self
+            .rotated
+            .is_none_or(|t| now.saturating_duration_since(t) >= ROTATE_MIN);
+        if self.rotate_due && due && self.in_sync() {
+            self.rotate_due = false;
+            self.rotated = Some(now);
+            self.view.rotate_marks();
+        }
     }
 
     fn fill_window(&mut self, now: Instant, out: &mut Vec<Vec<u8>>) {
@@ -751,6 +775,7 @@ impl Reconciler {
         if self.outstanding.is_empty() && self.queue.is_empty() {
             self.view.settle();
         }
+        self.maybe_rotate(now);
         for seq in lost {
             self.outstanding.remove(&seq);
             let upto = self.view.known_upto(seq);

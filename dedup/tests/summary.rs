@@ -89,7 +89,7 @@ fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
     let now = Instant::now();
     let (sent, asked) = exchange(&mut p.owner, &mut p.learner, now);
     assert!(p.learner.in_sync());
-    assert!(ids.iter().all(|id| view.knows(id, None)));
+    assert!(ids.iter().all(|id| view.knows(id)));
     assert_eq!(view.summarized_chunks(), 6000);
     assert_eq!(p.learner.stats().peer_chunks, 6000);
     let stored = s.stats().bytes;
@@ -106,7 +106,7 @@ fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
     );
     // Chunks the store never held are not believed (40-bit fingerprints: a false positive among
     // 5000 has odds of 1 in 40 million).
-    let strangers = (100_000..105_000u64).filter(|&n| view.knows(&chunk(n, 4096).0, None));
+    let strangers = (100_000..105_000u64).filter(|&n| view.knows(&chunk(n, 4096).0));
     assert_eq!(strangers.count(), 0);
 
     // Nothing changed: the next rounds cost nothing; more chunks cost only their share.
@@ -114,7 +114,7 @@ fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
     assert_eq!((sent, asked), (0, 0));
     let more = fill(&s, 6000..6500);
     let (sent, asked) = exchange(&mut p.owner, &mut p.learner, now + Duration::from_secs(6));
-    assert!(more.iter().all(|id| view.knows(id, None)));
+    assert!(more.iter().all(|id| view.knows(id)));
     assert!(
         sent + asked < 500 * 4096 / 1000 + 2048,
         "500 new chunks cost {sent} + {asked} bytes"
@@ -131,15 +131,15 @@ fn evicted_segments_are_forgotten() {
     let mut p = pair(&s, view.clone());
     let now = Instant::now();
     exchange(&mut p.owner, &mut p.learner, now);
-    assert!(first.iter().all(|id| view.knows(id, None)));
+    assert!(first.iter().all(|id| view.knows(id)));
     let later = fill(&s, 1000..3000);
     exchange(&mut p.owner, &mut p.learner, now + Duration::from_secs(3));
     let held: Vec<bool> = first.iter().map(|id| s.contains(id)).collect();
     assert!(held.iter().any(|h| !h), "the store evicted nothing");
     for (id, h) in first.iter().zip(&held) {
-        assert_eq!(view.knows(id, None), *h, "belief differs from the store");
+        assert_eq!(view.knows(id), *h, "belief differs from the store");
     }
-    assert!(later.iter().rev().take(100).all(|id| view.knows(id, None)));
+    assert!(later.iter().rev().take(100).all(|id| view.knows(id)));
     assert_eq!(view.summarized_chunks(), s.stats().chunks);
 }
 
@@ -151,12 +151,12 @@ fn a_need_overrides_the_summary_until_sent_again() {
     let view = Arc::new(PeerView::new(s.identity()));
     let mut p = pair(&s, view.clone());
     exchange(&mut p.owner, &mut p.learner, Instant::now());
-    assert!(view.knows(&ids[3], None));
-    view.forget(&ids[3], None);
-    assert!(!view.knows(&ids[3], None));
-    view.believe(&ids[3], 5);
-    assert!(view.knows(&ids[3], Some(5)));
-    assert!(view.knows(&ids[3], None));
+    assert!(view.knows(&ids[3]));
+    view.forget(&ids[3]);
+    assert!(!view.knows(&ids[3]));
+    view.believe(&ids[3]);
+    assert!(view.knows(&ids[3]));
+    assert!(view.knows(&ids[3]));
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn view_survives_a_restart_and_only_changes_are_asked_again() {
     // The learner restarts: its view comes back from the file.
     let view = Arc::new(PeerView::open(s.identity(), vdir.path()));
     assert!(!view.load_report().damaged);
-    assert!(ids.iter().all(|id| view.knows(id, None)));
+    assert!(ids.iter().all(|id| view.knows(id)));
     // The owner restarts too (its store closed and opened again), then the exchange: only the index.
     drop(s);
     let s = disk_store(d.path(), 1 << 30, 4 << 20);
@@ -189,7 +189,7 @@ fn view_survives_a_restart_and_only_changes_are_asked_again() {
     );
     let more = fill(&s, 3000..3100);
     exchange(&mut p.owner, &mut p.learner, now + Duration::from_secs(3));
-    assert!(more.iter().all(|id| view.knows(id, None)));
+    assert!(more.iter().all(|id| view.knows(id)));
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn a_torn_view_file_keeps_only_whole_records() {
     let view = PeerView::open(s.identity(), vdir.path());
     let rep = view.load_report().clone();
     assert!(rep.damaged && rep.records > 0, "{rep:?}");
-    let known = ids.iter().filter(|id| view.knows(id, None)).count();
+    let known = ids.iter().filter(|id| view.knows(id)).count();
     assert!(known > 0 && known < ids.len(), "{known} of {}", ids.len());
     // The file was cut back to whole records: the next open finds it clean.
     drop(view);
@@ -283,11 +283,11 @@ fn an_altered_view_file_is_not_believed() {
     std::fs::write(&f, &b).unwrap();
     let view = PeerView::open(s.identity(), vdir.path());
     assert!(view.load_report().damaged);
-    let known = ids.iter().filter(|id| view.knows(id, None)).count();
+    let known = ids.iter().filter(|id| view.knows(id)).count();
     assert!(known < ids.len());
     // Nothing it believes is wrong: every believed chunk is one the store holds.
     for n in 100_000..102_000u64 {
-        assert!(!view.knows(&chunk(n, 4096).0, None));
+        assert!(!view.knows(&chunk(n, 4096).0));
     }
     // A header of another store: the whole file is dropped.
     let mut b = std::fs::read(&f).unwrap();
@@ -336,4 +336,32 @@ proptest! {
         let mut r = Reconciler::new(Arc::new(PeerView::new(StoreId(1))), None);
         let _ = r.on_message(&b, Instant::now(), &mut Vec::new());
     }
+}
+
+#[test]
+fn marks_expire_once_summaries_cover_them() {
+    let d = tempfile::tempdir().unwrap();
+    let s = disk_store(d.path(), 1 << 30, 4 << 20);
+    fill(&s, 0..10);
+    let view = Arc::new(PeerView::new(s.identity()));
+    let mut p = pair(&s, view.clone());
+    // Two chunks we "sent": one the peer stored, one it lost (never on its disk).
+    let (kept, data) = chunk(500, 4096);
+    let lost = chunk(501, 4096).0;
+    view.believe(&kept);
+    view.believe(&lost);
+    let t0 = Instant::now();
+    exchange(&mut p.owner, &mut p.learner, t0);
+    s.insert(&kept, &data).unwrap();
+    assert!(s.wait_written(Duration::from_secs(10)));
+    // The first rotation (at the first sync) keeps the marks one more generation.
+    assert!(view.knows(&kept) && view.knows(&lost));
+    let t1 = t0 + summary::ROTATE_MIN;
+    exchange(&mut p.owner, &mut p.learner, t1);
+    assert!(view.knows(&kept), "the summary lists it");
+    assert!(
+        !view.knows(&lost),
+        "a mark older than two in-sync indexes is dropped"
+    );
+    assert_eq!(view.count(), 0);
 }
