@@ -22,8 +22,8 @@ use std::time::Duration;
 use ditto_dedup::store::{ChunkStore, StoreConfig, StoreKey};
 use ditto_dedup::{ChunkId, EngineConfig, PeerView};
 
-/// Bytes of a sealed record besides its payload: 44 before it (header, sealed id), 16 after (tag).
-const PRE: u64 = 44;
+/// Bytes of a sealed record besides its payload: 28 before it (header), 32 after (sealed id, tag).
+const PRE: u64 = 28;
 const OVERHEAD: u64 = 60;
 
 fn cfg(dir: &Path, key: &StoreKey) -> StoreConfig {
@@ -133,7 +133,7 @@ fn altered_record_is_rejected_on_read_and_on_scan() {
     let mut b = fs::read(&seg).expect("read");
     b[(chunks[2].2 + PRE + 7) as usize] ^= 1;
     // And one tag byte of chunk 4.
-    b[(chunks[4].2 + PRE + 500 + 3) as usize] ^= 0x80;
+    b[(chunks[4].2 + PRE + 500 + 16 + 3) as usize] ^= 0x80;
     fs::write(&seg, &b).expect("write");
     assert_eq!(get(&s, &chunks[2].0), None);
     assert_eq!(get(&s, &chunks[4].0), None);

@@ -1400,10 +1400,8 @@ impl ChunkStore {
         let good = read.is_ok()
             && match sealer {
                 Some(sealer) => {
-                    let opened =
-                        record::open_chunk(sealer, &mut out[old..], loc_seg(loc), at, id).is_some();
+                    let opened = record::open_chunk(sealer, &mut out[old..], loc_seg(loc), at, id);
                     if opened {
-                        out.copy_within(old + pre..old + pre + len as usize, old);
                         out.truncate(old + len as usize);
                     }
                     opened

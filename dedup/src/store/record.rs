@@ -23,10 +23,13 @@
 //! 4..8    len      payload length, u32 little endian (successor: 16)
 //! 8..20   nonce    AES-256-GCM nonce
 //! 20..28  check    first 8 bytes of blake3(header[0..20]): finds record boundaries after garbage
-//! 28..44  id       sealed: chunk record: the chunk's id; successor record: the predecessor's id
-//! 44..    payload  sealed: `len` bytes (successor: the successor's id)
-//! then    tag      16 bytes, the AEAD tag over bytes 28..44+len
+//! 28..    payload  sealed: `len` bytes (successor record: the successor's id)
+//! then    id       sealed, 16 bytes: chunk record: the chunk's id; successor record: the predecessor's id
+//! then    tag      16 bytes, the AEAD tag over payload and id
 //! ```
+//!
+//! (The payload comes first so that a read can open the record and move the payload to the start of
+//! its buffer in one pass.)
 //!
 //! The associated data is bytes 0..8 of the header, the segment's sequence number and the record's
 //! offset in its segment: a record opens only where it was written, in the store incarnation that
@@ -48,7 +51,9 @@ pub(crate) const TAG_SUCC_SEALED: [u8; 4] = *b"dTS\x02";
 /// Plain-text header of a sealed record.
 const SEALED_HDR: usize = 8 + NONCE_LEN + 8;
 /// Offset of the payload in a sealed record.
-pub(crate) const SEALED_PRE: usize = SEALED_HDR + CHUNK_ID_LEN;
+pub(crate) const SEALED_PRE: usize = SEALED_HDR;
+/// Bytes of a sealed record after its payload: the sealed id and the tag.
+const SEALED_POST: usize = CHUNK_ID_LEN + TAG_LEN;
 
 /// Which record format a store writes and reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +77,7 @@ impl Format {
     pub(crate) fn post(self) -> usize {
         match self {
             Format::Plain => 0,
-            Format::Sealed => TAG_LEN,
+            Format::Sealed => SEALED_POST,
         }
     }
 
@@ -85,7 +90,7 @@ impl Format {
     pub(crate) fn succ_len(self) -> usize {
         match self {
             Format::Plain => SUCC_RECORD_LEN,
-            Format::Sealed => SEALED_PRE + CHUNK_ID_LEN + TAG_LEN,
+            Format::Sealed => SEALED_PRE + CHUNK_ID_LEN + SEALED_POST,
         }
     }
 
@@ -106,14 +111,14 @@ impl Format {
     }
 }
 
-/// Appends a sealed record's plain text: header without nonce and check, id, payload, room for the tag.
+/// Appends a sealed record's plain text: header without nonce and check, payload, id, room for the tag.
 fn unsealed(out: &mut Vec<u8>, tag: [u8; 4], id: &ChunkId, payload: &[u8]) {
     debug_assert!(payload.len() <= MAX_CHUNK_LEN);
     out.extend_from_slice(&tag);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; NONCE_LEN + 8]);
-    out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(payload);
+    out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(&[0u8; TAG_LEN]);
 }
 
@@ -124,7 +129,7 @@ pub(crate) fn seal_all(sealer: &Sealer, buf: &mut [u8], seq: u32, at: u64) {
     let mut p = 0;
     while p + SEALED_PRE <= buf.len() {
         let len = u32::from_le_bytes([buf[p + 4], buf[p + 5], buf[p + 6], buf[p + 7]]) as usize;
-        let end = p + SEALED_PRE + len + TAG_LEN;
+        let end = p + SEALED_PRE + len + SEALED_POST;
         let Some(rec) = buf.get_mut(p..end) else {
             debug_assert!(false, "seal_all: a record runs past the buffer");
             return;
@@ -134,7 +139,7 @@ pub(crate) fn seal_all(sealer: &Sealer, buf: &mut [u8], seq: u32, at: u64) {
         let c = check(&rec[..8 + NONCE_LEN], &[]);
         rec[8 + NONCE_LEN..SEALED_HDR].copy_from_slice(&c);
         let (head, body) = rec.split_at_mut(SEALED_HDR);
-        let (body, tag) = body.split_at_mut(CHUNK_ID_LEN + len);
+        let (body, tag) = body.split_at_mut(len + CHUNK_ID_LEN);
         let t = sealer.seal_record(nonce, &head[..8], seq, at + p as u64, body);
         tag.copy_from_slice(&t);
         p = end;
@@ -166,7 +171,7 @@ fn open_sealed_at(buf: &mut [u8], p: usize, sealer: &Sealer, seq: u32) -> Step {
     let Some((chunk, len)) = sealed_header(buf, p) else {
         return Step::Bad;
     };
-    let end = p + SEALED_PRE + len + TAG_LEN;
+    let end = p + SEALED_PRE + len + SEALED_POST;
     let Some(rec) = buf.get_mut(p..end) else {
         return Step::Truncated;
     };
@@ -176,8 +181,8 @@ fn open_sealed_at(buf: &mut [u8], p: usize, sealer: &Sealer, seq: u32) -> Step {
     if !sealer.open_record(nonce, &head[..8], seq, p as u64, body) {
         return Step::BadPayload(end);
     }
-    let id = id_at(buf, p + SEALED_HDR);
     let payload = p + SEALED_PRE;
+    let id = id_at(buf, payload + len);
     let rec = if chunk {
         Record::Chunk {
             id,
@@ -194,27 +199,30 @@ fn open_sealed_at(buf: &mut [u8], p: usize, sealer: &Sealer, seq: u32) -> Step {
 }
 
 /// Opens one sealed chunk record read back from disk: `rec` holds the whole record, written at
-/// `off` in segment `seq`. Returns the payload (decrypted in place) if the record opens and holds
-/// chunk `id`.
-pub(crate) fn open_chunk<'a>(
+/// `off` in segment `seq`. True if the record opens and holds chunk `id`: then `rec` starts with the
+/// payload (decrypted and moved in one pass).
+pub(crate) fn open_chunk(
     sealer: &Sealer,
-    rec: &'a mut [u8],
+    rec: &mut [u8],
     seq: u32,
     off: u64,
     id: &ChunkId,
-) -> Option<&'a [u8]> {
-    let (chunk, len) = sealed_header(rec, 0)?;
-    if !chunk || rec.len() != SEALED_PRE + len + TAG_LEN {
-        return None;
+) -> bool {
+    let Some((true, len)) = sealed_header(rec, 0) else {
+        return false;
+    };
+    if rec.len() != SEALED_PRE + len + SEALED_POST {
+        return false;
     }
     let mut nonce = [0u8; NONCE_LEN];
     nonce.copy_from_slice(&rec[8..8 + NONCE_LEN]);
-    let (head, body) = rec.split_at_mut(SEALED_HDR);
-    if !sealer.open_record(nonce, &head[..8], seq, off, body) {
-        return None;
+    let head = [
+        rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6], rec[7],
+    ];
+    match sealer.open_record_within(nonce, &head, seq, off, rec, SEALED_PRE) {
+        Some(plain) => plain.get(len..) == Some(id.as_bytes()),
+        None => false,
     }
-    let (sid, data) = body.split_at(CHUNK_ID_LEN);
-    (sid == id.as_bytes()).then_some(&data[..len])
 }
 
 fn check(head: &[u8], payload: &[u8]) -> [u8; 8] {

@@ -200,6 +200,28 @@ impl Sealer {
             .is_ok()
     }
 
+    /// Opens the sealed message at `rec[from..]` (ciphertext and tag) and moves its plain text to the
+    /// start of `rec`; returns the plain text, or `None` if it does not open.
+    pub(crate) fn open_record_within<'a>(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        head: &[u8],
+        seq: u32,
+        off: u64,
+        rec: &'a mut [u8],
+        from: usize,
+    ) -> Option<&'a mut [u8]> {
+        let ad = record_ad(head, seq, off);
+        self.records
+            .open_within(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&ad[..]),
+                rec,
+                from..,
+            )
+            .ok()
+    }
+
     /// Seals a whole snapshot: returns nonce ++ ciphertext ++ tag.
     pub(crate) fn seal_snapshot(&self, ad: &[u8], mut plain: Vec<u8>) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = rand::random();
