@@ -283,6 +283,9 @@ pub struct NodeSection {
     pub admin_public: bool,
     /// Disk tier of the chunk store; RAM-only when absent.
     pub store_dir: Option<PathBuf>,
+    /// Key the disk tier is encrypted with (32 random bytes, created on first start); by default next
+    /// to `key`: `NAME.key` -> `NAME.store.key`.
+    pub store_key: Option<Spanned<PathBuf>>,
     pub store_ram: Option<Spanned<ByteSize>>,
     pub store_disk: Option<Spanned<ByteSize>>,
     /// `false` carries streams verbatim (tunnel only, for comparison); both ends must agree.
@@ -772,6 +775,22 @@ impl Loaded {
     pub fn key_file(&self) -> (PathBuf, String) {
         let k = &self.config.node.key;
         (self.resolve(k.get_ref()), self.at(k.span(), "node.key"))
+    }
+
+    /// The store key file, resolved, and where the config names it (or the node key, beside which
+    /// it lies by default).
+    pub fn store_key_file(&self) -> (PathBuf, String) {
+        if let Some(k) = &self.config.node.store_key {
+            return (
+                self.resolve(k.get_ref()),
+                self.at(k.span(), "node.store_key"),
+            );
+        }
+        let (key, at) = self.key_file();
+        let stem = key
+            .file_stem()
+            .map_or_else(|| "ditto".into(), |s| s.to_string_lossy().into_owned());
+        (key.with_file_name(format!("{stem}.store.key")), at)
     }
 
     /// A path from the config, relative to the config file's directory.

@@ -63,7 +63,17 @@ fn open_engine(l: &Loaded) -> Result<Engine> {
     let cfg = match &n.store_dir {
         Some(dir) => {
             let disk = n.store_disk.as_ref().map_or(10 << 30, |d| d.get_ref().0);
-            ditto_dedup::StoreConfig::on_disk(l.resolve(dir), ram, disk)
+            let (path, at) = l.store_key_file();
+            let (key, created) = ditto_dedup::StoreKey::load_or_create(&path)
+                .with_context(|| format!("{at}: store key {}", path.display()))?;
+            if created {
+                tracing::info!(
+                    "created the chunk store key {} (mode 0600): keep it like the node key; \
+                     without it the store starts empty",
+                    path.display()
+                );
+            }
+            ditto_dedup::StoreConfig::on_disk(l.resolve(dir), ram, disk).with_key(key)
         }
         None => ditto_dedup::StoreConfig::in_memory(ram),
     };

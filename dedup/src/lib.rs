@@ -46,5 +46,5 @@ pub use decoder::{Decoder, DecoderStats};
 pub use encoder::{Encoder, EncoderStats};
 pub use fingerprint::{ChunkId, CHUNK_ID_LEN};
 pub use peer::PeerView;
-pub use store::{ChunkStore, StoreConfig, StoreError, StoreId, StoreStats};
+pub use store::{ChunkStore, StoreConfig, StoreError, StoreId, StoreKey, StoreStats};
 pub use wire::WireError;
