@@ -128,6 +128,9 @@ pub fn check_config(args: CheckArgs) -> Result<ExitCode> {
         l.config.peers.len(),
         l.config.forwards.len()
     );
+    for p in &l.config.peers {
+        println!("peer {:?} may open {}", p.name.get_ref(), p.allow_list());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

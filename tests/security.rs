@@ -209,3 +209,112 @@ fn stores_keep_no_traffic_in_plain_text_and_a_lost_key_costs_only_the_store() {
     stop(a);
     stop(b);
 }
+
+/// The value of one series (`name{labels}` exactly as rendered) in a scrape, 0 if absent.
+fn value(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn opens_outside_the_peers_allow_list_are_refused_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let allowed = start_server();
+    let denied_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let denied = denied_listener.local_addr().expect("addr");
+    let seen = common::serve_reverse(denied_listener);
+    let PairConfig {
+        cfg_a,
+        cfg_b,
+        admin_a,
+        admin_b,
+        fwd,
+        ..
+    } = write_pair(d, allowed, "", "connections = 1", "");
+    // site-b lets site-a reach the allowed server's port only (its [[peer]] is the file's last
+    // section); site-a gets a second forward, to the other server.
+    let fwd_denied = common::free_port();
+    let mut b = fs::read_to_string(&cfg_b).expect("read");
+    b.push_str(&format!(
+        "allow = [\"127.0.0.0/8:{}\", \"[::1]:{}\"]\n",
+        allowed.port(),
+        allowed.port()
+    ));
+    fs::write(&cfg_b, b).expect("write");
+    let mut a = fs::read_to_string(&cfg_a).expect("read");
+    a.push_str(&format!(
+        "\n[[forward]]\nlisten = \"{fwd_denied}\"\npeer = \"site-b\"\ntarget = \"{denied}\"\n"
+    ));
+    fs::write(&cfg_a, a).expect("write");
+
+    // check-config says what each peer may open, one line per peer.
+    let out = common::run_ok(ditto().args(["check-config", "-c"]).arg(&cfg_b));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "peer \"site-a\" may open only 127.0.0.0/8:{0}, [::1/128]:{0}",
+            allowed.port()
+        )),
+        "{text}"
+    );
+    let out = common::run_ok(ditto().args(["check-config", "-c"]).arg(&cfg_a));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("peer \"site-b\" may open any destination (no allow list)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let (log_a, log_b) = (d.join("a.log"), d.join("b.log"));
+    let pb = start_logged(&cfg_b, &log_b);
+    let pa = start_logged(&cfg_a, &log_a);
+    tunnel_up(admin_a);
+
+    // Inside the list: works, byte-exact.
+    let data = payload(3, 200_000);
+    round_trip(fwd, &data, "allowed destination");
+    // Outside: the client's connection is reset, the server never sees a connection.
+    for _ in 0..3 {
+        let back = exchange(fwd_denied, &data);
+        assert!(
+            back.as_ref().map_or(true, |b| b.is_empty()),
+            "a refused OPEN delivered {:?} bytes",
+            back.map(|b| b.len())
+        );
+    }
+    wait_for("the refusals counted", 10, || {
+        value(
+            &metrics(admin_b),
+            "ditto_opens_denied_total{peer=\"site-a\"}",
+        ) == 3.0
+    });
+    let ma = metrics(admin_a);
+    assert_eq!(
+        value(&ma, "ditto_stream_resets_total{reason=\"denied\"}"),
+        3.0,
+        "site-a sees RST denied"
+    );
+    assert!(
+        seen.peers().is_empty(),
+        "the refused destination was connected to"
+    );
+    round_trip(fwd, &data, "allowed destination after refusals");
+    stop(pa);
+    stop(pb);
+    let log = fs::read_to_string(&log_b).expect("log");
+    assert_eq!(
+        log.matches("refused 1 OPEN(s) from peer site-a").count(),
+        1,
+        "one line for the first refusal, the next ones within the minute are only counted:\n{log}"
+    );
+    assert_eq!(log.matches("outside its allow list").count(), 1, "{log}");
+}

@@ -39,6 +39,8 @@ pub struct PeerSpec {
     pub fingerprint: Fingerprint,
     /// Where to dial it ("host:port"); `None` for a peer that only dials us.
     pub address: Option<String>,
+    /// What its OPENs may connect to.
+    pub allow: crate::allow::AllowList,
 }
 
 /// The configured peers, by name and by key.
@@ -159,6 +161,7 @@ pub struct Peer {
     /// The peer speaks no tunnel protocol version we speak (flows pass through as `version`).
     pub(crate) version_mismatch: AtomicBool,
     pub(crate) m: PeerMetrics,
+    pub(crate) allow: crate::allow::PeerAllow,
 }
 
 impl Peer {
@@ -196,6 +199,10 @@ impl Peer {
             incoming,
             version_mismatch: AtomicBool::new(false),
             m,
+            allow: crate::allow::PeerAllow::new(
+                spec.allow.clone(),
+                metrics.opens_denied.with_label_values(&[n]),
+            ),
         }
     }
 
