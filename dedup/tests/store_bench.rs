@@ -34,10 +34,11 @@ fn chunks(total: usize) -> Vec<(ChunkId, Vec<u8>)> {
         .collect()
 }
 
-/// Best (insert, disk hit, RAM hit) GB/s of the rounds.
+/// Best (insert until written, insert calls alone, disk hit, RAM hit) GB/s of the rounds.
 #[derive(Default, Clone, Copy)]
 struct Best {
     ins: f64,
+    calls: f64,
     disk: f64,
     ram: f64,
 }
@@ -58,6 +59,7 @@ fn round(input: &[(ChunkId, Vec<u8>)], key: Option<&StoreKey>, best: &mut Best) 
     for (id, data) in input {
         s.insert(id, data).expect("insert");
     }
+    best.calls = best.calls.max(gbps(bytes, t.elapsed()));
     assert!(s.wait_written(Duration::from_secs(600)));
     best.ins = best.ins.max(gbps(bytes, t.elapsed()));
     assert_eq!(s.stats().writes_skipped, 0);
@@ -105,14 +107,15 @@ fn store_disk_throughput() {
     }
     for (name, b) in [("plain", plain), ("sealed", sealed)] {
         println!(
-            "store {name} ({mib} MiB of {CHUNK} B chunks, best of {rounds}): insert {:.2} GB/s, \
-             disk hit (verified) {:.2} GB/s, RAM hit {:.2} GB/s",
-            b.ins, b.disk, b.ram
+            "store {name} ({mib} MiB of {CHUNK} B chunks, best of {rounds}): insert {:.2} GB/s \
+             (the insert calls alone {:.2} GB/s), disk hit (verified) {:.2} GB/s, RAM hit {:.2} GB/s",
+            b.ins, b.calls, b.disk, b.ram
         );
     }
     println!(
-        "sealed/plain: insert {:.3}, disk hit {:.3}, RAM hit {:.3}",
+        "sealed/plain: insert {:.3} (calls alone {:.3}), disk hit {:.3}, RAM hit {:.3}",
         sealed.ins / plain.ins,
+        sealed.calls / plain.calls,
         sealed.disk / plain.disk,
         sealed.ram / plain.ram
     );
