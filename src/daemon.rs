@@ -88,6 +88,7 @@ fn open_engine(l: &Loaded) -> Result<Engine> {
 pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
     let (key, at) = l.key_file();
     let identity = Identity::load(&key).context(at)?;
+    ditto_dedup::store::warn_if_readable_by_others(&key);
     for p in &l.config.peers {
         if p.fingerprint.get_ref().0 == identity.fingerprint {
             anyhow::bail!(

@@ -51,6 +51,25 @@ pub fn create_private(path: &Path) -> io::Result<File> {
     o.open(path)
 }
 
+/// Warns (once per call) if the file at `path` may be read by group or others (Unix): for keys.
+pub fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{} has mode {mode:o}: other users may read it; chmod 600 it",
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 /// Creates `dir` (and missing parents) with mode 0700 on Unix, or checks an existing one: a
 /// directory that group or others may enter is left as it is, with a warning (once per call).
 pub fn private_dir(dir: &Path) -> io::Result<()> {

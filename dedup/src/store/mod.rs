@@ -115,7 +115,7 @@ use ram::RamTier;
 use record::{Format, Record};
 use seal::Sealer;
 
-pub use disk::{create_private, private_dir};
+pub use disk::{create_private, private_dir, warn_if_readable_by_others};
 pub use record::MAX_CHUNK_LEN;
 pub use seal::{StoreKey, STORE_KEY_LEN};
 

@@ -58,6 +58,7 @@ impl StoreKey {
     pub fn load_or_create(path: &Path) -> io::Result<(StoreKey, bool)> {
         match std::fs::File::open(path) {
             Ok(mut f) => {
+                super::disk::warn_if_readable_by_others(path);
                 let mut b = Vec::with_capacity(STORE_KEY_LEN + 1);
                 Read::by_ref(&mut f)
                     .take(STORE_KEY_LEN as u64 + 1)
