@@ -129,6 +129,15 @@ pub fn check_config(args: CheckArgs) -> Result<ExitCode> {
         l.config.peers.len(),
         l.config.forwards.len()
     );
+    if l.config.node.dedup && l.config.node.store_dir.is_some() {
+        let (k, _) = l.store_key_file();
+        let state = if k.exists() {
+            "exists"
+        } else {
+            "created at the first start"
+        };
+        println!("chunk store key {} ({state})", k.display());
+    }
     for p in &l.config.peers {
         println!("peer {:?} may open {}", p.name.get_ref(), p.allow_list());
     }

@@ -147,6 +147,12 @@ fn stores_keep_no_traffic_in_plain_text_and_a_lost_key_costs_only_the_store() {
         fwd,
         ..
     } = write_pair(d, target, &store("a"), "connections = 1", &store("b"));
+    let out = common::run_ok(ditto().args(["check-config", "-c"]).arg(&cfg_b));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("b.store.key (created at the first start)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let (log_a, log_b) = (d.join("a.log"), d.join("b.log"));
     let b = start_logged(&cfg_b, &log_b);
     let a = start_logged(&cfg_a, &log_a);
