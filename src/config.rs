@@ -113,6 +113,18 @@ impl<'de> Deserialize<'de> for HostPort {
     }
 }
 
+/// A rule of a peer's `allow` list: a prefix with an optional port or port range (see
+/// `ditto_proxy::allow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allow(pub ditto_proxy::AllowRule);
+
+impl<'de> Deserialize<'de> for Allow {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(Allow).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A TCP port or an inclusive range: `5001` or `"6000-6010"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ports(pub PortRange);
@@ -283,6 +295,9 @@ pub struct NodeSection {
     pub admin_public: bool,
     /// Disk tier of the chunk store; RAM-only when absent.
     pub store_dir: Option<PathBuf>,
+    /// Key the disk tier is encrypted with (32 random bytes, created on first start); by default next
+    /// to `key`: `NAME.key` -> `NAME.store.key`.
+    pub store_key: Option<Spanned<PathBuf>>,
     pub store_ram: Option<Spanned<ByteSize>>,
     pub store_disk: Option<Spanned<ByteSize>>,
     /// `false` carries streams verbatim (tunnel only, for comparison); both ends must agree.
@@ -331,6 +346,18 @@ pub struct PeerSection {
     pub name: Spanned<String>,
     pub address: Option<HostPort>,
     pub fingerprint: Spanned<Fp>,
+    /// Destinations this peer's OPENs may reach; everything when absent.
+    pub allow: Option<Vec<Allow>>,
+}
+
+impl PeerSection {
+    /// The peer's allow list as the proxy takes it.
+    pub fn allow_list(&self) -> ditto_proxy::AllowList {
+        match &self.allow {
+            None => ditto_proxy::AllowList::everything(),
+            Some(rules) => ditto_proxy::AllowList::only(rules.iter().map(|r| r.0).collect()),
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -774,6 +801,22 @@ impl Loaded {
         (self.resolve(k.get_ref()), self.at(k.span(), "node.key"))
     }
 
+    /// The store key file, resolved, and where the config names it (or the node key, beside which
+    /// it lies by default).
+    pub fn store_key_file(&self) -> (PathBuf, String) {
+        if let Some(k) = &self.config.node.store_key {
+            return (
+                self.resolve(k.get_ref()),
+                self.at(k.span(), "node.store_key"),
+            );
+        }
+        let (key, at) = self.key_file();
+        let stem = key
+            .file_stem()
+            .map_or_else(|| "ditto".into(), |s| s.to_string_lossy().into_owned());
+        (key.with_file_name(format!("{stem}.store.key")), at)
+    }
+
     /// A path from the config, relative to the config file's directory.
     pub fn resolve(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {
@@ -917,6 +960,7 @@ impl Loaded {
                 name: p.name.get_ref().clone(),
                 fingerprint: p.fingerprint.get_ref().0,
                 address: p.address.as_ref().map(|a| a.0.clone()),
+                allow: p.allow_list(),
             })
             .collect();
         let forwards = c
@@ -969,6 +1013,30 @@ mod tests {
         let e = parse(src).expect_err("port range").to_string();
         assert!(
             e.contains("line 5") && e.contains("port 99999 is out of range"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn peer_allow_lists() {
+        let peer = |allow: &str| {
+            format!("[node]\nname = \"a\"\nkey = \"k\"\n[[peer]]\nname = \"b\"\naddress = \"h:1\"\nfingerprint = \"{FP}\"\n{allow}")
+        };
+        let c = parse(&peer("")).expect("no allow");
+        assert!(c.peers[0].allow_list().is_everything());
+        let c = parse(&peer(
+            "allow = [\"10.0.0.0/8:443\", \"[2001:db8::/32]:1000-2000\"]\n",
+        ))
+        .expect("allow");
+        let l = c.peers[0].allow_list();
+        assert!(l.permits("10.1.1.1:443".parse().expect("addr")));
+        assert!(!l.permits("10.1.1.1:80".parse().expect("addr")));
+        assert!(l.permits("[2001:db8::5]:1500".parse().expect("addr")));
+        let e = parse(&peer("allow = [\"10.0.0.0/8\", \"example.com:443\"]\n"))
+            .expect_err("a host name is not a rule")
+            .to_string();
+        assert!(
+            e.contains("line 8") && e.contains("invalid allow rule"),
             "{e}"
         );
     }

@@ -63,7 +63,17 @@ fn open_engine(l: &Loaded) -> Result<Engine> {
     let cfg = match &n.store_dir {
         Some(dir) => {
             let disk = n.store_disk.as_ref().map_or(10 << 30, |d| d.get_ref().0);
-            ditto_dedup::StoreConfig::on_disk(l.resolve(dir), ram, disk)
+            let (path, at) = l.store_key_file();
+            let (key, created) = ditto_dedup::StoreKey::load_or_create(&path)
+                .with_context(|| format!("{at}: store key {}", path.display()))?;
+            if created {
+                tracing::info!(
+                    "created the chunk store key {} (mode 0600): keep it like the node key; \
+                     without it the store starts empty",
+                    path.display()
+                );
+            }
+            ditto_dedup::StoreConfig::on_disk(l.resolve(dir), ram, disk).with_key(key)
         }
         None => ditto_dedup::StoreConfig::in_memory(ram),
     };
@@ -78,6 +88,7 @@ fn open_engine(l: &Loaded) -> Result<Engine> {
 pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
     let (key, at) = l.key_file();
     let identity = Identity::load(&key).context(at)?;
+    ditto_dedup::store::warn_if_readable_by_others(&key);
     for p in &l.config.peers {
         if p.fingerprint.get_ref().0 == identity.fingerprint {
             anyhow::bail!(
@@ -118,6 +129,18 @@ pub fn check_config(args: CheckArgs) -> Result<ExitCode> {
         l.config.peers.len(),
         l.config.forwards.len()
     );
+    if l.config.node.dedup && l.config.node.store_dir.is_some() {
+        let (k, _) = l.store_key_file();
+        let state = if k.exists() {
+            "exists"
+        } else {
+            "created at the first start"
+        };
+        println!("chunk store key {} ({state})", k.display());
+    }
+    for p in &l.config.peers {
+        println!("peer {:?} may open {}", p.name.get_ref(), p.allow_list());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -190,6 +190,7 @@ fn node(
             name: peer.into(),
             fingerprint: peer_id.fingerprint,
             address: peer_addr.map(|a| a.to_string()),
+            allow: Default::default(),
         }],
         forwards: fwd
             .map(|t| ForwardSpec {

@@ -25,6 +25,10 @@ pub mod fuzzing {
         let _ = l.watchdog();
         let _ = l.peers_and_forwards();
         let _ = l.key_file();
+        let _ = l.store_key_file();
+        for p in &l.config.peers {
+            let _ = p.allow_list().to_string();
+        }
     }
 }
 

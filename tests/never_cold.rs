@@ -76,7 +76,8 @@ fn serve(l: TcpListener, expect: Vec<Vec<u8>>) {
 fn upload(ns: &Ns, which: u8, data: &[u8]) -> bool {
     let data = data.to_vec();
     ns.run(move || {
-        let Ok(mut s) = TcpStream::connect_timeout(&FWD.parse().unwrap(), Duration::from_secs(5))
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&FWD.parse().expect("ok"), Duration::from_secs(5))
         else {
             return false;
         };
@@ -176,7 +177,7 @@ impl Lab {
         .expect("config");
         serve(
             wan.b
-                .listen(format!("0.0.0.0:{SERVER_PORT}").parse().unwrap()),
+                .listen(format!("0.0.0.0:{SERVER_PORT}").parse().expect("ok")),
             expect,
         );
         let mut lab = Lab {
@@ -412,7 +413,7 @@ fn a_spoke_sends_references_to_what_another_spoke_sent_the_hub() {
         .collect();
     let file = common::payload(11, DATA);
     serve(
-        hub.listen(format!("0.0.0.0:{SERVER_PORT}").parse().unwrap()),
+        hub.listen(format!("0.0.0.0:{SERVER_PORT}").parse().expect("ok")),
         vec![file.clone()],
     );
     let cfg_h = d.join("hub.toml");

@@ -53,10 +53,32 @@ pub fn encoder_feedback(data: &[u8]) {
     let _ = enc.feedback(data, &mut out);
 }
 
-/// Scans `data` as the bytes of a chunk store segment file, as recovery does at startup. Every record
-/// the scan reports must lie inside `data` and hold what its header says.
+/// The key and store id the fuzzing of sealed segment files uses.
+fn fuzz_sealer() -> crate::store::seal::Sealer {
+    use crate::store::{seal::Sealer, StoreId, StoreKey};
+    Sealer::new(&StoreKey::from_bytes([0x5e; 32]), StoreId(0xd1770))
+}
+
+/// Scans `data` as the bytes of a chunk store segment file, as recovery does at startup: once as a
+/// plain segment, once as segment 1 of a sealed store (the key of [`store_records_seeds`]). Every
+/// record the scan reports must lie inside `data` and hold what its header says.
 pub fn store_records(data: &[u8]) {
-    use crate::store::record::{scan, Record};
+    use crate::store::record::{scan, scan_sealed, Record};
+    let mut opened = data.to_vec();
+    let mut found = Vec::new();
+    let summary = scan_sealed(&mut opened, &fuzz_sealer(), 1, |r| found.push(r));
+    assert!(summary.good_end <= data.len());
+    for r in found {
+        if let Record::Chunk { id, payload, len } = r {
+            let Some(bytes) = opened.get(payload..payload + len as usize) else {
+                panic!("sealed chunk record at {payload} with {len} bytes past the segment's end");
+            };
+            assert!(
+                id.matches(bytes),
+                "sealed chunk record at {payload} does not hold its chunk"
+            );
+        }
+    }
     let summary = scan(data, |r| {
         if let Record::Chunk { id, payload, len } = r {
             let Some(bytes) = data.get(payload..payload + len as usize) else {
@@ -97,7 +119,30 @@ pub fn store_records_seeds() -> Vec<Vec<u8>> {
     garbage.extend_from_slice(&clean[clean.len() / 2..]);
     let mut one = Vec::new();
     encode_chunk(&mut one, &ids[0], &chunks[0]);
-    vec![clean, torn, garbage, one]
+    // The same, sealed as segment 1 of the store `store_records` opens sealed segments of.
+    let fmt = crate::store::record::Format::Sealed;
+    let mut sealed = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        fmt.encode_chunk(&mut sealed, &ids[i], c);
+        if i > 0 {
+            fmt.encode_succ(&mut sealed, &ids[i - 1], &ids[i]);
+        }
+    }
+    crate::store::record::seal_all(&fuzz_sealer(), &mut sealed, 1, 0);
+    let mut sealed_torn = sealed.clone();
+    sealed_torn.truncate(sealed.len() - 9);
+    let mut sealed_garbage = sealed[..sealed.len() / 2].to_vec();
+    sealed_garbage.extend_from_slice(b"garbage between records");
+    sealed_garbage.extend_from_slice(&sealed[sealed.len() / 2..]);
+    vec![
+        clean,
+        torn,
+        garbage,
+        one,
+        sealed,
+        sealed_torn,
+        sealed_garbage,
+    ]
 }
 
 /// Store summaries from a peer. The first byte chooses: even, `data` is a sequence of summary

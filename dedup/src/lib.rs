@@ -47,6 +47,6 @@ pub use decoder::{Decoder, DecoderStats};
 pub use encoder::{Encoder, EncoderStats};
 pub use fingerprint::{ChunkId, CHUNK_ID_LEN};
 pub use peer::PeerView;
-pub use store::{ChunkStore, StoreConfig, StoreError, StoreId, StoreStats};
+pub use store::{ChunkStore, StoreConfig, StoreError, StoreId, StoreKey, StoreStats};
 pub use summary::{Reconciler, Summarizer};
 pub use wire::WireError;

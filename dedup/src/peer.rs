@@ -32,6 +32,7 @@
 //! loss may lose the last seconds of beliefs, which the next exchange restores. The log is rewritten
 //! compactly once it is more than twice what it describes.
 
+use crate::store::seal::Sealer;
 use crate::store::StoreId;
 use crate::summary::{decode_keys, fp, Msg, Part, SegInfo};
 use crate::ChunkId;
@@ -48,6 +49,8 @@ pub const MAX_MARKS: usize = 1 << 20;
 /// Largest view file read at load (a 64 TiB peer store's summaries are well below it).
 const MAX_FILE: u64 = 1 << 30;
 const MAGIC: &[u8; 8] = b"DITTOVW1";
+/// The magic of a view whose records are sealed with (a key derived from) the store key.
+const MAGIC_SEALED: &[u8; 8] = b"DITTOVS1";
 const HEADER_LEN: usize = 8 + 16 + 8;
 const REC_PART: u8 = 1;
 const REC_DROP: u8 = 2;
@@ -104,6 +107,8 @@ pub struct LoadReport {
 
 struct Log {
     path: PathBuf,
+    /// Seals the records (with the store key, derived for this peer store).
+    sealer: Option<Sealer>,
     file: Option<File>,
     len: u64,
 }
@@ -285,21 +290,35 @@ impl Known {
     }
 }
 
-fn record(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(13 + body.len());
-    r.extend_from_slice(&(body.len() as u32 + 1).to_le_bytes());
-    let mut h = blake3::Hasher::new();
-    h.update(&[kind]);
-    h.update(body);
-    r.extend_from_slice(&h.finalize().as_bytes()[..8]);
-    r.push(kind);
-    r.extend_from_slice(body);
+/// What a sealed record's place binds in: a record moved within the file, or into another view's
+/// file, does not open.
+fn record_ad(at: u64) -> [u8; 23] {
+    let mut ad = [0u8; 23];
+    ad[..15].copy_from_slice(b"ditto peer view");
+    ad[15..].copy_from_slice(&at.to_le_bytes());
+    ad
+}
+
+/// A log record to be written at byte `at` of the file: length, checksum, then the kind and body,
+/// sealed if the view is.
+fn record(sealer: Option<&Sealer>, at: u64, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::with_capacity(1 + body.len());
+    plain.push(kind);
+    plain.extend_from_slice(body);
+    let payload = match sealer {
+        Some(s) => s.seal_snapshot(&record_ad(at), plain),
+        None => plain,
+    };
+    let mut r = Vec::with_capacity(12 + payload.len());
+    r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    r.extend_from_slice(&blake3::hash(&payload).as_bytes()[..8]);
+    r.extend_from_slice(&payload);
     r
 }
 
-fn header(store: StoreId) -> Vec<u8> {
+fn header(store: StoreId, sealed: bool) -> Vec<u8> {
     let mut b = Vec::with_capacity(HEADER_LEN);
-    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(if sealed { MAGIC_SEALED } else { MAGIC });
     b.extend_from_slice(&store.0.to_le_bytes());
     let check = blake3::hash(&b);
     b.extend_from_slice(&check.as_bytes()[..8]);
@@ -331,6 +350,24 @@ impl PeerView {
     /// run learned (see the module documentation). Never fails: a file that cannot be read or
     /// written leaves a view in RAM only (logged).
     pub fn open(store: StoreId, dir: &Path) -> PeerView {
+        PeerView::open_sealed(store, dir, None)
+    }
+
+    /// The view of the peer store `store`, kept in `<our store's dir>/peers` and sealed with our
+    /// store's key (when it has one, see `docs/security.md`): fingerprints of the peer's chunks
+    /// are fingerprints of content. Without a disk tier, a view in RAM only.
+    pub fn open_for(ours: &crate::ChunkStore, store: StoreId) -> PeerView {
+        match ours.dir() {
+            Some(d) => PeerView::open_sealed(
+                store,
+                &d.join("peers"),
+                ours.key().map(|k| Sealer::new(&k, store)),
+            ),
+            None => PeerView::new(store),
+        }
+    }
+
+    fn open_sealed(store: StoreId, dir: &Path, sealer: Option<Sealer>) -> PeerView {
         let mut v = PeerView::new(store);
         let path = dir.join(format!("{:032x}.view", store.0));
         let mut builder = std::fs::DirBuilder::new();
@@ -344,8 +381,9 @@ impl PeerView {
             );
             return v;
         }
-        let (keep, report) = v.load(&path);
+        let (keep, report) = v.load(&path, sealer.as_ref());
         v.report = report;
+        let sealed = sealer.is_some();
         let file = if keep > 0 {
             std::fs::OpenOptions::new()
                 .append(true)
@@ -356,7 +394,7 @@ impl PeerView {
                 })
         } else {
             create_private(&path).and_then(|mut f| {
-                f.write_all(&header(store))?;
+                f.write_all(&header(store, sealed))?;
                 Ok(f)
             })
         };
@@ -364,6 +402,7 @@ impl PeerView {
             Ok(f) => {
                 *v.log.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(Log {
                     path,
+                    sealer,
                     file: Some(f),
                     len: keep.max(HEADER_LEN as u64),
                 })
@@ -377,7 +416,7 @@ impl PeerView {
     }
 
     /// Replays the file; returns how many bytes of it to keep (0: start it anew).
-    fn load(&mut self, path: &Path) -> (u64, LoadReport) {
+    fn load(&mut self, path: &Path, sealer: Option<&Sealer>) -> (u64, LoadReport) {
         let mut rep = LoadReport::default();
         let data = match std::fs::metadata(path) {
             Err(_) => return (0, rep),
@@ -401,13 +440,14 @@ impl PeerView {
                 }
             },
         };
-        self.replay(&data, &path.display().to_string())
+        self.replay(&data, &path.display().to_string(), sealer)
     }
 
     /// Replays the bytes of a view file (`what` names it in logs); returns how many to keep.
-    fn replay(&mut self, data: &[u8], what: &str) -> (u64, LoadReport) {
+    fn replay(&mut self, data: &[u8], what: &str, sealer: Option<&Sealer>) -> (u64, LoadReport) {
         let mut rep = LoadReport::default();
-        if data.len() < HEADER_LEN || data[..HEADER_LEN] != header(self.store)[..] {
+        if data.len() < HEADER_LEN || data[..HEADER_LEN] != header(self.store, sealer.is_some())[..]
+        {
             rep.damaged = true;
             rep.dropped_bytes = data.len() as u64;
             tracing::warn!(
@@ -422,8 +462,19 @@ impl PeerView {
             let ok = (|| {
                 let len = u32::from_le_bytes(data.get(pos..pos + 4)?.try_into().ok()?) as usize;
                 let sum = data.get(pos + 4..pos + 12)?;
-                let body = data.get(pos + 12..pos + 12 + len)?;
-                if len == 0 || blake3::hash(body).as_bytes()[..8] != *sum {
+                let payload = data.get(pos + 12..pos + 12 + len)?;
+                if len == 0 || blake3::hash(payload).as_bytes()[..8] != *sum {
+                    return None;
+                }
+                let opened;
+                let body = match sealer {
+                    Some(s) => {
+                        opened = s.open_snapshot(&record_ad(pos as u64), payload.to_vec())?;
+                        &opened[..]
+                    }
+                    None => payload,
+                };
+                if body.is_empty() {
                     return None;
                 }
                 match body[0] {
@@ -467,7 +518,7 @@ impl PeerView {
     #[doc(hidden)]
     pub fn from_log_bytes(store: StoreId, data: &[u8]) -> PeerView {
         let mut v = PeerView::new(store);
-        let (_, rep) = v.replay(data, "(bytes)");
+        let (_, rep) = v.replay(data, "(bytes)", None);
         v.report = rep;
         v
     }
@@ -475,10 +526,16 @@ impl PeerView {
     /// The bytes of a view file holding what this view knows (for the fuzzer's seeds).
     #[doc(hidden)]
     pub fn log_bytes(&self) -> Vec<u8> {
-        let mut buf = header(self.store);
+        let mut buf = header(self.store, false);
         let k = self.known();
         for p in k.segs.values().flat_map(|s| &s.parts) {
-            buf.extend_from_slice(&record(REC_PART, &Msg::Part(p.clone()).encode()));
+            let r = record(
+                None,
+                buf.len() as u64,
+                REC_PART,
+                &Msg::Part(p.clone()).encode(),
+            );
+            buf.extend_from_slice(&r);
         }
         buf
     }
@@ -666,7 +723,7 @@ impl PeerView {
         let Some(file) = log.file.as_mut() else {
             return;
         };
-        let rec = record(kind, body);
+        let rec = record(log.sealer.as_ref(), log.len, kind, body);
         if let Err(e) = file.write_all(&rec) {
             tracing::warn!(
                 "peer view {}: cannot write: {e}; no longer kept on disk this run",
@@ -692,11 +749,18 @@ impl PeerView {
     /// Writes the log anew (a temporary file renamed over it) with one record per part held.
     fn rewrite(&self, log: &mut Log) {
         let tmp = log.path.with_extension("view.tmp");
-        let mut buf = header(self.store);
+        let mut buf = header(self.store, log.sealer.is_some());
         {
             let k = self.known();
             for p in k.segs.values().flat_map(|s| &s.parts) {
-                buf.extend_from_slice(&record(REC_PART, &Msg::Part(p.clone()).encode()));
+                let at = buf.len() as u64;
+                let r = record(
+                    log.sealer.as_ref(),
+                    at,
+                    REC_PART,
+                    &Msg::Part(p.clone()).encode(),
+                );
+                buf.extend_from_slice(&r);
             }
         }
         let res = create_private(&tmp)

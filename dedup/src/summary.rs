@@ -812,7 +812,7 @@ mod tests {
             vec![5, 1 << 39, (1 << FP_BITS) - 1],
         ] {
             let (k, bits) = encode_keys(&keys);
-            assert_eq!(decode_keys(keys.len() as u32, k, &bits).unwrap(), keys);
+            assert_eq!(decode_keys(keys.len() as u32, k, &bits).expect("ok"), keys);
         }
     }
 
@@ -864,7 +864,7 @@ mod tests {
                 bits,
             }),
         ] {
-            assert_eq!(Msg::parse(&m.encode()).unwrap(), m);
+            assert_eq!(Msg::parse(&m.encode()).expect("ok"), m);
         }
     }
 

@@ -81,7 +81,7 @@ fn pair(store: &Arc<ChunkStore>, view: Arc<PeerView>) -> Pair {
 
 #[test]
 fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 4 << 20);
     let ids = fill(&s, 0..6000);
     let view = Arc::new(PeerView::new(s.identity()));
@@ -123,7 +123,7 @@ fn learner_knows_what_the_store_holds_and_pays_under_a_thousandth() {
 
 #[test]
 fn evicted_segments_are_forgotten() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
     // 8 MiB of disk in 1 MiB segments: the oldest go as new chunks arrive.
     let s = disk_store(d.path(), 8 << 20, 1 << 20);
     let first = fill(&s, 0..1000);
@@ -145,7 +145,7 @@ fn evicted_segments_are_forgotten() {
 
 #[test]
 fn a_need_overrides_the_summary_until_sent_again() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 4 << 20);
     let ids = fill(&s, 0..10);
     let view = Arc::new(PeerView::new(s.identity()));
@@ -161,8 +161,8 @@ fn a_need_overrides_the_summary_until_sent_again() {
 
 #[test]
 fn view_survives_a_restart_and_only_changes_are_asked_again() {
-    let d = tempfile::tempdir().unwrap();
-    let vdir = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
+    let vdir = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 4 << 20);
     let ids = fill(&s, 0..3000);
     let now = Instant::now();
@@ -235,7 +235,7 @@ fn a_changed_segment_is_not_believed() {
 }
 
 fn learned_view(vdir: &Path) -> (tempfile::TempDir, Arc<ChunkStore>, Vec<ChunkId>) {
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 1 << 20);
     let ids = fill(&s, 0..2000);
     let view = Arc::new(PeerView::open(s.identity(), vdir));
@@ -246,20 +246,23 @@ fn learned_view(vdir: &Path) -> (tempfile::TempDir, Arc<ChunkStore>, Vec<ChunkId
 
 fn view_file(vdir: &Path) -> std::path::PathBuf {
     std::fs::read_dir(vdir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
+        .expect("ok")
+        .map(|e| e.expect("ok").path())
         .find(|p| p.extension().is_some_and(|e| e == "view"))
         .expect("view file")
 }
 
 #[test]
 fn a_torn_view_file_keeps_only_whole_records() {
-    let vdir = tempfile::tempdir().unwrap();
+    let vdir = tempfile::tempdir().expect("tempdir");
     let (_d, s, ids) = learned_view(vdir.path());
     let f = view_file(vdir.path());
-    let len = std::fs::metadata(&f).unwrap().len();
-    let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
-    file.set_len(len - 100).unwrap();
+    let len = std::fs::metadata(&f).expect("ok").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .expect("ok");
+    file.set_len(len - 100).expect("ok");
     let view = PeerView::open(s.identity(), vdir.path());
     let rep = view.load_report().clone();
     assert!(rep.damaged && rep.records > 0, "{rep:?}");
@@ -273,14 +276,14 @@ fn a_torn_view_file_keeps_only_whole_records() {
 
 #[test]
 fn an_altered_view_file_is_not_believed() {
-    let vdir = tempfile::tempdir().unwrap();
+    let vdir = tempfile::tempdir().expect("tempdir");
     let (_d, s, ids) = learned_view(vdir.path());
     let f = view_file(vdir.path());
-    let mut b = std::fs::read(&f).unwrap();
+    let mut b = std::fs::read(&f).expect("ok");
     // Flip one bit in every record after the first few hundred bytes (fingerprint bits included).
     let at = b.len() / 3;
     b[at] ^= 0x10;
-    std::fs::write(&f, &b).unwrap();
+    std::fs::write(&f, &b).expect("ok");
     let view = PeerView::open(s.identity(), vdir.path());
     assert!(view.load_report().damaged);
     let known = ids.iter().filter(|id| view.knows(id)).count();
@@ -290,9 +293,9 @@ fn an_altered_view_file_is_not_believed() {
         assert!(!view.knows(&chunk(n, 4096).0));
     }
     // A header of another store: the whole file is dropped.
-    let mut b = std::fs::read(&f).unwrap();
+    let mut b = std::fs::read(&f).expect("ok");
     b[10] ^= 1;
-    std::fs::write(&f, &b).unwrap();
+    std::fs::write(&f, &b).expect("ok");
     let view = PeerView::open(s.identity(), vdir.path());
     assert!(view.load_report().damaged);
     assert_eq!(view.summarized_chunks(), 0);
@@ -327,7 +330,7 @@ proptest! {
         keys.sort_unstable();
         keys.dedup();
         let (k, bits) = summary::encode_keys(&keys);
-        prop_assert_eq!(summary::decode_keys(keys.len() as u32, k, &bits).unwrap(), keys);
+        prop_assert_eq!(summary::decode_keys(keys.len() as u32, k, &bits).expect("ok"), keys);
     }
 
     #[test]
@@ -340,7 +343,7 @@ proptest! {
 
 #[test]
 fn marks_expire_once_summaries_cover_them() {
-    let d = tempfile::tempdir().unwrap();
+    let d = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 4 << 20);
     fill(&s, 0..10);
     let view = Arc::new(PeerView::new(s.identity()));
@@ -352,7 +355,7 @@ fn marks_expire_once_summaries_cover_them() {
     view.believe(&lost);
     let t0 = Instant::now();
     exchange(&mut p.owner, &mut p.learner, t0);
-    s.insert(&kept, &data).unwrap();
+    s.insert(&kept, &data).expect("ok");
     assert!(s.wait_written(Duration::from_secs(10)));
     // The first rotation (at the first sync) keeps the marks one more generation.
     assert!(view.knows(&kept) && view.knows(&lost));
@@ -364,4 +367,49 @@ fn marks_expire_once_summaries_cover_them() {
         "a mark older than two in-sync indexes is dropped"
     );
     assert_eq!(view.count(), 0);
+}
+
+#[test]
+fn a_sealed_view_opens_only_with_its_store_key() {
+    use ditto_dedup::store::StoreKey;
+    let peer_dir = tempfile::tempdir().expect("tempdir");
+    let peer = disk_store(peer_dir.path(), 1 << 30, 4 << 20);
+    let ids = fill(&peer, 0..2000);
+    let ours_dir = tempfile::tempdir().expect("tempdir");
+    let key = StoreKey::generate();
+    let open_ours = |key: &StoreKey| {
+        Arc::new(
+            ChunkStore::open(
+                StoreConfig::on_disk(ours_dir.path(), 1 << 20, 1 << 30).with_key(key.clone()),
+            )
+            .expect("our store"),
+        )
+    };
+    let ours = open_ours(&key);
+    let view = Arc::new(PeerView::open_for(&ours, peer.identity()));
+    let mut p = pair(&peer, view.clone());
+    exchange(&mut p.owner, &mut p.learner, Instant::now());
+    drop((p, view));
+    // The parts as sent (their coded fingerprints) are nowhere in the file.
+    let f = view_file(&ours_dir.path().join("peers"));
+    let bytes = std::fs::read(&f).expect("ok");
+    let mut chunks = Vec::new();
+    peer.segment_chunks(1, &mut chunks).expect("segment 1");
+    let Msg::Part(part) = summary::part_of(1, 0, u64::MAX, &mut chunks) else {
+        panic!("a part")
+    };
+    let probe = &part.bits[..32];
+    assert!(
+        !bytes.windows(probe.len()).any(|w| w == probe),
+        "plain fingerprints in the view file"
+    );
+    // With its key it opens; with another key it is dropped, never believed.
+    let again = PeerView::open_for(&ours, peer.identity());
+    assert!(!again.load_report().damaged);
+    assert!(ids.iter().all(|id| again.knows(id)));
+    drop((again, ours));
+    let other = open_ours(&StoreKey::generate());
+    let wrong = PeerView::open_for(&other, peer.identity());
+    assert!(wrong.load_report().damaged);
+    assert_eq!(wrong.summarized_chunks(), 0);
 }

@@ -112,6 +112,7 @@ async fn ditto_pair_via(
             name: "a".into(),
             fingerprint: a_id.fingerprint,
             address: None,
+            allow: Default::default(),
         }],
         forwards: vec![],
         admin: None,
@@ -143,6 +144,7 @@ async fn ditto_pair_via(
             name: "b".into(),
             fingerprint: b_id.fingerprint,
             address: Some(dial.to_string()),
+            allow: Default::default(),
         }],
         forwards: vec![ForwardSpec {
             listen: local(),

@@ -113,17 +113,14 @@ impl Engine {
         }
     }
 
-    /// A view for a peer store. With a disk tier it is kept in `<store dir>/peers`, so what the
-    /// peer's summaries told us survives our restarts.
+    /// A view for a peer store. With a disk tier it is kept in `<store dir>/peers` (sealed with
+    /// the store key), so what the peer's summaries told us survives our restarts.
     pub fn new_view(&self, peer_store: u128) -> View {
         match self {
             Engine::Raw { .. } => View::Raw,
             Engine::Dedup { store, .. } => {
                 let id = ditto_dedup::StoreId(peer_store);
-                View::Dedup(Arc::new(match store.dir() {
-                    Some(d) => ditto_dedup::PeerView::open(id, &d.join("peers")),
-                    None => ditto_dedup::PeerView::new(id),
-                }))
+                View::Dedup(Arc::new(ditto_dedup::PeerView::open_for(store, id)))
             }
         }
     }

@@ -2,6 +2,7 @@
 //! (OPEN → connect to the destination), and pass-through when a flow cannot or must not be
 //! accelerated.
 
+use crate::allow::AllowList;
 use crate::codec::Engine;
 use crate::frame::{OpenTarget, ResetReason};
 use crate::intercept::{self, InterceptSpec, Mode, RouteAction, RouteSpec};
@@ -338,13 +339,20 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
             .filter(|_| inner2.intercept.as_ref().is_some_and(|i| i.preserve_client))
             .map(|c| c.ip());
         let dest = target.dest;
-        let connect = connect(&dest, source, inner2.settings.connect_timeout);
+        let allow = Some(&peer.allow.list);
+        let connect = connect(&dest, source, allow, inner2.settings.connect_timeout);
         let r = tokio::select! {
             r = connect => r,
             _ = inner2.life.kill.cancelled() => Err(ResetReason::Shutdown),
         };
         let lan = match r {
             Ok(s) => s,
+            Err(ResetReason::Denied) => {
+                peer.allow.refused(&peer.name, &dest);
+                inner2.metrics.flow("failed", ResetReason::Denied.as_str());
+                h.reset(ResetReason::Denied);
+                return;
+            }
             Err(reason) => {
                 tracing::info!(peer = %peer.name, %dest, "destination connect failed: {}", reason.as_str());
                 inner2.metrics.flow("failed", reason.as_str());
@@ -361,17 +369,21 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
 }
 
 /// Connects to "host:port" (from `source`'s address when given), mapping failures to the reason
-/// reported to the peer.
+/// reported to the peer. With `allow`, only to addresses it permits (each resolved address is
+/// checked): `Denied` if there is none.
 async fn connect(
     dest: &str,
     source: Option<IpAddr>,
+    allow: Option<&AllowList>,
     timeout: Duration,
 ) -> Result<TcpStream, ResetReason> {
+    let permits = |a: SocketAddr| allow.is_none_or(|l| l.permits(a));
     let reason = |e: &std::io::Error| match e.kind() {
         std::io::ErrorKind::ConnectionRefused => ResetReason::Refused,
         _ => ResetReason::Unreachable,
     };
     let s = match (source, dest.parse::<SocketAddr>()) {
+        (Some(_), Ok(dst)) if !permits(dst) => return Err(ResetReason::Denied),
         (Some(src), Ok(dst)) => intercept::connect_from(dst, src, timeout)
             .await
             .map_err(|e| {
@@ -384,13 +396,23 @@ async fn connect(
                 let addrs = tokio::net::lookup_host(dest)
                     .await
                     .map_err(|_| ResetReason::Unreachable)?;
+                let (mut tried, mut denied) = (false, false);
                 for a in addrs {
+                    if !permits(a) {
+                        denied = true;
+                        continue;
+                    }
+                    tried = true;
                     match TcpStream::connect(a).await {
                         Ok(s) => return Ok(s),
                         Err(e) => last = reason(&e),
                     }
                 }
-                Err(last)
+                Err(if denied && !tried {
+                    ResetReason::Denied
+                } else {
+                    last
+                })
             };
             tokio::time::timeout(timeout, attempt)
                 .await
@@ -426,7 +448,7 @@ async fn passthrough_with(
     inner.metrics.flow("passthrough", why);
     tracing::debug!(%target, reason = why, "pass-through flow");
     let server = tokio::select! {
-        r = connect(target, plan.source(), inner.settings.connect_timeout) => r,
+        r = connect(target, plan.source(), None, inner.settings.connect_timeout) => r,
         _ = inner.life.kill.cancelled() => Err(ResetReason::Shutdown),
     };
     let mut server = match server {

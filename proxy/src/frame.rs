@@ -59,6 +59,8 @@ pub enum ResetReason {
     /// The stream ended cleanly on the sending side: it received everything and everything it sent
     /// was acknowledged. Only the final acknowledgement was lost.
     Closed,
+    /// The far side refused the OPEN: its destination is outside the opening peer's allow list.
+    Denied,
     /// Local: the peer was unreachable for longer than `tunnel.hold`.
     HoldExpired,
     /// Local: the peer process restarted (new session id); its side of the stream is gone.
@@ -79,6 +81,7 @@ impl ResetReason {
             ResetReason::Shutdown => 5,
             ResetReason::Gone => 6,
             ResetReason::Closed => 7,
+            ResetReason::Denied => 8,
             ResetReason::HoldExpired | ResetReason::PeerRestarted | ResetReason::Other => 255,
         }
     }
@@ -93,6 +96,7 @@ impl ResetReason {
             5 => ResetReason::Shutdown,
             6 => ResetReason::Gone,
             7 => ResetReason::Closed,
+            8 => ResetReason::Denied,
             _ => ResetReason::Other,
         }
     }
@@ -108,6 +112,7 @@ impl ResetReason {
             ResetReason::Shutdown => "shutdown",
             ResetReason::Gone => "gone",
             ResetReason::Closed => "closed",
+            ResetReason::Denied => "denied",
             ResetReason::HoldExpired => "hold-expired",
             ResetReason::PeerRestarted => "peer-restarted",
             ResetReason::Other => "other",

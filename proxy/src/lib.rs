@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod allow;
 pub mod codec;
 pub mod emu;
 pub mod flows;
@@ -41,6 +42,7 @@ pub mod status;
 pub mod stream;
 pub mod tls;
 
+pub use allow::{AllowList, AllowRule};
 pub use codec::Engine;
 pub use flows::ForwardSpec;
 pub use identity::{Fingerprint, Identity};

@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Payload bytes waiting in the store's write-behind queue.
     pub store_write_queue_bytes: IntGauge,
     pub stream_resets: IntCounterVec,
+    /// OPENs refused because their destination is outside the peer's allow list, by peer.
+    pub opens_denied: IntCounterVec,
     /// Streams waiting for an unreachable peer now, by peer.
     pub streams_held: IntGaugeVec,
     /// Streams that continued on another tunnel connection after theirs was lost, by peer.
@@ -282,6 +284,11 @@ impl Metrics {
                 "ditto_stream_resets_total",
                 "Accelerated streams reset, by reason.",
                 &["reason"],
+            ),
+            opens_denied: cv(
+                "ditto_opens_denied_total",
+                "OPENs from the peer refused: destination outside its allow list.",
+                &["peer"],
             ),
             streams_held: gv(
                 "ditto_streams_held",

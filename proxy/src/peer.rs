@@ -41,6 +41,8 @@ pub struct PeerSpec {
     pub fingerprint: Fingerprint,
     /// Where to dial it ("host:port"); `None` for a peer that only dials us.
     pub address: Option<String>,
+    /// What its OPENs may connect to.
+    pub allow: crate::allow::AllowList,
 }
 
 /// The configured peers, by name and by key.
@@ -191,6 +193,7 @@ pub struct Peer {
     pub(crate) version_mismatch: AtomicBool,
     pub(crate) m: PeerMetrics,
     summaries: Mutex<SummaryState>,
+    pub(crate) allow: crate::allow::PeerAllow,
 }
 
 impl Peer {
@@ -234,6 +237,10 @@ impl Peer {
             version_mismatch: AtomicBool::new(false),
             m,
             summaries: Mutex::default(),
+            allow: crate::allow::PeerAllow::new(
+                spec.allow.clone(),
+                metrics.opens_denied.with_label_values(&[n]),
+            ),
         }
     }
 

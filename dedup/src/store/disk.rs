@@ -1,17 +1,23 @@
 //! Files of a disk tier: naming, positional I/O, the meta file and the index snapshot.
 //!
 //! Directory layout (nothing else in the directory is touched):
-//! - `store.meta`: magic, version, the [`StoreId`], blake3 check. Written temp-then-rename.
+//! - `store.meta`: magic, version (1: plain records, 2: sealed records), the [`StoreId`], for version
+//!   2 the key check (see `seal.rs`), blake3 check. Written temp-then-rename.
 //! - `seg-NNNNNNNN.dat`: append-only segment files (see `record.rs`), numbered in creation order.
 //! - `index.snap`: index snapshot written by a clean `close`, valid only if every segment file still has
-//!   exactly the length recorded in it; otherwise the segments are scanned.
+//!   exactly the length recorded in it; otherwise the segments are scanned. In a sealed store the
+//!   whole snapshot is sealed (AES-256-GCM, magic `DITTOSNE`, then nonce, ciphertext, tag): it holds
+//!   chunk ids, which name contents.
+//!
+//! The directory is created with mode 0700 and every file with mode 0600 (on Unix).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::index::{loc_offset, loc_seg, Entry, LOC_RAM};
-use super::record::HDR;
+use super::record::Format;
+use super::seal::Sealer;
 use super::{StoreError, StoreId};
 use crate::ChunkId;
 
@@ -19,8 +25,72 @@ pub(crate) const META: &str = "store.meta";
 pub(crate) const SNAPSHOT: &str = "index.snap";
 const META_MAGIC: &[u8; 8] = b"DITTOSTM";
 const SNAP_MAGIC: &[u8; 8] = b"DITTOSNP";
+const SNAP_SEALED_MAGIC: &[u8; 8] = b"DITTOSNE";
 const VERSION: u32 = 1;
+/// Meta version of a store with sealed records.
+const VERSION_SEALED: u32 = 2;
 const META_LEN: usize = 8 + 4 + 16 + 8;
+const META_SEALED_LEN: usize = 8 + 4 + 16 + 16 + 8;
+
+/// What a meta file says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Meta {
+    /// A store of plain records (no key).
+    Plain(StoreId),
+    /// A store of sealed records, with the key check of the key it was sealed with.
+    Sealed(StoreId, [u8; 16]),
+}
+
+/// Creates a new file readable and writable by its owner only (mode 0600 on Unix); never replaces an
+/// existing file. For every file the daemon writes that may hold anything about traffic or keys.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
+}
+
+/// Warns (once per call) if the file at `path` may be read by group or others (Unix): for keys.
+pub fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{} has mode {mode:o}: other users may read it; chmod 600 it",
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// Creates `dir` (and missing parents) with mode 0700 on Unix, or checks an existing one: a
+/// directory that group or others may enter is left as it is, with a warning (once per call).
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "{} has mode {mode:o}: other users may list or read what it holds;                  chmod 700 it (ditto creates it so)",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
 
 pub(crate) fn io_err(path: &Path, source: io::Error) -> StoreError {
     StoreError::Io {
@@ -138,7 +208,12 @@ fn write_atomic(
 ) -> Result<(), StoreError> {
     let tmp = dir.join(format!("{name}.tmp"));
     let dst = dir.join(name);
-    let file = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&tmp, e)),
+    }
+    let file = create_private(&tmp).map_err(|e| io_err(&tmp, e))?;
     let res = (|| {
         let mut w = BufWriter::with_capacity(1 << 20, &file);
         write(&mut w)?;
@@ -155,25 +230,46 @@ fn write_atomic(
     Ok(())
 }
 
-/// The store id from the meta file, or `None` if it is missing, unreadable or garbled.
-pub(crate) fn read_meta(dir: &Path) -> Option<StoreId> {
+/// The meta file's contents, or `None` if it is missing, unreadable or garbled.
+pub(crate) fn read_meta(dir: &Path) -> Option<Meta> {
     let b = fs::read(dir.join(META)).ok()?;
-    if b.len() != META_LEN || &b[..8] != META_MAGIC || b[8..12] != VERSION.to_le_bytes() {
+    if b.len() < 12 || &b[..8] != META_MAGIC {
         return None;
     }
-    if blake3::hash(&b[..28]).as_bytes()[..8] != b[28..36] {
+    let sealed = match u32::from_le_bytes([b[8], b[9], b[10], b[11]]) {
+        VERSION if b.len() == META_LEN => false,
+        VERSION_SEALED if b.len() == META_SEALED_LEN => true,
+        _ => return None,
+    };
+    let body = b.len() - 8;
+    if blake3::hash(&b[..body]).as_bytes()[..8] != b[body..] {
         return None;
     }
     let mut id = [0u8; 16];
     id.copy_from_slice(&b[12..28]);
-    Some(StoreId(u128::from_le_bytes(id)))
+    let id = StoreId(u128::from_le_bytes(id));
+    if !sealed {
+        return Some(Meta::Plain(id));
+    }
+    let mut check = [0u8; 16];
+    check.copy_from_slice(&b[28..44]);
+    Some(Meta::Sealed(id, check))
 }
 
-pub(crate) fn write_meta(dir: &Path, id: StoreId) -> Result<(), StoreError> {
-    let mut b = Vec::with_capacity(META_LEN);
+pub(crate) fn write_meta(dir: &Path, meta: Meta) -> Result<(), StoreError> {
+    let mut b = Vec::with_capacity(META_SEALED_LEN);
     b.extend_from_slice(META_MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
-    b.extend_from_slice(&id.0.to_le_bytes());
+    match meta {
+        Meta::Plain(id) => {
+            b.extend_from_slice(&VERSION.to_le_bytes());
+            b.extend_from_slice(&id.0.to_le_bytes());
+        }
+        Meta::Sealed(id, check) => {
+            b.extend_from_slice(&VERSION_SEALED.to_le_bytes());
+            b.extend_from_slice(&id.0.to_le_bytes());
+            b.extend_from_slice(&check);
+        }
+    }
     let check = blake3::hash(&b);
     b.extend_from_slice(&check.as_bytes()[..8]);
     write_atomic(dir, META, |w| w.write_all(&b))
@@ -216,16 +312,45 @@ pub(crate) fn wipe(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Writes the snapshot of `slots` (every index slot, live or free) for the segments `segs` (seq, length).
+/// Associated data of a sealed snapshot.
+fn snap_ad(id: StoreId) -> [u8; 24] {
+    let mut ad = [0u8; 24];
+    ad[..8].copy_from_slice(SNAP_SEALED_MAGIC);
+    ad[8..].copy_from_slice(&id.0.to_le_bytes());
+    ad
+}
+
+/// Writes the snapshot of `slots` (every index slot, live or free) for the segments `segs` (seq, length),
+/// sealed if `sealer` is given.
 pub(crate) fn write_snapshot(
     dir: &Path,
     id: StoreId,
     segs: &[(u32, u64)],
     slots: impl ExactSizeIterator<Item = Entry>,
+    sealer: Option<&Sealer>,
 ) -> Result<(), StoreError> {
-    write_atomic(dir, SNAPSHOT, |w| {
+    let mut plain = Vec::with_capacity(64 + segs.len() * 12 + slots.len() * 32);
+    snapshot_bytes(&mut plain, id, segs, slots).map_err(|e| io_err(&dir.join(SNAPSHOT), e))?;
+    let bytes = match sealer {
+        Some(s) => {
+            let mut out = SNAP_SEALED_MAGIC.to_vec();
+            out.extend_from_slice(&s.seal_snapshot(&snap_ad(id), plain));
+            out
+        }
+        None => plain,
+    };
+    write_atomic(dir, SNAPSHOT, |w| w.write_all(&bytes))
+}
+
+fn snapshot_bytes(
+    w: &mut Vec<u8>,
+    id: StoreId,
+    segs: &[(u32, u64)],
+    slots: impl ExactSizeIterator<Item = Entry>,
+) -> io::Result<()> {
+    {
         let mut h = blake3::Hasher::new();
-        let mut put = |w: &mut BufWriter<&File>, b: &[u8]| {
+        let mut put = |w: &mut Vec<u8>, b: &[u8]| {
             h.update(b);
             w.write_all(b)
         };
@@ -247,7 +372,7 @@ pub(crate) fn write_snapshot(
             put(w, &rec)?;
         }
         w.write_all(h.finalize().as_bytes())
-    })
+    }
 }
 
 struct Rd<'a> {
@@ -273,8 +398,21 @@ impl Rd<'_> {
 
 /// The slots of a snapshot that is intact and matches `id` and the segment files `segs` (seq, length)
 /// exactly; every live entry is checked to lie inside its segment. `None` means: scan instead.
-pub(crate) fn read_snapshot(dir: &Path, id: StoreId, segs: &[(u32, u64)]) -> Option<Vec<Entry>> {
+pub(crate) fn read_snapshot(
+    dir: &Path,
+    id: StoreId,
+    segs: &[(u32, u64)],
+    fmt: Format,
+    sealer: Option<&Sealer>,
+) -> Option<Vec<Entry>> {
     let b = fs::read(dir.join(SNAPSHOT)).ok()?;
+    let b = match sealer {
+        Some(s) => {
+            let sealed = b.strip_prefix(&SNAP_SEALED_MAGIC[..])?.to_vec();
+            s.open_snapshot(&snap_ad(id), sealed)?
+        }
+        None => b,
+    };
     let body_len = b.len().checked_sub(32)?;
     let (body, sum) = b.split_at(body_len);
     if blake3::hash(body).as_bytes()[..] != sum[..] {
@@ -314,7 +452,8 @@ pub(crate) fn read_snapshot(dir: &Path, id: StoreId, segs: &[(u32, u64)]) -> Opt
                 .binary_search_by_key(&loc_seg(e.loc), |&(s, _)| s)
                 .ok()?;
             let off = u64::from(loc_offset(e.loc));
-            if off < HDR as u64 || off + u64::from(e.len) > segs[i].1 {
+            let (pre, post) = (fmt.pre() as u64, fmt.post() as u64);
+            if off < pre || off + u64::from(e.len) + post > segs[i].1 {
                 return None;
             }
         }
@@ -328,13 +467,9 @@ pub(crate) fn open_segment(path: &Path, writable: bool) -> io::Result<File> {
     OpenOptions::new().read(true).write(writable).open(path)
 }
 
-/// Creates a new, empty segment; never overwrites an existing file.
+/// Creates a new, empty segment (mode 0600); never overwrites an existing file.
 pub(crate) fn create_segment(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
+    create_private(path)
 }
 
 #[cfg(test)]
@@ -354,8 +489,15 @@ mod tests {
     fn meta_round_trip_and_garbled() {
         let d = tempfile::tempdir().expect("tempdir");
         assert_eq!(read_meta(d.path()), None);
-        write_meta(d.path(), StoreId(0x1234_5678_9abc)).expect("write");
-        assert_eq!(read_meta(d.path()), Some(StoreId(0x1234_5678_9abc)));
+        write_meta(d.path(), Meta::Plain(StoreId(0x1234_5678_9abc))).expect("write");
+        assert_eq!(
+            read_meta(d.path()),
+            Some(Meta::Plain(StoreId(0x1234_5678_9abc)))
+        );
+        let sealed = Meta::Sealed(StoreId(5), [3; 16]);
+        write_meta(d.path(), sealed).expect("write");
+        assert_eq!(read_meta(d.path()), Some(sealed));
+        write_meta(d.path(), Meta::Plain(StoreId(0x1234_5678_9abc))).expect("write");
         let p = d.path().join(META);
         let mut b = fs::read(&p).expect("read");
         b[14] ^= 1;

@@ -59,6 +59,11 @@ impl ChunkStore {
         Some(seg.state())
     }
 
+    /// The store key, if the disk tier is sealed (for files kept beside the store).
+    pub(crate) fn key(&self) -> Option<super::StoreKey> {
+        self.shared.key.clone()
+    }
+
     /// The directory of the disk tier, if there is one.
     pub fn dir(&self) -> Option<std::path::PathBuf> {
         self.lock().disk.as_ref().map(|d| d.dir.clone())

@@ -15,7 +15,8 @@
 //!
 //! # What is verified where
 //! - RAM-tier hits are trusted: the bytes were verified (or supplied by the caller) when cached.
-//! - Every disk read is re-hashed with blake3; a mismatch or read error drops the entry, counts a
+//! - Every disk read is re-hashed with blake3 (a sealed store: its record is opened, which
+//!   authenticates id, payload and place); a mismatch or read error drops the entry, counts a
 //!   `verify_failures` (or `read_errors`) and is reported as a miss. `get_into` never yields wrong bytes.
 //!   After [`SEGMENT_DAMAGE_LIMIT`] damaged chunks in one segment, the rest of it is not trusted either:
 //!   the whole segment is dropped (`segments_dropped`).
@@ -24,6 +25,23 @@
 //!   newest segment is truncated. A clean [`ChunkStore::close`] writes an index snapshot so that the
 //!   next open skips the scan; it is used only if every segment file still has exactly the recorded
 //!   length (payloads are then verified lazily, on read).
+//!
+//! # Encryption at rest
+//! With a key ([`StoreConfig::key`], a [`StoreKey`]) the disk tier holds nothing in plain text but
+//! record framing (tags, lengths, nonces) and the store's identity: every record is sealed with
+//! AES-256-GCM under a key derived from the store key and the [`StoreId`], with the record's segment
+//! number and offset as associated data (formats in the `record` and `seal` modules), and the index
+//! snapshot is sealed whole (chunk ids name contents: a reader holding a candidate file could test
+//! whether it crossed the link). A record that was altered, moved or replayed within the store, or
+//! copied from another store, does not open: it is handled exactly like a damaged chunk (dropped,
+//! `verify_failures`; segment damage counting as above). The meta file holds a key check: a store
+//! sealed with another key (the key file lost or replaced), a sealed store opened without a key, and
+//! a plain store (from before encryption) opened with one are each wiped and started empty with a new
+//! [`StoreId`], with one warning naming the reason; their bytes are never decoded. Without a key the
+//! records are plain (`StoreConfig::key` = `None`: tests and benchmarks; the daemon always sets one). Sealing
+//! runs in the writer thread outside the lock, opening in `get_into` outside the lock.
+//! The directory is created with mode 0700, its files with mode 0600 ([`private_dir`],
+//! [`create_private`]).
 //!
 //! # When the disk fails
 //! A failed write (no space left, I/O error, read-only file system: [`FaultKind`]) leaves the store
@@ -68,7 +86,7 @@
 //! [`ChunkStore::flush`]/[`ChunkStore::close`] fsync, so a power loss may lose recent records, which
 //! recovery then drops (never returns). A crash may lose the latest successor hints. Hints are not
 //! written while the disk tier is off. A missing or garbled meta file wipes the store's files and starts
-//! empty with a new [`StoreId`].
+//! empty with a new [`StoreId`]; so does a key that does not match (see *Encryption at rest*).
 //!
 //! # Locking
 //! One mutex guards all state; no file I/O runs under it except creating and deleting segment files
@@ -83,6 +101,7 @@ mod index;
 mod listing;
 mod ram;
 pub(crate) mod record;
+pub(crate) mod seal;
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -94,10 +113,13 @@ use std::time::{Duration, Instant};
 use crate::ChunkId;
 use index::{loc_offset, loc_seg, on_disk, pack_loc, Index, LOC_QUEUED, LOC_RAM};
 use ram::RamTier;
-use record::{Record, HDR, SUCC_RECORD_LEN};
+use record::{Format, Record};
+use seal::Sealer;
 
+pub use disk::{create_private, private_dir, warn_if_readable_by_others};
 pub use listing::SegmentState;
 pub use record::MAX_CHUNK_LEN;
+pub use seal::{StoreKey, STORE_KEY_LEN};
 
 /// Default size at which a segment file is sealed.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -147,6 +169,9 @@ pub struct StoreConfig {
     /// Bound of the write-behind queue in payload bytes: past it, new chunks are kept in the RAM tier
     /// only (see the module documentation). At least one chunk is always queued.
     pub write_queue_bytes: u64,
+    /// Key the disk tier is sealed with (see *Encryption at rest* in the module documentation);
+    /// `None`: plain records.
+    pub key: Option<StoreKey>,
 }
 
 impl StoreConfig {
@@ -158,6 +183,7 @@ impl StoreConfig {
             disk_bytes: 0,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             write_queue_bytes: DEFAULT_WRITE_QUEUE_BYTES,
+            key: None,
         }
     }
 
@@ -169,6 +195,7 @@ impl StoreConfig {
             disk_bytes,
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             write_queue_bytes: DEFAULT_WRITE_QUEUE_BYTES,
+            key: None,
         }
     }
 
@@ -181,6 +208,12 @@ impl StoreConfig {
     /// Same, with another write-behind queue bound.
     pub fn with_write_queue_bytes(mut self, write_queue_bytes: u64) -> Self {
         self.write_queue_bytes = write_queue_bytes;
+        self
+    }
+
+    /// Same, with the disk tier sealed with `key`.
+    pub fn with_key(mut self, key: StoreKey) -> Self {
+        self.key = Some(key);
         self
     }
 }
@@ -360,6 +393,10 @@ struct Shared {
     blocking: OnceLock<BlockingSection>,
     /// The disk tier is on a file system in RAM (tmpfs): reads never wait for a device.
     in_ram: bool,
+    /// Seals and opens records of a store with a key.
+    sealer: Option<Sealer>,
+    /// The store key (other files kept beside the store, the peer views, are sealed with it too).
+    key: Option<StoreKey>,
 }
 
 impl Shared {
@@ -449,6 +486,8 @@ struct Segment {
 
 struct Disk {
     dir: PathBuf,
+    /// Plain or sealed records.
+    fmt: Format,
     /// Sealed segments, oldest first.
     sealed: VecDeque<Segment>,
     /// The segment being appended to.
@@ -497,8 +536,12 @@ struct Batch {
 }
 
 impl Batch {
-    /// Writes the batch; on failure cuts off what was written past the old end, if possible.
-    fn write(&self) -> std::io::Result<()> {
+    /// Seals the batch's records if the store has a key, then writes the batch; on failure cuts off
+    /// what was written past the old end, if possible.
+    fn write(&mut self, sealer: Option<&Sealer>) -> std::io::Result<()> {
+        if let Some(sealer) = sealer {
+            record::seal_all(sealer, &mut self.wbuf, self.seq, self.off);
+        }
         let res = if self.fault {
             let half = &self.wbuf[..self.wbuf.len() / 2];
             disk::write_at(&self.file, half, self.off).and_then(|()| Err(disk_full_error()))
@@ -926,11 +969,12 @@ impl Inner {
             return None;
         }
         let disk = self.disk.as_mut()?;
+        let fmt = disk.fmt;
         let first = self
             .q
             .jobs
             .front()
-            .map_or(0, |j| (HDR + j.data.len()) as u64);
+            .map_or(0, |j| (fmt.overhead() + j.data.len()) as u64);
         if disk.pending.len() as u64 + first > disk.cap {
             disk.pending.clear();
         }
@@ -947,15 +991,15 @@ impl Inner {
         let mut recs = Vec::new();
         let mut jobs = 0;
         for j in &self.q.jobs {
-            let rec = (HDR + j.data.len()) as u64;
+            let rec = (fmt.overhead() + j.data.len()) as u64;
             if jobs > 0 && wbuf.len() as u64 + rec > limit {
                 break;
             }
             jobs += 1;
             if self.index.find(&j.id) == Some(j.slot) && self.index.entry(j.slot).loc == LOC_QUEUED
             {
-                let at = (wbuf.len() + HDR) as u64;
-                record::encode_chunk(&mut wbuf, &j.id, &j.data);
+                let at = (wbuf.len() + fmt.pre()) as u64;
+                fmt.encode_chunk(&mut wbuf, &j.id, &j.data);
                 recs.push((j.slot, j.id, at));
             }
         }
@@ -1055,11 +1099,12 @@ impl Inner {
             return Ok(false);
         };
         // Refuse what could never be written.
-        let rec_len = (HDR + data.len()) as u64;
+        let over = disk.fmt.overhead() as u64;
+        let rec_len = over + data.len() as u64;
         if rec_len > disk.cap {
             return Err(StoreError::TooLarge {
                 len: data.len(),
-                limit: disk.cap.saturating_sub(HDR as u64),
+                limit: disk.cap.saturating_sub(over),
             });
         }
         if self.disk_off() {
@@ -1170,7 +1215,8 @@ fn run_writer(shared: Arc<Shared>) {
         };
         g.q.busy = true;
         drop(g);
-        let res = batch.write();
+        let mut batch = batch;
+        let res = batch.write(shared.sealer.as_ref());
         g = shared.lock();
         g.commit(batch, res);
         g.q.busy = false;
@@ -1240,6 +1286,8 @@ impl ChunkStore {
                     idle: Condvar::new(),
                     blocking: OnceLock::new(),
                     in_ram: true,
+                    sealer: None,
+                    key: None,
                 }),
                 writer: None,
             });
@@ -1249,7 +1297,7 @@ impl ChunkStore {
                 "disk_bytes and segment_bytes must be > 0",
             ));
         }
-        let (id, mut inner) = open_disk(&dir, &cfg, ram)?;
+        let (id, mut inner, sealer) = open_disk(&dir, &cfg, ram)?;
         inner.q.cap = cfg.write_queue_bytes;
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
@@ -1257,6 +1305,8 @@ impl ChunkStore {
             idle: Condvar::new(),
             blocking: OnceLock::new(),
             in_ram: disk::in_ram(&dir),
+            sealer,
+            key: cfg.key.clone(),
         });
         let for_writer = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
@@ -1334,18 +1384,36 @@ impl ChunkStore {
             }
         };
         let old = out.len();
-        out.resize(old + len as usize, 0);
+        let sealer = self.shared.sealer.as_ref();
+        // A sealed chunk is read with its whole record, and opened.
+        let (pre, post) = match sealer {
+            Some(_) => (Format::Sealed.pre(), Format::Sealed.post()),
+            None => (0, 0),
+        };
+        // (A sealed record's payload is never at an offset below `pre`: scan and snapshot check it.)
+        let at = u64::from(loc_offset(loc)).saturating_sub(pre as u64);
+        out.resize(old + pre + len as usize + post, 0);
         let section = self.shared.blocking.get().copied();
         let (read, blocked) = read_chunk(
             section,
             self.shared.in_ram,
             &file,
             &mut out[old..],
-            u64::from(loc_offset(loc)),
+            at,
             slow,
         );
         drop(file);
-        let good = read.is_ok() && id.matches(&out[old..]);
+        let good = read.is_ok()
+            && match sealer {
+                Some(sealer) => {
+                    let opened = record::open_chunk(sealer, &mut out[old..], loc_seg(loc), at, id);
+                    if opened {
+                        out.truncate(old + len as usize);
+                    }
+                    opened
+                }
+                None => id.matches(&out[old..]),
+            };
         let mut g = self.lock();
         if blocked {
             g.c.blocking_reads += 1;
@@ -1363,6 +1431,10 @@ impl ChunkStore {
             Err(e) => {
                 g.c.read_errors += 1;
                 format!("read error: {e}")
+            }
+            Ok(()) if sealer.is_some() => {
+                g.c.verify_failures += 1;
+                "the record does not open: altered, moved or not sealed by this store".to_owned()
             }
             Ok(()) => {
                 g.c.verify_failures += 1;
@@ -1454,7 +1526,7 @@ impl ChunkStore {
                 // The writer is behind: hints are only hints.
                 return;
             }
-            record::encode_succ(&mut disk.pending, prev, next);
+            disk.fmt.encode_succ(&mut disk.pending, prev, next);
             if disk.pending.len() >= PENDING_FLUSH && sleeping {
                 drop(g);
                 self.shared.work.notify_one();
@@ -1574,7 +1646,13 @@ impl ChunkStore {
                 *e
             }
         });
-        disk::write_snapshot(&disk.dir, self.id, &segs, slots)
+        disk::write_snapshot(
+            &disk.dir,
+            self.id,
+            &segs,
+            slots,
+            self.shared.sealer.as_ref(),
+        )
     }
 
     /// The disk tier's state if it is off after write failures, `None` while it is written normally
@@ -1636,15 +1714,58 @@ impl Drop for ChunkStore {
 }
 
 /// Opens the disk tier: meta file, then the snapshot or a recovery scan of every segment.
-fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, Inner), StoreError> {
-    std::fs::create_dir_all(dir).map_err(|e| disk::io_err(dir, e))?;
-    let id = match disk::read_meta(dir) {
-        Some(id) => id,
+fn open_disk(
+    dir: &Path,
+    cfg: &StoreConfig,
+    ram: RamTier,
+) -> Result<(StoreId, Inner, Option<Sealer>), StoreError> {
+    use disk::Meta;
+    disk::private_dir(dir).map_err(|e| disk::io_err(dir, e))?;
+    let fmt = match cfg.key {
+        Some(_) => Format::Sealed,
+        None => Format::Plain,
+    };
+    let d = dir.display();
+    let kept = match (disk::read_meta(dir), &cfg.key) {
+        (Some(Meta::Plain(id)), None) => Some((id, None)),
+        (Some(Meta::Sealed(id, check)), Some(key)) => {
+            let sealer = Sealer::new(key, id);
+            if sealer.key_check() == check {
+                Some((id, Some(sealer)))
+            } else {
+                tracing::warn!(
+                    "chunk store in {d}: its files were sealed with another store key (the key file                      was lost or replaced); they cannot be read: deleted, starting an empty store"
+                );
+                None
+            }
+        }
+        (Some(Meta::Plain(_)), Some(_)) => {
+            tracing::warn!(
+                "chunk store in {d}: found an unencrypted store from an earlier version: deleted,                  starting an empty encrypted store"
+            );
+            None
+        }
+        (Some(Meta::Sealed(..)), None) => {
+            tracing::warn!(
+                "chunk store in {d}: its files are encrypted but no store key is configured:                  deleted, starting an empty unencrypted store"
+            );
+            None
+        }
+        // Missing or garbled: a store never used, or one whose files cannot be trusted.
+        (None, _) => None,
+    };
+    let (id, sealer) = match kept {
+        Some(k) => k,
         None => {
             disk::wipe(dir)?;
             let id = StoreId(rand::random());
-            disk::write_meta(dir, id)?;
-            id
+            let sealer = cfg.key.as_ref().map(|k| Sealer::new(k, id));
+            let meta = match &sealer {
+                Some(s) => Meta::Sealed(id, s.key_check()),
+                None => Meta::Plain(id),
+            };
+            disk::write_meta(dir, meta)?;
+            (id, sealer)
         }
     };
     let mut c = Counters::default();
@@ -1674,7 +1795,8 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
     }
 
     let lens: Vec<(u32, u64)> = segs.iter().map(|s| (s.seq, s.len)).collect();
-    let snapshot = disk::read_snapshot(dir, id, &lens).and_then(Index::from_slots);
+    let snapshot =
+        disk::read_snapshot(dir, id, &lens, fmt, sealer.as_ref()).and_then(Index::from_slots);
     // A snapshot describes one moment; never let it be mistaken for a later one.
     let _ = std::fs::remove_file(dir.join(disk::SNAPSHOT));
     let index = match snapshot {
@@ -1688,7 +1810,7 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
             }
             index
         }
-        None => scan_segments(&mut segs, last_seq, &mut c),
+        None => scan_segments(&mut segs, last_seq, &mut c, sealer.as_ref()),
     };
 
     let seg_limit = cfg
@@ -1718,12 +1840,13 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
     };
     let disk = Disk {
         dir: dir.to_path_buf(),
+        fmt,
         sealed: segs.into(),
         cur,
         total,
         cap: cfg.disk_bytes,
         seg_limit,
-        pending: Vec::with_capacity(PENDING_FLUSH + SUCC_RECORD_LEN),
+        pending: Vec::with_capacity(PENDING_FLUSH + fmt.succ_len()),
         wbuf: Vec::new(),
         faults: 0,
     };
@@ -1739,14 +1862,19 @@ fn open_disk(dir: &Path, cfg: &StoreConfig, ram: RamTier) -> Result<(StoreId, In
     };
     // The capacity may have shrunk since the files were written.
     inner.make_room(0)?;
-    Ok((id, inner))
+    Ok((id, inner, sealer))
 }
 
 /// Rebuilds the index from the segments, oldest first, so later records win. Verifies every record;
 /// truncates a torn tail of the newest segment. Successor records are applied after every chunk is
 /// indexed (in order, so later ones win): the writer thread may write a hint before the chunk record
 /// it names.
-fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index {
+fn scan_segments(
+    segs: &mut [Segment],
+    last_seq: u32,
+    c: &mut Counters,
+    sealer: Option<&Sealer>,
+) -> Index {
     let mut index = Index::new();
     let mut hints: Vec<(ChunkId, ChunkId)> = Vec::new();
     let mut buf = Vec::new();
@@ -1765,7 +1893,7 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
         }
         let seq = seg.seq;
         let slots = &mut seg.slots;
-        let sum = record::scan(&buf, |rec| match rec {
+        let visit = |rec| match rec {
             Record::Chunk { id, payload, len } => {
                 let loc = pack_loc(seq, payload as u32);
                 let slot = match index.find(&id) {
@@ -1778,14 +1906,18 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
                 slots.push(slot);
             }
             Record::Succ { prev, next } => hints.push((prev, next)),
-        });
+        };
+        let sum = match sealer {
+            Some(sealer) => record::scan_sealed(&mut buf, sealer, seq, visit),
+            None => record::scan(&buf, visit),
+        };
         c.verify_failures += sum.bad_payloads;
         c.corrupt_records += sum.bad_regions;
         let torn = seq == last_seq && (sum.good_end as u64) < seg.len;
         if sum.bad_payloads > 0 || sum.bad_regions > u64::from(torn) {
             tracing::warn!(
-                "chunk store: {} is damaged: skipped {} chunk records that do not match their \
-                 fingerprint and {} garbled regions",
+                "chunk store: {} is damaged: skipped {} records that do not match their \
+                 fingerprint or do not open, and {} garbled regions",
                 disk::seg_name(seq),
                 sum.bad_payloads,
                 sum.bad_regions
@@ -1809,6 +1941,7 @@ fn scan_segments(segs: &mut [Segment], last_seq: u32, c: &mut Counters) -> Index
 #[cfg(test)]
 mod tests {
     use super::*;
+    use record::{HDR, SUCC_RECORD_LEN};
 
     fn chunk(n: u32, len: usize) -> (ChunkId, Vec<u8>) {
         let mut data = vec![0u8; len];

@@ -314,6 +314,7 @@ pub fn spec_a(
             name: "site-b".into(),
             fingerprint: b_fp,
             address: Some(b_tunnel.to_string()),
+            allow: Default::default(),
         }],
         forwards: vec![ForwardSpec {
             listen: any_port(),
@@ -344,6 +345,7 @@ pub fn spec_b(
             name: "site-a".into(),
             fingerprint: a_fp,
             address: None,
+            allow: Default::default(),
         }],
         forwards: vec![ForwardSpec {
             listen: any_port(),
