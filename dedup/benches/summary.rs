@@ -7,7 +7,7 @@
 //! bytes described.
 
 use ditto_dedup::summary::{self, Msg};
-use ditto_dedup::{ChunkId, PeerView, StoreId};
+use ditto_dedup::{ChunkId, PeerView, Reconciler, StoreId};
 use std::time::Instant;
 
 fn main() {
@@ -51,15 +51,16 @@ fn main() {
     let build = t.elapsed();
     let bytes: usize = msgs.iter().map(Vec::len).sum();
 
-    let view = PeerView::new(StoreId(1));
+    // The learner's own path: each message parsed, checked and applied by a reconciler.
+    let view = std::sync::Arc::new(PeerView::new(StoreId(1)));
+    let mut learner = Reconciler::new(view.clone(), None);
+    let now = Instant::now();
+    let mut answers = Vec::new();
     let t = Instant::now();
     for m in &msgs {
-        match Msg::parse(m) {
-            Ok(Msg::Part(p)) => {
-                view.apply_part(&p);
-            }
-            other => panic!("not a part: {other:?}"),
-        }
+        learner
+            .on_message(m, now, &mut answers)
+            .expect("a valid part");
     }
     view.settle();
     let apply = t.elapsed();

@@ -260,10 +260,8 @@ impl Known {
         true
     }
 
-    fn apply_part(&mut self, p: &Part) -> Applied {
-        let Ok(keys) = decode_keys(p.count, p.k, &p.bits) else {
-            return Applied::Stale;
-        };
+    /// Applies part `p` whose fingerprints are `keys` (decoded from it).
+    fn apply_part(&mut self, p: &Part, keys: Vec<u64>) -> Applied {
         if p.from == 0 {
             self.drop_seg(p.seq);
         } else {
@@ -478,9 +476,9 @@ impl PeerView {
                     return None;
                 }
                 match body[0] {
-                    REC_PART => match Msg::parse(&body[1..]).ok()? {
-                        Msg::Part(p) => {
-                            known.apply_part(&p);
+                    REC_PART => match Msg::parse_keys(&body[1..]).ok()? {
+                        (Msg::Part(p), keys) => {
+                            known.apply_part(&p, keys);
                         }
                         _ => return None,
                     },
@@ -695,7 +693,15 @@ impl PeerView {
 
     /// Applies a part the peer sent (already parsed and checked by [`Msg::parse`]).
     pub fn apply_part(&self, p: &Part) -> Applied {
-        let r = self.known_mut().apply_part(p);
+        match decode_keys(p.count, p.k, &p.bits) {
+            Ok(keys) => self.apply_decoded(p, keys),
+            Err(_) => Applied::Stale,
+        }
+    }
+
+    /// [`PeerView::apply_part`] with the part's fingerprints already decoded.
+    pub(crate) fn apply_decoded(&self, p: &Part, keys: Vec<u64>) -> Applied {
+        let r = self.known_mut().apply_part(p, keys);
         match r {
             Applied::Added => {
                 let body = Msg::Part(p.clone()).encode();

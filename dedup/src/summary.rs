@@ -199,6 +199,12 @@ impl Msg {
     /// Parses and checks a message. A PART's fingerprints are decoded and checked too (see
     /// [`decode_keys`]), so a part that parses is one that can be applied.
     pub fn parse(b: &[u8]) -> Result<Msg, SummaryError> {
+        Msg::parse_keys(b).map(|(m, _)| m)
+    }
+
+    /// [`Msg::parse`], also returning a PART's decoded fingerprints (decoded once, to check them).
+    pub(crate) fn parse_keys(b: &[u8]) -> Result<(Msg, Vec<u64>), SummaryError> {
+        let mut keys = Vec::new();
         if b.len() > MAX_MESSAGE {
             return Err(SummaryError::TooLarge(b.len()));
         }
@@ -253,7 +259,7 @@ impl Msg {
                     return Err(SummaryError::Malformed("rice parameter out of range"));
                 }
                 let bits = r.take(r.0.len())?.to_vec();
-                decode_keys(count, k, &bits)?;
+                keys = decode_keys(count, k, &bits)?;
                 Msg::Part(Part {
                     seq,
                     from,
@@ -271,7 +277,7 @@ impl Msg {
         if !r.0.is_empty() {
             return Err(SummaryError::Malformed("trailing bytes"));
         }
-        Ok(msg)
+        Ok((msg, keys))
     }
 }
 
@@ -629,7 +635,7 @@ impl Reconciler {
         out: &mut Vec<Vec<u8>>,
     ) -> Result<(), SummaryError> {
         self.stats.bytes_received += body.len() as u64;
-        let msg = match Msg::parse(body) {
+        let (msg, keys) = match Msg::parse_keys(body) {
             Ok(m) => m,
             Err(e) => {
                 self.stats.rejected += 1;
@@ -686,7 +692,7 @@ impl Reconciler {
             Msg::Part(p) => {
                 self.outstanding.remove(&p.seq);
                 let seq = p.seq;
-                match self.view.apply_part(&p) {
+                match self.view.apply_decoded(&p, keys) {
                     Applied::Added => {
                         self.stats.parts += 1;
                         let upto = self.view.known_upto(seq);
