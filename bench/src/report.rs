@@ -457,6 +457,7 @@ mod tests {
             workload: crate::scenarios::Workload::Rand { bytes: 1 },
             outage: None,
             restart: false,
+            cross_peer: false,
         };
         let r = RunReport {
             date: "d".into(),

@@ -17,7 +17,8 @@ use std::time::Instant;
 /// Options of `scenarios`.
 #[derive(Args, Debug, Clone)]
 pub struct ScenarioArgs {
-    /// Scenarios to run (default: all but the outages). Known: legacy-window, lossy, warm-repeat,
+    /// Scenarios to run (default: all but the outages). Known: legacy-window, lossy, warm-restart,
+    /// cross-peer, warm-repeat,
     /// warm-repeat-db, cold-compressible, interactive, many-flows, no-link-limit, and the outages
     /// outage-10s, outage-60s, outage-300s (`outages` = all three; they take minutes, so they only
     /// run when named).
@@ -103,6 +104,12 @@ pub struct Scenario {
     /// same stores, new processes; the other contenders keep no state to lose).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restart: bool,
+    /// Hub and spokes: site A is a hub with two spoke appliances on site B's side (two ditto
+    /// processes in namespace B). The file first goes through spoke 1 (not measured), then the
+    /// measured transfer through spoke 2, which never sent it itself. The other contenders have no
+    /// second site to remember anything for: their measured transfer is a cold one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_peer: bool,
 }
 
 /// A WAN outage: every packet in both directions dropped for `secs`, starting `after_s` into the
@@ -240,6 +247,7 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         workload,
         outage: None,
         restart: false,
+        cross_peer: false,
     };
     let mut legacy = sc(
         "legacy-window",
@@ -291,10 +299,22 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         },
     );
     warm_restart.restart = true;
+    let mut cross_peer = sc(
+        "cross-peer",
+        "TypeScript 5.4.4 tarball sent to a hub by spoke 2 after spoke 1 sent it there",
+        "20mbit",
+        "80ms",
+        Workload::File {
+            name: "src-v1.tar".into(),
+            warm: None,
+        },
+    );
+    cross_peer.cross_peer = true;
     Ok(vec![
         legacy,
         lossy,
         warm_restart,
+        cross_peer,
         sc(
             "warm-repeat",
             "TypeScript 5.4.5 npm tarball after 5.4.4 went through",
@@ -675,6 +695,121 @@ pub(crate) fn start_ditto_with(
         wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &target, 15)?;
     }
     Ok(r)
+}
+
+/// The forward listener of the hub (site A) for spoke 1; spoke 2's is [`PROXY_PORT`].
+const SPOKE_ONE_PORT: u16 = 5002;
+/// Admin endpoint of spoke 2 in namespace B (spoke 1's is the usual 9090).
+const SPOKE_TWO_ADMIN: &str = "127.0.0.1:9091";
+
+/// A hub (site A, client side) and two spokes (two ditto processes in namespace B, the server's
+/// side), all on disk stores. The hub forwards [`SPOKE_ONE_PORT`] through spoke 1 and
+/// [`PROXY_PORT`] (the measured target) through spoke 2.
+fn start_ditto_hub(ctx: &Ctx, ditto: &Path, tag: &str) -> Result<Running> {
+    let dir = ctx.dir(&format!("ditto-{tag}"))?;
+    let fp_h = keygen(ditto, &dir.join("hub"))?;
+    let fps = [
+        keygen(ditto, &dir.join("spoke-1"))?,
+        keygen(ditto, &dir.join("spoke-2"))?,
+    ];
+    let node = |me: &str, admin: &str| {
+        format!(
+            "[node]\nname = \"{me}\"\nkey = \"{}\"\nadmin = \"{admin}\"\nstore_dir = \"{}\"\n",
+            dir.join(format!("{me}.key")).display(),
+            dir.join(format!("store-{me}")).display()
+        )
+    };
+    let mut hub = node("hub", "127.0.0.1:9090")
+        + &format!("\n[tunnel]\nlisten = \"{}:7878\"\n", addr::A_WAN);
+    for (i, (fp, port)) in fps.iter().zip([SPOKE_ONE_PORT, PROXY_PORT]).enumerate() {
+        hub += &format!(
+            "\n[[peer]]\nname = \"spoke-{n}\"\nfingerprint = \"{fp}\"\n\n[[forward]]\n\
+             listen = \"{}:{port}\"\npeer = \"spoke-{n}\"\ntarget = \"{}:{SERVER_PORT}\"\n",
+            addr::A_LAN,
+            addr::SERVER,
+            n = i + 1
+        );
+    }
+    let spoke = |n: usize, admin: &str| {
+        node(&format!("spoke-{n}"), admin)
+            + &format!(
+                "\n[[peer]]\nname = \"hub\"\naddress = \"{}:7878\"\nfingerprint = \"{fp_h}\"\n",
+                addr::A_WAN
+            )
+    };
+    let files = [
+        (dir.join("hub.toml"), hub),
+        (dir.join("spoke-1.toml"), spoke(1, "127.0.0.1:9090")),
+        (dir.join("spoke-2.toml"), spoke(2, SPOKE_TWO_ADMIN)),
+    ];
+    for (f, text) in &files {
+        std::fs::write(f, text)?;
+    }
+    let d = ditto.to_string_lossy().into_owned();
+    let run = |f: &Path| vec!["run".into(), "--config".into(), f.display().to_string()];
+    let h = ctx.spawn_wrapped(Role::SiteA, "ditto-hub", &d, &run(&files[0].0))?;
+    let s1 = ctx.spawn_wrapped(Role::SiteB, "ditto-spoke-1", &d, &run(&files[1].0))?;
+    let s2 = ctx.spawn_wrapped(Role::SiteB, "ditto-spoke-2", &d, &run(&files[2].0))?;
+    let r = Running {
+        target: format!("{}:{PROXY_PORT}", addr::A_LAN),
+        side_a: vec![h],
+        side_b: vec![s1, s2],
+        cleanup: None,
+    };
+    wait_ditto_ready(ctx, ditto, Role::SiteA, DittoMode::Forward, 15)?;
+    wait_port_in(&ctx.topo, Role::Client, &ctx.bench, &r.target, 15)?;
+    Ok(r)
+}
+
+/// Spoke 2's status (its admin endpoint in namespace B).
+fn spoke_two_status(ctx: &Ctx, ditto: &Path) -> Option<serde_json::Value> {
+    let out = ctx
+        .topo
+        .cmd(Role::SiteB, ditto)
+        .args(["status", "--admin", SPOKE_TWO_ADMIN, "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The cross-peer scenario's first leg: `file` through spoke 1 (not measured), then waits until
+/// spoke 2 knows what the hub now holds (the hub's next summary).
+fn spoke_one_first(ctx: &Ctx, sc: &Scenario, file: &str) -> Result<()> {
+    let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let known = || {
+        spoke_two_status(ctx, &d)
+            .and_then(|v| {
+                let s = v.pointer("/peers/0/summary")?;
+                Some((s.get("known_chunks")?.as_u64()?, s.get("in_sync")?.as_bool()?))
+            })
+            .unwrap_or((0, false))
+    };
+    let before = known().0;
+    let target = format!("{}:{SPOKE_ONE_PORT}", addr::A_LAN);
+    let f: FetchResult = run_json(
+        &ctx.topo,
+        Role::Client,
+        &ctx.bench,
+        &fetch_args(sc, &target, &ctx.data, Some(file)),
+    )?;
+    if !f.exact {
+        bail!("transfer of {file} through spoke 1 was not byte-exact: {:?}", f.errors);
+    }
+    // Chunks average about 4 KiB; a quarter of them is plenty to show the hub's summary arrived.
+    let want = before + f.bytes / 16384;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (n, sync) = known();
+        if sync && n >= want {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("spoke 2 never learned what spoke 1 left at the hub ({n} chunks known)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Stops both ditto processes (SIGTERM) and starts them again on the same configs and stores,
@@ -1112,6 +1247,10 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
     }
     let mut running = match c {
         Contender::Plain | Contender::Rsync => Running::direct(),
+        Contender::Ditto if sc.cross_peer => {
+            let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+            start_ditto_hub(ctx, &d, &sc.name)?
+        }
         Contender::Ditto => {
             let d = ditto_available(ctx.ditto.as_deref()).map_err(|e| anyhow::anyhow!(e))?;
             start_ditto(ctx, &d, &sc.name, ctx.ditto_mode)?
@@ -1197,6 +1336,11 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                                 restart_ditto(ctx, &sc.name, &mut running)?;
                                 r.note = "both appliances restarted after the warm-up".into();
                             }
+                        }
+                        if sc.cross_peer && c == Contender::Ditto {
+                            spoke_one_first(ctx, sc, name)?;
+                            r.note = "through spoke 2, after spoke 1 sent the file to the hub"
+                                .into();
                         }
                         Some(name.as_str())
                     }
