@@ -52,6 +52,9 @@ pub struct LoadArgs {
     /// Seconds the flows stay open (idle) once all have their answer.
     #[arg(long, default_value_t = 5)]
     pub hold_s: u64,
+    /// Seconds to wait after the flows closed before measuring RSS again.
+    #[arg(long, default_value_t = 30)]
+    pub settle_s: u64,
     /// Attacks to run before the flows: idle-one, idle-many, byte, hello-flood (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub attack: Vec<String>,
@@ -108,7 +111,7 @@ pub struct FlowsReport {
     pub rss_after_kib: (u64, u64),
     /// (RSS all open - RSS before) / flows, both ends together.
     pub bytes_per_idle_flow: f64,
-    /// RSS 10 s after the flows closed / RSS before, per end.
+    /// RSS `settle_s` after the flows closed / RSS before, per end.
     pub after_ratio: (f64, f64),
     pub fds_before: (usize, usize),
     pub fds_after: (usize, usize),
@@ -762,7 +765,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             }
             out
         });
-        std::thread::sleep(Duration::from_secs(10));
+        std::thread::sleep(Duration::from_secs(args.settle_s));
         let rss_after = (rss_kib(pa), rss_kib(pb));
         let fds_after = (fds(pa), fds(pb));
         let mut failures = BTreeMap::new();
@@ -837,7 +840,7 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
              | site A flows | {} |\n\
              | RSS A, B before | {} / {} KiB |\n| RSS A, B all open | {} / {} KiB |\n\
              | RSS per idle flow, both ends | {:.0} bytes ({:.1} KiB) |\n\
-             | RSS A, B 10 s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
+             | RSS A, B {} s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
              | open files A, B before / after | {} / {} -> {} / {} |\n\n",
             f.flows,
             f.kind,
@@ -867,6 +870,7 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
             f.rss_all_open_kib.1,
             f.bytes_per_idle_flow,
             f.bytes_per_idle_flow / 1024.0,
+            args.settle_s,
             f.rss_after_kib.0,
             f.rss_after_kib.1,
             f.after_ratio.0,
