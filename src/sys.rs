@@ -17,7 +17,7 @@ pub fn kill(pid: u32) -> std::io::Result<()> {
 /// Raises the soft limit of open files to the hard limit: every flow is one or two sockets, and
 /// the usual soft limit of 1024 would cap the node far below its flow limit. Returns the limit in
 /// force afterwards.
-pub fn raise_nofile() -> u64 {
+pub fn raise_nofile() -> libc::rlim_t {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -33,9 +33,9 @@ pub fn raise_nofile() -> u64 {
                 rlim_max: r.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
+                return want.rlim_cur;
             }
         }
     }
-    r.rlim_cur as u64
+    r.rlim_cur
 }

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// More file descriptors than the usual 1024: the test holds both ends of thousands of flows.
 #[allow(unsafe_code)]
-fn raise_nofile() -> u64 {
+fn raise_nofile() -> libc::rlim_t {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -37,7 +37,7 @@ fn raise_nofile() -> u64 {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
-    r.rlim_cur as u64
+    r.rlim_cur
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -161,7 +161,13 @@ impl Pair {
             .map(|r| r.1)
             .unwrap_or_default();
         m.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
             .unwrap_or(0.0)
     }
 
@@ -437,7 +443,9 @@ fn idle_unauthenticated_connections_do_not_keep_a_restarting_peer_out() {
         "the attack should have hit both caps\n{}",
         pair.logs()
     );
-    assert!(pair.log("b.log").contains("unauthenticated tunnel connections"));
+    assert!(pair
+        .log("b.log")
+        .contains("unauthenticated tunnel connections"));
 }
 
 #[test]

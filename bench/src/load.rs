@@ -120,12 +120,13 @@ pub struct FlowsReport {
 #[derive(Serialize, Default, Debug)]
 pub struct AttackReport {
     pub attack: String,
+    /// Connection attempts of the attacker.
     pub connections_opened: u64,
     /// Time from site A's restart until its tunnel was up again (None: not within 60 s).
     pub reconnect_ms: Option<f64>,
     /// CPU seconds site B used per second during the attack.
     pub site_b_cpu: f64,
-    /// `ditto_preauth_closed_total` of site B's tunnel listener after the attack, by why.
+    /// `ditto_preauth_closed_total` of site B's tunnel listener during the attack, by why.
     pub closed: BTreeMap<String, f64>,
 }
 
@@ -222,7 +223,8 @@ impl Pair {
     fn start(ditto: &Path, dir: &Path, target: SocketAddr, tunnel_extra: &str) -> Result<Pair> {
         let fp_a = keygen(ditto, dir, "a")?;
         let fp_b = keygen(ditto, dir, "b")?;
-        let (tunnel, admin_a, admin_b, fwd) = (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (tunnel, admin_a, admin_b, fwd) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
         let extra = tunnel_extra.replace(';', "\n");
         std::fs::write(
             dir.join("b.toml"),
@@ -286,7 +288,10 @@ impl Pair {
     }
 
     fn pids(&self) -> (u32, u32) {
-        (self.a.as_ref().map_or(0, |a| a.child.id()), self.b.child.id())
+        (
+            self.a.as_ref().map_or(0, |a| a.child.id()),
+            self.b.child.id(),
+        )
     }
 }
 
@@ -434,7 +439,11 @@ async fn one_flow(
 }
 
 /// Connects and reads the whole answer.
-async fn answer(i: usize, args: &LoadArgs, to: SocketAddr) -> Result<(TcpStream, FlowResult), String> {
+async fn answer(
+    i: usize,
+    args: &LoadArgs,
+    to: SocketAddr,
+) -> Result<(TcpStream, FlowResult), String> {
     let src = IpAddr::from([127, 0, 0, 1 + (i % usize::from(args.sources.max(1))) as u8]);
     let t0 = Instant::now();
     let mut s = connect_from(src, to).await.map_err(|e| kind_of(&e))?;
@@ -569,8 +578,9 @@ async fn attack(kind: String, args: LoadArgs, to: SocketAddr, stop: Arc<AtomicBo
             })));
             let mut buf = [0u8; 4096];
             while !stop.load(Relaxed) {
+                // Attempts: a connect the server resets at once may fail here after all.
+                opened.fetch_add(1, Relaxed);
                 if let Ok(mut s) = connect_from(src, to).await {
-                    opened.fetch_add(1, Relaxed);
                     let mut sent = 0;
                     loop {
                         if trickle && sent < hello.len() {
@@ -618,10 +628,10 @@ async fn attack(kind: String, args: LoadArgs, to: SocketAddr, stop: Arc<AtomicBo
                     let src = IpAddr::from([127, 0, 4, 1 + (n % 200) as u8]);
                     let opened = opened.clone();
                     tokio::spawn(async move {
+                        opened.fetch_add(1, Relaxed);
                         let Ok(mut s) = connect_from(src, to).await else {
                             return;
                         };
-                        opened.fetch_add(1, Relaxed);
                         if s.write_all(&client_hello(n)).await.is_ok() {
                             let mut buf = [0u8; 8192];
                             let _ =
@@ -642,7 +652,7 @@ async fn attack(kind: String, args: LoadArgs, to: SocketAddr, stop: Arc<AtomicBo
 
 /// Raises the soft open file limit to the hard limit; returns the limit in force.
 #[allow(unsafe_code)]
-fn raise_nofile() -> u64 {
+fn raise_nofile() -> libc::rlim_t {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -654,7 +664,7 @@ fn raise_nofile() -> u64 {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
-    r.rlim_cur as u64
+    r.rlim_cur
 }
 
 pub fn run(args: &LoadArgs) -> Result<()> {
@@ -687,6 +697,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     let stop_sampling = Arc::new(AtomicBool::new(false));
     let samples = sampler(pids.clone(), t0, stop_sampling.clone());
 
+    let mut closed_before = BTreeMap::<String, f64>::new();
     for a in &args.attack {
         let stop = Arc::new(AtomicBool::new(false));
         let b_pid = pair.pids().1;
@@ -701,10 +712,15 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         let cpu = (cpu_s(b_pid) - cpu0.0) / cpu0.1.elapsed().as_secs_f64();
         stop.store(true, Relaxed);
         let opened = rt.block_on(h).unwrap_or(0);
-        let closed = metrics(pair.admin_b, "ditto_preauth_closed_total")
+        let now: BTreeMap<String, f64> = metrics(pair.admin_b, "ditto_preauth_closed_total")
             .into_iter()
             .filter(|(k, _)| k.contains("tunnel"))
             .collect();
+        let closed = now
+            .iter()
+            .map(|(k, v)| (k.clone(), v - closed_before.get(k).copied().unwrap_or(0.0)))
+            .collect();
+        closed_before = now;
         let r = AttackReport {
             attack: a.clone(),
             connections_opened: opened,
@@ -755,13 +771,11 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             let mut out = Vec::with_capacity(tasks.len());
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             for t in tasks {
-                out.push(
-                    match tokio::time::timeout_at(deadline, t).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(_)) => Err("panicked".into()),
-                        Err(_) => Err("hung".into()),
-                    },
-                );
+                out.push(match tokio::time::timeout_at(deadline, t).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err("panicked".into()),
+                    Err(_) => Err("hung".into()),
+                });
             }
             out
         });
@@ -798,7 +812,10 @@ pub fn run(args: &LoadArgs) -> Result<()> {
                 - (rss_before.0 + rss_before.1) as f64)
                 * 1024.0
                 / args.flows as f64,
-            after_ratio: (ratio(rss_after.0, rss_before.0), ratio(rss_after.1, rss_before.1)),
+            after_ratio: (
+                ratio(rss_after.0, rss_before.0),
+                ratio(rss_after.1, rss_before.1),
+            ),
             fds_before,
             fds_after,
         });
@@ -883,7 +900,7 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
     }
     if !r.attacks.is_empty() {
         s += "## Attacks on site B's tunnel port while site A restarts\n\n\
-              | attack | connections opened | site A's tunnel up after | site B CPU | closed by site B |\n\
+              | attack | connection attempts | site A's tunnel up after | site B CPU | closed by site B |\n\
               |---|---|---|---|---|\n";
         for a in &r.attacks {
             s += &format!(
@@ -904,9 +921,7 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
     }
     if let (Some(first), Some(peak)) = (
         r.samples.first(),
-        r.samples
-            .iter()
-            .max_by_key(|x| x.rss_a_kib + x.rss_b_kib),
+        r.samples.iter().max_by_key(|x| x.rss_a_kib + x.rss_b_kib),
     ) {
         let last = r.samples.last().copied().unwrap_or_default();
         s += &format!(

@@ -249,10 +249,10 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
         return passthrough(&inner, lan, &plan, reason::MAX_FLOWS).await;
     };
     if inner.retained.spent() {
-        inner
-            .metrics
-            .limits
-            .hit(crate::limits::RETAIN_BUDGET, inner.settings.retain_budget as u64);
+        inner.metrics.limits.hit(
+            crate::limits::RETAIN_BUDGET,
+            inner.settings.retain_budget as u64,
+        );
         return passthrough(&inner, lan, &plan, reason::RETAIN_BUDGET).await;
     }
     // Whatever the client already sent leaves right behind the OPEN: no extra round trip, and a
@@ -436,12 +436,7 @@ async fn connect(
     Ok(s)
 }
 
-async fn passthrough(
-    inner: &FlowEnv,
-    lan: TcpStream,
-    plan: &Plan,
-    why: &'static str,
-) {
+async fn passthrough(inner: &FlowEnv, lan: TcpStream, plan: &Plan, why: &'static str) {
     passthrough_with(inner, lan, plan, why, Vec::new(), false).await;
 }
 

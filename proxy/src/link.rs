@@ -209,7 +209,11 @@ fn note_version(peer: &Peer, e: &TunnelError) -> bool {
 /// `accept_timeout` to complete TLS and hello.
 pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
     let stop = env.life.stop.clone();
-    let closed = |why: &str| env.metrics.preauth_closed.with_label_values(&["tunnel", why]);
+    let closed = |why: &str| {
+        env.metrics
+            .preauth_closed
+            .with_label_values(&["tunnel", why])
+    };
     loop {
         let (tcp, from) = tokio::select! {
             r = listener.accept() => match r {
@@ -233,9 +237,10 @@ pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
             crate::preauth::Admit::Ok { ticket, evicted } => {
                 if evicted {
                     closed("evicted").inc();
-                    env.metrics
-                        .limits
-                        .hit(crate::limits::TUNNEL_PREAUTH, env.settings.max_handshakes as u64);
+                    env.metrics.limits.hit(
+                        crate::limits::TUNNEL_PREAUTH,
+                        env.settings.max_handshakes as u64,
+                    );
                 }
                 ticket
             }
@@ -252,10 +257,8 @@ pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
         };
         let env2 = env.clone();
         env.life.tasks.spawn(async move {
-            let hs = tokio::time::timeout(
-                env2.settings.accept_timeout,
-                accept_handshake(&env2, tcp),
-            );
+            let hs =
+                tokio::time::timeout(env2.settings.accept_timeout, accept_handshake(&env2, tcp));
             // A handshake in progress must not hold up a shutdown for its whole timeout; one
             // evicted to make room for a newer connection ends at once.
             let r = tokio::select! {
