@@ -1015,6 +1015,28 @@ mod tests {
     }
 
     #[test]
+    fn handshake_keys_reach_the_settings_and_are_checked() {
+        let base = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\n";
+        let src = format!(
+            "{base}handshake_timeout = \"5s\"\nmax_handshakes = 100\nhandshakes_per_source = 4\n"
+        );
+        let l = Loaded::from_source(src, Path::new("test.toml")).expect("valid");
+        let s = l.settings();
+        assert_eq!(
+            (s.accept_timeout, s.max_handshakes, s.handshakes_per_source),
+            (Duration::from_secs(5), 100, 4)
+        );
+        for (bad, line) in [
+            ("handshakes_per_source = 0", "handshakes_per_source"),
+            ("max_handshakes = 0", "max_handshakes"),
+            ("handshake_timeout = \"100ms\"", "handshake_timeout"),
+        ] {
+            let e = parse(&format!("{base}{bad}\n")).expect_err(bad).to_string();
+            assert!(e.starts_with("test.toml:5:") && e.contains(line), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_key_and_line() {
         let src = format!("[node]\nname = \"a\"\nkey = \"a.key\"\nstore_ram = \"lots\"\n[[peer]]\nname = \"b\"\naddress = \"h:1\"\nfingerprint = \"{FP}\"\n");
         let e = parse(&src).expect_err("bad size").to_string();

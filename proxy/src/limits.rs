@@ -76,6 +76,14 @@ pub const ADMIN_CONNECTIONS: Limit = Limit {
     effect: "oldest connections of the busiest address closed",
 };
 
+/// Not a limit: tunnel handshakes refused (not TLS, unknown key, bad hello). Each is logged with
+/// its address at debug level only, so a flood of them cannot flood the log.
+pub const REFUSED_HANDSHAKES: Limit = Limit {
+    name: "tunnel handshakes refused",
+    key: "",
+    effect: "(not TLS, unknown key or bad hello; addresses at debug level)",
+};
+
 #[derive(Default)]
 struct Seen {
     /// Hits since the last line.
@@ -140,6 +148,10 @@ fn log(limit: &Limit, s: &mut Seen) {
         Some(_) => "in the last minute",
         None => "so far",
     };
+    if limit.key.is_empty() {
+        tracing::warn!(count = n, "{}: {n} {since} {}", limit.name, limit.effect);
+        return;
+    }
     tracing::warn!(
         limit = limit.name,
         value = s.value,

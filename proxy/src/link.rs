@@ -273,9 +273,17 @@ pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
             match r {
                 Ok(Ok((tls, peer, hello))) => run_link(&env2, &peer, tls, hello).await,
                 Ok(Err((e, peer))) => {
-                    if !peer.is_some_and(|p| note_version(&p, &e)) {
+                    if !peer.as_ref().is_some_and(|p| note_version(p, &e)) {
                         env2.metrics.auth_failures.inc();
-                        tracing::warn!(%from, "tunnel connection refused: {e}");
+                        if peer.is_some() {
+                            // A configured peer's key: worth a line each.
+                            tracing::warn!(%from, "tunnel connection refused: {e}");
+                        } else {
+                            tracing::debug!(%from, "tunnel connection refused: {e}");
+                            env2.metrics
+                                .limits
+                                .hit(crate::limits::REFUSED_HANDSHAKES, 0);
+                        }
                     }
                 }
                 Err(_) => {
