@@ -995,26 +995,6 @@ mod tests {
     }
 
     #[test]
-    fn socket_address_errors_say_what_is_wrong() {
-        assert_eq!(
-            parse_socket_addr("[::]:7070"),
-            Ok(SocketAddr::from(([0u16; 8], 7070)))
-        );
-        let e = parse_socket_addr("127.0.0.1:70000").expect_err("port");
-        assert!(e.contains("port 70000 is out of range 0-65535"), "{e}");
-        let e = parse_socket_addr("127.0.0.1").expect_err("no port");
-        assert!(e.contains("no port"), "{e}");
-        let e = parse_socket_addr("example.com:80").expect_err("name");
-        assert!(e.contains("not an IP address"), "{e}");
-        let src = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\nlisten = \"0.0.0.0:99999\"\n";
-        let e = parse(src).expect_err("port range").to_string();
-        assert!(
-            e.contains("line 5") && e.contains("port 99999 is out of range"),
-            "{e}"
-        );
-    }
-
-    #[test]
     fn handshake_keys_reach_the_settings_and_are_checked() {
         let base = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\n";
         let src = format!(
@@ -1034,6 +1014,26 @@ mod tests {
             let e = parse(&format!("{base}{bad}\n")).expect_err(bad).to_string();
             assert!(e.starts_with("test.toml:5:") && e.contains(line), "{e}");
         }
+    }
+
+    #[test]
+    fn socket_address_errors_say_what_is_wrong() {
+        assert_eq!(
+            parse_socket_addr("[::]:7070"),
+            Ok(SocketAddr::from(([0u16; 8], 7070)))
+        );
+        let e = parse_socket_addr("127.0.0.1:70000").expect_err("port");
+        assert!(e.contains("port 70000 is out of range 0-65535"), "{e}");
+        let e = parse_socket_addr("127.0.0.1").expect_err("no port");
+        assert!(e.contains("no port"), "{e}");
+        let e = parse_socket_addr("example.com:80").expect_err("name");
+        assert!(e.contains("not an IP address"), "{e}");
+        let src = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\nlisten = \"0.0.0.0:99999\"\n";
+        let e = parse(src).expect_err("port range").to_string();
+        assert!(
+            e.contains("line 5") && e.contains("port 99999 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]
