@@ -335,6 +335,13 @@ pub struct TunnelSection {
     pub retain_budget: Option<Spanned<ByteSize>>,
     pub connect_timeout: Option<Dur>,
     pub drain_timeout: Option<Dur>,
+    /// How long an accepted tunnel connection has to complete TLS and hello.
+    pub handshake_timeout: Option<Spanned<Dur>>,
+    /// Unauthenticated tunnel connections at once (past it, the oldest of the busiest address
+    /// is closed).
+    pub max_handshakes: Option<Spanned<u32>>,
+    /// Unauthenticated tunnel connections at once from one address.
+    pub handshakes_per_source: Option<Spanned<u32>>,
     /// MTU of the WAN path: tunnel sockets clamp their segment size to fit it (for paths that
     /// drop big packets without telling, e.g. with ICMP filtered).
     pub mtu: Option<Spanned<u32>>,
@@ -529,6 +536,31 @@ impl Config {
             if h.get_ref().0 < Duration::from_secs(1) || h.get_ref().0 > Duration::from_secs(86_400)
             {
                 return Err((h.span(), "tunnel.hold must be between 1s and 24h".into()));
+            }
+        }
+        if let Some(h) = &t.handshake_timeout {
+            if h.get_ref().0 < Duration::from_millis(500) || h.get_ref().0 > Duration::from_secs(60)
+            {
+                return Err((
+                    h.span(),
+                    "tunnel.handshake_timeout must be between 500ms and 60s".into(),
+                ));
+            }
+        }
+        if let Some(m) = &t.max_handshakes {
+            if !(1..=65_536).contains(m.get_ref()) {
+                return Err((
+                    m.span(),
+                    "tunnel.max_handshakes must be between 1 and 65536".into(),
+                ));
+            }
+        }
+        if let Some(m) = &t.handshakes_per_source {
+            if !(1..=4096).contains(m.get_ref()) {
+                return Err((
+                    m.span(),
+                    "tunnel.handshakes_per_source must be between 1 and 4096".into(),
+                ));
             }
         }
         if let Some(b) = &t.retain_budget {
@@ -871,6 +903,15 @@ impl Loaded {
         if let Some(d) = &t.drain_timeout {
             s.drain_timeout = d.0;
         }
+        if let Some(h) = &t.handshake_timeout {
+            s.accept_timeout = h.get_ref().0;
+        }
+        if let Some(m) = &t.max_handshakes {
+            s.max_handshakes = *m.get_ref() as usize;
+        }
+        if let Some(m) = &t.handshakes_per_source {
+            s.handshakes_per_source = *m.get_ref() as usize;
+        }
         if let Some(m) = &t.mtu {
             s.wan.mtu = Some(*m.get_ref());
         }
@@ -995,6 +1036,28 @@ mod tests {
         assert!(ByteSize::parse("12 parsecs").is_err());
         assert_eq!(Dur::parse("200ms"), Ok(Dur(Duration::from_millis(200))));
         assert!(Dur::parse("5").is_err());
+    }
+
+    #[test]
+    fn handshake_keys_reach_the_settings_and_are_checked() {
+        let base = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\n";
+        let src = format!(
+            "{base}handshake_timeout = \"5s\"\nmax_handshakes = 100\nhandshakes_per_source = 4\n"
+        );
+        let l = Loaded::from_source(src, Path::new("test.toml")).expect("valid");
+        let s = l.settings();
+        assert_eq!(
+            (s.accept_timeout, s.max_handshakes, s.handshakes_per_source),
+            (Duration::from_secs(5), 100, 4)
+        );
+        for (bad, line) in [
+            ("handshakes_per_source = 0", "handshakes_per_source"),
+            ("max_handshakes = 0", "max_handshakes"),
+            ("handshake_timeout = \"100ms\"", "handshake_timeout"),
+        ] {
+            let e = parse(&format!("{base}{bad}\n")).expect_err(bad).to_string();
+            assert!(e.starts_with("test.toml:5:") && e.contains(line), "{e}");
+        }
     }
 
     #[test]

@@ -148,6 +148,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     init_logging();
     let l = Config::load(&args.config)?;
     let spec = node_spec(&l)?;
+    let nofile = crate::sys::raise_nofile();
+    // A flow is one socket at each end (two when it passes through).
+    if nofile < spec.settings.max_flows as u64 + 1024 {
+        tracing::warn!(
+            open_files = nofile,
+            max_flows = spec.settings.max_flows,
+            "the open file limit is below tunnel.max_flows: raise LimitNOFILE (systemd) or ulimit -n"
+        );
+    }
     // The guard starts before any rule exists, so there is never a moment with rules and no guard.
     let guard = match (&spec.intercept, l.watchdog()) {
         (Some(i), Some(timeout)) => Some(crate::guard::Guard::spawn(&i.names, timeout)?),

@@ -50,6 +50,12 @@ enum Command {
     Demo(demo::Args),
 }
 
+/// jemalloc with its background threads gives freed memory back to the system (dirty pages after
+/// 10 s): after a burst of thousands of flows, a node's resident memory comes back down, where
+/// glibc's malloc kept it (BENCHMARKS.md, "Load").
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -13,3 +13,29 @@ pub fn kill(pid: u32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Raises the soft limit of open files to the hard limit: every flow is one or two sockets, and
+/// the usual soft limit of 1024 would cap the node far below its flow limit. Returns the limit in
+/// force afterwards.
+pub fn raise_nofile() -> libc::rlim_t {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the rlimit struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur;
+            }
+        }
+    }
+    r.rlim_cur
+}

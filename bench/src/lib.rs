@@ -4,6 +4,7 @@
 pub mod bridged;
 pub mod link;
 pub mod linktest;
+pub mod load;
 pub mod modes;
 pub mod procs;
 pub mod report;

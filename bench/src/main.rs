@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use ditto_bench::topo::{LinkSpec, Topo};
-use ditto_bench::{linktest, modes, procs, scenarios, traffic};
+use ditto_bench::{linktest, load, modes, procs, scenarios, traffic};
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +24,8 @@ enum Cmd {
     },
     /// Run a throw-away topology with one link setting and measure RTT and one bulk download.
     Linktest(linktest::LinktestArgs),
+    /// A ditto pair on loopback under many concurrent flows and attacks on its tunnel port.
+    Load(load::LoadArgs),
     /// Run benchmark scenarios (all, or the named ones).
     Scenarios(scenarios::ScenarioArgs),
     /// Compare ditto's forward mode with its intercepting modes (tproxy, redirect; inline on --topology bridged) (throughput, latency, fail-to-wire).
@@ -147,6 +149,7 @@ fn main() -> ExitCode {
         Cmd::Topo { action } => topo_cmd(action),
         Cmd::Linktest(a) => linktest::run(&a).and_then(|r| print_json(&r)),
         Cmd::Scenarios(a) => scenarios::run(&a),
+        Cmd::Load(a) => load::run(&a),
         Cmd::Modes(a) => modes::run(&a),
         Cmd::RrSamples(a) => modes::rr_samples(&a).and_then(|r| print_json(&r)),
         Cmd::ConnectProbe(a) => modes::connect_probe(&a).and_then(|r| print_json(&r)),

@@ -719,8 +719,8 @@ fn start_ditto_hub(ctx: &Ctx, ditto: &Path, tag: &str) -> Result<Running> {
             dir.join(format!("store-{me}")).display()
         )
     };
-    let mut hub = node("hub", "127.0.0.1:9090")
-        + &format!("\n[tunnel]\nlisten = \"{}:7878\"\n", addr::A_WAN);
+    let mut hub =
+        node("hub", "127.0.0.1:9090") + &format!("\n[tunnel]\nlisten = \"{}:7878\"\n", addr::A_WAN);
     for (i, (fp, port)) in fps.iter().zip([SPOKE_ONE_PORT, PROXY_PORT]).enumerate() {
         hub += &format!(
             "\n[[peer]]\nname = \"spoke-{n}\"\nfingerprint = \"{fp}\"\n\n[[forward]]\n\
@@ -782,7 +782,10 @@ fn spoke_one_first(ctx: &Ctx, sc: &Scenario, file: &str) -> Result<()> {
         spoke_two_status(ctx, &d)
             .and_then(|v| {
                 let s = v.pointer("/peers/0/summary")?;
-                Some((s.get("known_chunks")?.as_u64()?, s.get("in_sync")?.as_bool()?))
+                Some((
+                    s.get("known_chunks")?.as_u64()?,
+                    s.get("in_sync")?.as_bool()?,
+                ))
             })
             .unwrap_or((0, false))
     };
@@ -795,7 +798,10 @@ fn spoke_one_first(ctx: &Ctx, sc: &Scenario, file: &str) -> Result<()> {
         &fetch_args(sc, &target, &ctx.data, Some(file)),
     )?;
     if !f.exact {
-        bail!("transfer of {file} through spoke 1 was not byte-exact: {:?}", f.errors);
+        bail!(
+            "transfer of {file} through spoke 1 was not byte-exact: {:?}",
+            f.errors
+        );
     }
     // Chunks average about 4 KiB; a quarter of them is plenty to show the hub's summary arrived.
     let want = before + f.bytes / 16384;
@@ -1339,8 +1345,8 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                         }
                         if sc.cross_peer && c == Contender::Ditto {
                             spoke_one_first(ctx, sc, name)?;
-                            r.note = "through spoke 2, after spoke 1 sent the file to the hub"
-                                .into();
+                            r.note =
+                                "through spoke 2, after spoke 1 sent the file to the hub".into();
                         }
                         Some(name.as_str())
                     }

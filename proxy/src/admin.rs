@@ -13,10 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 const MAX_REQUEST: usize = 8 * 1024;
+/// Connections at once; past it, a new one replaces the oldest of the address holding the most.
 const MAX_CONNECTIONS: usize = 32;
+/// Connections at once from one address.
+const PER_SOURCE: usize = 8;
+/// A request must arrive whole within this long; the answer is then sent within [`REQUEST_TIMEOUT`].
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
@@ -33,13 +37,11 @@ pub(crate) async fn serve(inner: Arc<StatusSource>, life: Lifecycle, listener: T
             }
         }
     });
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = crate::preauth::PreAuth::new(PER_SOURCE, MAX_CONNECTIONS);
+    let metrics = inner.metrics.clone();
+    let closed = |why: &str| metrics.preauth_closed.with_label_values(&["admin", why]);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = life.kill.cancelled() => return,
-        };
-        let (sock, _) = tokio::select! {
+        let (sock, from) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -52,11 +54,42 @@ pub(crate) async fn serve(inner: Arc<StatusSource>, life: Lifecycle, listener: T
             },
             _ = life.kill.cancelled() => return,
         };
+        let ticket = match slots.admit(from.ip()) {
+            crate::preauth::Admit::Ok { ticket, evicted } => {
+                if evicted {
+                    closed("evicted").inc();
+                    metrics
+                        .limits
+                        .hit(crate::limits::ADMIN_CONNECTIONS, MAX_CONNECTIONS as u64);
+                }
+                ticket
+            }
+            crate::preauth::Admit::PerSource => {
+                closed("per-source").inc();
+                metrics
+                    .limits
+                    .hit(crate::limits::ADMIN_PER_SOURCE, PER_SOURCE as u64);
+                crate::sock::reset(sock);
+                continue;
+            }
+        };
         let inner2 = inner.clone();
         let stopping = life.stop.clone();
+        let timeouts = closed("timeout");
         life.tasks.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(&inner2, &stopping, sock)).await;
-            drop(permit);
+            let r = tokio::select! {
+                r = tokio::time::timeout(REQUEST_TIMEOUT, handle(&inner2, &stopping, sock)) => r,
+                _ = ticket.evicted.cancelled() => return,
+            };
+            let timed_out = match &r {
+                Err(_) => true,
+                Ok(Err(e)) => e.kind() == std::io::ErrorKind::TimedOut,
+                Ok(Ok(())) => false,
+            };
+            if timed_out {
+                timeouts.inc();
+            }
+            drop(ticket);
         });
     }
 }
@@ -66,13 +99,16 @@ async fn handle(
     stopping: &tokio_util::sync::CancellationToken,
     mut sock: TcpStream,
 ) -> std::io::Result<()> {
+    let read_deadline = tokio::time::Instant::now() + READ_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
         if buf.len() >= MAX_REQUEST {
             return respond(&mut sock, 431, "text/plain", b"request too large\n").await;
         }
-        let n = sock.read(&mut chunk).await?;
+        let n = tokio::time::timeout_at(read_deadline, sock.read(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
         if n == 0 {
             return Ok(());
         }

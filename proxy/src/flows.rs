@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 
 /// Client bytes read at accept time to leave with the OPEN.
 const OPEN_INITIAL: usize = 32 * 1024;
@@ -44,7 +44,7 @@ pub struct FlowEnv {
     pub metrics: Metrics,
     pub peers: Arc<PeerSet>,
     pub life: Lifecycle,
-    /// Flows at once (both kinds): LAN accepts wait beyond it.
+    /// Accelerated flows at once (both kinds); LAN clients beyond it pass through.
     pub admission: Arc<Semaphore>,
     pub retained: Arc<RetainBudget>,
     pub intercept: Option<InterceptSpec>,
@@ -197,16 +197,17 @@ where
     F: Fn(&FlowEnv, &TcpStream, SocketAddr) -> Option<Plan>,
 {
     loop {
-        // Admission first: past the flow limit, clients wait in the kernel's backlog.
-        let permit = tokio::select! {
-            p = inner.admission.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = inner.life.stop.cancelled() => return,
-        };
+        // Every client is accepted at once: past the flow limit, flows pass through (never wait
+        // in the kernel's backlog, which would hang them or overflow into resets).
         let (lan, from) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(listen = %label, "accept: {e}");
+                    if e.raw_os_error() == Some(libc_emfile()) || e.raw_os_error() == Some(libc_enfile()) {
+                        inner.metrics.limits.hit(crate::limits::OPEN_FILES, 0);
+                    } else {
+                        tracing::warn!(listen = %label, "accept: {e}");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                         _ = inner.life.stop.cancelled() => return,
@@ -223,17 +224,40 @@ where
         };
         let inner2 = inner.clone();
         inner.life.flows.spawn(async move {
-            near_flow(inner2, lan, p, permit).await;
+            near_flow(inner2, lan, p).await;
         });
     }
 }
 
-async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan, permit: OwnedSemaphorePermit) {
+/// EMFILE and ENFILE (Linux): the process's or the system's open file limit.
+fn libc_emfile() -> i32 {
+    24
+}
+fn libc_enfile() -> i32 {
+    23
+}
+
+async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
     let _active = ActiveFlow::new(&inner.metrics.flows_active);
     let peer = match &plan.route {
-        Route::Pass(why) => return passthrough(&inner, lan, &plan, why, permit).await,
+        Route::Pass(why) => return passthrough(&inner, lan, &plan, why).await,
         Route::Peer(p) => p.clone(),
     };
+    // Limits of this node: a flow that would wait for them passes through instead.
+    let Ok(permit) = inner.admission.clone().try_acquire_owned() else {
+        inner
+            .metrics
+            .limits
+            .hit(crate::limits::MAX_FLOWS, inner.settings.max_flows as u64);
+        return passthrough(&inner, lan, &plan, reason::MAX_FLOWS).await;
+    };
+    if inner.retained.spent() {
+        inner.metrics.limits.hit(
+            crate::limits::RETAIN_BUDGET,
+            inner.settings.retain_budget as u64,
+        );
+        return passthrough(&inner, lan, &plan, reason::RETAIN_BUDGET).await;
+    }
     // Whatever the client already sent leaves right behind the OPEN: no extra round trip, and a
     // server-first protocol (nothing sent yet) is not delayed either.
     let (initial, initial_eof) = match stream::read_waiting(&lan, OPEN_INITIAL) {
@@ -259,12 +283,21 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan, permit: Owne
             }
         }
         (_, Err(OpenError::Unresponsive)) => Err(reason::PEER_UNRESPONSIVE),
-        (_, Err(OpenError::Full | OpenError::GoingAway)) => Err(reason::TUNNEL_BUSY),
+        (_, Err(OpenError::Full)) => {
+            let limit = peer.with(|s, _| s.peer_max_streams()).unwrap_or(0);
+            inner
+                .metrics
+                .limits
+                .hit(crate::limits::PEER_STREAMS, u64::from(limit));
+            Err(reason::TUNNEL_BUSY)
+        }
+        (_, Err(OpenError::GoingAway)) => Err(reason::TUNNEL_BUSY),
     };
     let (handle, view) = match opened {
         Ok(v) => v,
         Err(why) => {
-            return passthrough_with(&inner, lan, &plan, why, permit, initial, initial_eof).await
+            drop(permit);
+            return passthrough_with(&inner, lan, &plan, why, initial, initial_eof).await;
         }
     };
     let (mut enc, dec) = inner.engine.pair(&view);
@@ -322,6 +355,10 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
     } = inc;
     let Ok(permit) = inner.admission.clone().try_acquire_owned() else {
         inner.metrics.flow("rejected", "over-capacity");
+        inner
+            .metrics
+            .limits
+            .hit(crate::limits::FAR_FLOWS, inner.settings.max_flows as u64);
         h.reset(ResetReason::Busy);
         return;
     };
@@ -423,14 +460,8 @@ async fn connect(
     Ok(s)
 }
 
-async fn passthrough(
-    inner: &FlowEnv,
-    lan: TcpStream,
-    plan: &Plan,
-    why: &'static str,
-    permit: OwnedSemaphorePermit,
-) {
-    passthrough_with(inner, lan, plan, why, permit, Vec::new(), false).await;
+async fn passthrough(inner: &FlowEnv, lan: TcpStream, plan: &Plan, why: &'static str) {
+    passthrough_with(inner, lan, plan, why, Vec::new(), false).await;
 }
 
 /// Connects the client straight to its destination, unaccelerated. Half-closes and resets are
@@ -440,7 +471,6 @@ async fn passthrough_with(
     lan: TcpStream,
     plan: &Plan,
     why: &'static str,
-    permit: OwnedSemaphorePermit,
     initial: Vec<u8>,
     initial_eof: bool,
 ) {
@@ -471,7 +501,6 @@ async fn passthrough_with(
         sock::set_reset_on_close(&lan);
         sock::set_reset_on_close(&server);
     }
-    drop(permit);
 }
 
 /// Copies both ways until both directions ended; false if either side reset or failed.

@@ -206,7 +206,7 @@ pub fn bind_listener(addr: SocketAddr, transparent: bool) -> std::io::Result<Tcp
     }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    s.listen(1024)?;
+    s.listen(i32::try_from(crate::sock::listen_backlog()).unwrap_or(i32::MAX))?;
     TcpListener::from_std(s.into())
 }
 

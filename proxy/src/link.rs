@@ -26,7 +26,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 /// While streams wait for the peer, a dial attempt gives up after this long (plus two round
 /// trips) and the next one starts at once: each attempt sends a fresh SYN instead of waiting out
@@ -71,7 +70,8 @@ pub struct LinkEnv {
     pub peers: Arc<PeerSet>,
     pub life: Lifecycle,
     pub server_tls: Option<tokio_rustls::TlsAcceptor>,
-    pub handshakes: Arc<Semaphore>,
+    /// Connections accepted and not yet authenticated.
+    pub preauth: Arc<crate::preauth::PreAuth>,
     /// This process's session id, sent in every hello.
     pub session_id: u128,
 }
@@ -185,7 +185,7 @@ fn our_hello(env: &LinkEnv) -> Hello {
         store_id: env.engine.store_id(),
         session_id: env.session_id,
         window: env.settings.window,
-        max_streams: env.settings.max_streams,
+        max_streams: env.settings.session().max_streams,
         codec: env.engine.codec_name().to_owned(),
         chunking: env.engine.chunking_id(),
         name: env.name.clone(),
@@ -204,20 +204,27 @@ fn note_version(peer: &Peer, e: &TunnelError) -> bool {
     false
 }
 
-/// Accepts tunnel connections until the node stops.
+/// Accepts tunnel connections until the node stops. Accepting never waits: connections not yet
+/// authenticated are bounded per address and in all by [`crate::preauth`], and each has
+/// `accept_timeout` to complete TLS and hello.
 pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
     let stop = env.life.stop.clone();
+    let closed = |why: &str| {
+        env.metrics
+            .preauth_closed
+            .with_label_values(&["tunnel", why])
+    };
     loop {
-        let permit = tokio::select! {
-            p = env.handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = stop.cancelled() => return,
-        };
         let (tcp, from) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!("tunnel accept: {e}");
+                    if matches!(e.raw_os_error(), Some(23 | 24)) {
+                        env.metrics.limits.hit(crate::limits::OPEN_FILES, 0);
+                    } else {
+                        tracing::warn!("tunnel accept: {e}");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
                         _ = stop.cancelled() => return,
@@ -226,29 +233,66 @@ pub(crate) async fn accept_loop(env: Arc<LinkEnv>, listener: TcpListener) {
             },
             _ = stop.cancelled() => return,
         };
+        let ticket = match env.preauth.admit(from.ip()) {
+            crate::preauth::Admit::Ok { ticket, evicted } => {
+                if evicted {
+                    closed("evicted").inc();
+                    env.metrics.limits.hit(
+                        crate::limits::TUNNEL_PREAUTH,
+                        env.settings.max_handshakes as u64,
+                    );
+                }
+                ticket
+            }
+            crate::preauth::Admit::PerSource => {
+                closed("per-source").inc();
+                env.metrics.limits.hit(
+                    crate::limits::TUNNEL_PER_SOURCE,
+                    env.settings.handshakes_per_source as u64,
+                );
+                // Closed with RST: nothing of ours lingers in TIME_WAIT or FIN_WAIT.
+                sock::reset(tcp);
+                continue;
+            }
+        };
         let env2 = env.clone();
         env.life.tasks.spawn(async move {
-            let hs = tokio::time::timeout(
-                env2.settings.handshake_timeout,
-                accept_handshake(&env2, tcp),
-            );
-            // A handshake in progress must not hold up a shutdown for its whole timeout.
+            let hs =
+                tokio::time::timeout(env2.settings.accept_timeout, accept_handshake(&env2, tcp));
+            // A handshake in progress must not hold up a shutdown for its whole timeout; one
+            // evicted to make room for a newer connection ends at once.
             let r = tokio::select! {
                 r = hs => r,
+                _ = ticket.evicted.cancelled() => {
+                    tracing::debug!(%from, "unauthenticated tunnel connection evicted");
+                    return;
+                }
                 _ = env2.life.kill.cancelled() => return,
             };
-            drop(permit);
+            drop(ticket);
             match r {
                 Ok(Ok((tls, peer, hello))) => run_link(&env2, &peer, tls, hello).await,
                 Ok(Err((e, peer))) => {
-                    if !peer.is_some_and(|p| note_version(&p, &e)) {
+                    if !peer.as_ref().is_some_and(|p| note_version(p, &e)) {
                         env2.metrics.auth_failures.inc();
-                        tracing::warn!(%from, "tunnel connection refused: {e}");
+                        if peer.is_some() {
+                            // A configured peer's key: worth a line each.
+                            tracing::warn!(%from, "tunnel connection refused: {e}");
+                        } else {
+                            tracing::debug!(%from, "tunnel connection refused: {e}");
+                            env2.metrics
+                                .limits
+                                .hit(crate::limits::REFUSED_HANDSHAKES, 0);
+                        }
                     }
                 }
                 Err(_) => {
                     env2.metrics.auth_failures.inc();
-                    tracing::warn!(%from, "tunnel connection refused: handshake timed out");
+                    env2.metrics
+                        .preauth_closed
+                        .with_label_values(&["tunnel", "timeout"])
+                        .inc();
+                    tracing::debug!(%from, "tunnel connection refused: handshake timed out");
                 }
             }
         });

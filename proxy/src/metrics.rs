@@ -26,7 +26,11 @@ pub mod reason {
     pub const TUNNEL_BUSY: &str = "tunnel-busy";
     /// An intercepted flow whose destination matches no `[[route]]`.
     pub const NO_ROUTE: &str = "no-route";
-    pub const ALL: [&str; 7] = [
+    /// This node's flow limit (`tunnel.max_flows`) is reached.
+    pub const MAX_FLOWS: &str = "max-flows";
+    /// The bytes all flows keep until acknowledged (`tunnel.retain_budget`) are spent.
+    pub const RETAIN_BUDGET: &str = "retain-budget";
+    pub const ALL: [&str; 9] = [
         PEER_DOWN,
         PEER_UNRESPONSIVE,
         VERSION,
@@ -34,6 +38,8 @@ pub mod reason {
         BYPASS_RULE,
         TUNNEL_BUSY,
         NO_ROUTE,
+        MAX_FLOWS,
+        RETAIN_BUDGET,
     ];
 }
 
@@ -97,6 +103,12 @@ pub struct Metrics {
     /// References the peer could not resolve and asked for (NEED), answered with the bytes.
     pub dedup_needs: IntCounter,
     pub up_seconds: Gauge,
+    /// Unauthenticated connections closed by the listener, by `listener` (tunnel, admin) and `why`
+    /// (per-source: the address was at its cap; evicted: the oldest of the busiest address, to make
+    /// room; timeout: the handshake or request took too long).
+    pub preauth_closed: IntCounterVec,
+    /// Limits reached, and their rate-limited warnings.
+    pub limits: Arc<crate::limits::LimitLog>,
     /// Savings totals of the last hour, for the admin status page.
     pub history: Arc<History>,
 }
@@ -347,6 +359,14 @@ impl Metrics {
                 ))
                 .expect(BAD),
             ),
+            preauth_closed: cv(
+                "ditto_preauth_closed_total",
+                "Unauthenticated connections closed, by listener (tunnel, admin) and why: per-source \
+                 (the address was at its cap), evicted (the oldest of the busiest address, to make \
+                 room), timeout (no complete handshake or request in time).",
+                &["listener", "why"],
+            ),
+            limits: Arc::new(crate::limits::LimitLog::default()),
             history: Arc::new(History::new(HISTORY_SAMPLES)),
             registry: r,
         };
@@ -354,6 +374,11 @@ impl Metrics {
         // alert on their increase sees the very first pass-through flow.
         for why in reason::ALL {
             m.flows.with_label_values(&["passthrough", why]);
+        }
+        for l in ["tunnel", "admin"] {
+            for why in ["per-source", "evicted", "timeout"] {
+                m.preauth_closed.with_label_values(&[l, why]);
+            }
         }
         for kind in STORE_ERROR_KINDS {
             m.store_errors.with_label_values(&[kind]);

@@ -74,9 +74,7 @@ pub struct Node {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| NodeError::Bind { what, addr, source })
+    crate::sock::listen(addr).map_err(|source| NodeError::Bind { what, addr, source })
 }
 
 impl Node {
@@ -164,7 +162,10 @@ impl Node {
             peers: peers.clone(),
             life: life.clone(),
             server_tls,
-            handshakes: Arc::new(Semaphore::new(spec.settings.max_handshakes.max(1))),
+            preauth: crate::preauth::PreAuth::new(
+                spec.settings.handshakes_per_source,
+                spec.settings.max_handshakes,
+            ),
             session_id: crate::codec::random_u128(),
         });
         let flows = Arc::new(FlowEnv {
@@ -194,6 +195,17 @@ impl Node {
         for p in &peers.list {
             life.tasks.spawn(p.clone().run_timer(life.kill.clone()));
         }
+        // Limits reached at the end of a burst are reported too, within a minute.
+        let (limits, kill) = (metrics.limits.clone(), life.kill.clone());
+        life.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => limits.flush(),
+                    _ = kill.cancelled() => return,
+                }
+            }
+        });
         life.tasks
             .spawn(crate::flows::accept_streams(flows.clone(), incoming_rx));
         let tunnel_addr = tunnel_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -228,6 +240,8 @@ impl Node {
         tracing::info!(
             node = %spec.name,
             fingerprint = %spec.identity.fingerprint,
+            backlog = crate::sock::listen_backlog(),
+            max_flows = spec.settings.max_flows,
             tunnel = ?tunnel_addr,
             admin = ?admin_addr,
             "node started"

@@ -593,6 +593,11 @@ impl Session {
 
     // ----- streams: the owner's side ---------------------------------------------------------------
 
+    /// Streams the peer accepts from us at once (its hello's `max_streams`).
+    pub fn peer_max_streams(&self) -> u32 {
+        self.peer.max_streams
+    }
+
     /// Whether a new stream can be opened now (a healthy link, not going away, under the limit).
     pub fn can_open(&self) -> Result<(), OpenError> {
         if self.links.is_empty() {

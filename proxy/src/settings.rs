@@ -34,8 +34,13 @@ pub struct Settings {
     pub backoff_max: Duration,
     /// On shutdown, how long open flows get to finish.
     pub drain_timeout: Duration,
-    /// TLS handshakes in progress at once on the tunnel listener.
+    /// Unauthenticated connections (TLS and hello not yet complete) on the tunnel listener at once;
+    /// past it, a new one replaces the oldest of the address holding the most.
     pub max_handshakes: usize,
+    /// Unauthenticated connections on the tunnel listener from one address at once.
+    pub handshakes_per_source: usize,
+    /// How long an accepted tunnel connection has to complete TLS and hello.
+    pub accept_timeout: Duration,
     pub wan: WanTuning,
 }
 
@@ -44,8 +49,10 @@ impl Default for Settings {
         Settings {
             connections: 2,
             window: 4 << 20,
-            max_streams: 4096,
-            max_flows: 4096,
+            // 25,000 concurrent flows and more must not degrade silently: an idle accelerated
+            // flow costs a few KiB at each end (BENCHMARKS.md, "Load").
+            max_streams: 32_768,
+            max_flows: 65_536,
             // A deduplicated stream runs at most at its retention / RTT: 256 MiB at 80 ms is
             // 26 Gbit/s for one stream, and the same budget holds the flows of an outage.
             retain_budget: 256 << 20,
@@ -61,7 +68,12 @@ impl Default for Settings {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
-            max_handshakes: 64,
+            // Large enough that a peer always finds a slot (see `crate::preauth`); small enough
+            // that a flood of TLS handshakes costs bounded CPU and memory.
+            max_handshakes: 256,
+            handshakes_per_source: 8,
+            // TLS 1.3 with client authentication and the hello take about three round trips.
+            accept_timeout: Duration::from_secs(3),
             wan: WanTuning::default(),
         }
     }
@@ -73,7 +85,11 @@ impl Settings {
     pub fn session(&self) -> crate::session::SessionConfig {
         crate::session::SessionConfig {
             window: self.window,
-            max_streams: self.max_streams,
+            // A stream the peer opens is a flow here: never promise more than we admit.
+            max_streams: self
+                .max_streams
+                .min(u32::try_from(self.max_flows).unwrap_or(u32::MAX))
+                .max(1),
             ping_interval: self.ping_interval.min(self.suspect_after / 3),
             suspect_after: self.suspect_after,
             dead_after: self.dead_after,

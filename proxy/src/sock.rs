@@ -114,3 +114,29 @@ pub fn is_reset(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
 }
+
+/// Backlog when the kernel's limit cannot be read.
+const DEFAULT_BACKLOG: u32 = 4096;
+
+/// The listen backlog: the kernel's own maximum (`net.core.somaxconn`), so a burst of connections
+/// waits in the accept queue instead of being reset when it overflows.
+pub fn listen_backlog() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_BACKLOG)
+}
+
+/// A listening socket on `addr` (SO_REUSEADDR, like `TcpListener::bind`) with the
+/// [`listen_backlog`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(listen_backlog())
+}

@@ -68,7 +68,7 @@ impl RetainBudget {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
-    fn spent(&self) -> bool {
+    pub fn spent(&self) -> bool {
         self.used() >= self.limit
     }
     /// Takes up to `want` bytes of what is left for one flow (counted in its `mine`), before it
