@@ -12,11 +12,14 @@
 //! - [`encoder`] / [`decoder`]: one direction of one stream. The encoder emits literals, references and
 //!   runs of references; the decoder resolves them and asks for what it lacks.
 //! - [`wire`]: the byte encoding, specified in `docs/protocol.md`.
+//! - [`summary`]: compact descriptions of a store's disk tier that peers exchange, so each knows what
+//!   the other holds across restarts and whoever put it there (`docs/tunnel.md`, section 6a).
 //!
 //! ## Invariants
 //! - **Mirrored, not trusted.** Each side tracks what it believes its peer's store holds ([`PeerView`]):
-//!   the chunks it sent to or received from that peer, forgotten when the peer announces a new store
-//!   identity. The belief only decides efficiency. A reference the decoder cannot resolve is requested
+//!   the chunks it sent to or received from that peer, and what the peer's store summaries
+//!   ([`summary`]) list, whoever sent those chunks there; forgotten when the peer announces a new
+//!   store identity. The belief only decides efficiency. A reference the decoder cannot resolve is requested
 //!   back (`NEED`) and the encoder answers with the exact bytes (`FILL`) from the copy it keeps of every
 //!   batch until the decoder acknowledges it. A wrong belief costs a round trip, never a wrong byte.
 //! - **Verified.** Chunks read from disk are hashed again before use; a mismatch is a miss. A run of
