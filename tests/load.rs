@@ -23,23 +23,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-/// More file descriptors than the usual 1024: the test holds both ends of thousands of flows.
-#[allow(unsafe_code)]
-fn raise_nofile() -> libc::rlim_t {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-    r.rlim_cur
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -160,15 +143,7 @@ impl Pair {
         let m = common::http_get(admin, "/metrics")
             .map(|r| r.1)
             .unwrap_or_default();
-        m.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        common::series_value(&m, series).unwrap_or(0.0)
     }
 
     /// Sum of every `ditto_flows_total{outcome="passthrough",...}` series.
@@ -228,7 +203,7 @@ fn kind(e: &std::io::Error) -> &'static str {
 #[test]
 fn three_thousand_concurrent_echo_flows_all_accelerated() {
     const FLOWS: usize = 3000;
-    let nofile = raise_nofile();
+    let nofile = ditto_bench::sys::raise_nofile();
     if common::require::skip_without(
         nofile >= 4 * FLOWS as u64,
         "an open file limit of 12,000 (ulimit -Hn)",
@@ -383,7 +358,7 @@ fn idle_unauthenticated_connections_do_not_keep_a_restarting_peer_out() {
     const ONE_SOURCE: usize = 300;
     const SOURCES: u8 = 40;
     const PER_SOURCE: usize = 10;
-    raise_nofile();
+    ditto_bench::sys::raise_nofile();
     let rt = rt();
     let target = rt.block_on(echo_server());
     let mut pair = Pair::start(target, "");

@@ -94,15 +94,7 @@ fn upload(ns: &Ns, which: u8, data: &[u8]) -> bool {
 
 fn metric(ns: &Ns, series: &str) -> f64 {
     let m = admin_get(ns, "/metrics").unwrap_or_default();
-    m.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    common::series_value(&m, series).unwrap_or(0.0)
 }
 
 /// Bytes site `ns` sent to `peer` on the WAN (tunnel TCP payload, TLS included).

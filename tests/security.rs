@@ -218,16 +218,7 @@ fn stores_keep_no_traffic_in_plain_text_and_a_lost_key_costs_only_the_store() {
 
 /// The value of one series (`name{labels}` exactly as rendered) in a scrape, 0 if absent.
 fn value(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    common::series_value(scrape, series).unwrap_or(0.0)
 }
 
 #[test]

@@ -230,26 +230,9 @@ fn tunnel_extra() -> String {
         .replace(';', "\n")
 }
 
-/// More file descriptors than the usual 1024 (1,000 flows are 2,000 sockets here and in each
-/// daemon, which inherit the limit).
-#[allow(unsafe_code)]
-fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max.min(65536);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 impl Lab {
     fn new(tag: &str) -> Lab {
-        raise_nofile();
+        ditto_bench::sys::raise_nofile();
         let wan = Wan::new(tag, &LINK);
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
@@ -338,13 +321,7 @@ impl Lab {
 
     fn metric(&self, ns: &Ns, series: &str) -> Option<f64> {
         let m = common::netns::admin_get(ns, "/metrics")?;
-        m.lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
+        common::series_value(&m, series)
     }
 }
 

@@ -43,13 +43,7 @@ fn http_get(addr: SocketAddr, target: &str) -> Option<String> {
 
 /// The value of one series (`name{labels}` exactly as rendered) in a scrape.
 fn value(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    common::series_value(scrape, series)
 }
 
 fn metric(admin: SocketAddr, series: &str) -> f64 {

@@ -650,25 +650,8 @@ async fn attack(kind: String, args: LoadArgs, to: SocketAddr, stop: Arc<AtomicBo
     opened.load(Relaxed)
 }
 
-/// Raises the soft open file limit to the hard limit; returns the limit in force.
-#[allow(unsafe_code)]
-fn raise_nofile() -> libc::rlim_t {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-    r.rlim_cur
-}
-
 pub fn run(args: &LoadArgs) -> Result<()> {
-    let nofile = raise_nofile();
+    let nofile = crate::sys::raise_nofile();
     let ditto = match &args.ditto {
         Some(p) => p.clone(),
         None => crate::linktest::sibling_binary("ditto")?,

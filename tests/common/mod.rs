@@ -202,6 +202,17 @@ pub fn start_daemon(config: &Path) -> Proc {
             .expect("spawn ditto run"),
     )
 }
+/// The value of one series (`name{labels}` exactly as rendered) in a Prometheus scrape.
+pub fn series_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 pub mod disk;
 pub mod netns;
 pub mod require;
