@@ -102,10 +102,18 @@ fn keygen_check_config_run_status_and_stop() {
 
     let mut b = start(&cfg_b);
     let mut a = start(&cfg_a);
-    wait_for("site-a's tunnel", || {
-        http_get(admin_a, "/metrics")
-            .is_some_and(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
-    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !http_get(admin_a, "/metrics")
+        .is_some_and(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for site-a's tunnel\n--- site-a ---\n{}\n--- site-b ---\n{}",
+            common::daemon_log(&cfg_a),
+            common::daemon_log(&cfg_b)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
 
     // A transfer through the pair, both directions, with half-close.
     let payload: Vec<u8> = (0..3_000_000u32)

@@ -188,19 +188,26 @@ impl Drop for Proc {
     }
 }
 
-/// `ditto run --config CONFIG`, output discarded.
+/// `ditto run --config CONFIG`, its log (stderr) in CONFIG with the extension `log`.
 pub fn start_daemon(config: &Path) -> Proc {
+    let log = std::fs::File::create(config.with_extension("log")).expect("log file");
     Proc(
         ditto()
             .arg("run")
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn ditto run"),
     )
+}
+
+/// The log of a daemon started by [`start_daemon`] with `config` (for failure messages).
+pub fn daemon_log(config: &Path) -> String {
+    std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
 }
 /// The value of one series (`name{labels}` exactly as rendered) in a Prometheus scrape.
 pub fn series_value(scrape: &str, series: &str) -> Option<f64> {
