@@ -12,15 +12,6 @@ use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-/// Waits (polling the admin endpoint: the only view into another process) for `cond`.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 fn signal(child: &Child, sig: &str) {
     let st = Command::new("kill")
         .arg(format!("-{sig}"))
@@ -102,6 +93,7 @@ fn keygen_check_config_run_status_and_stop() {
 
     let mut b = start(&cfg_b);
     let mut a = start(&cfg_a);
+    // Polls the admin endpoint (the only view into another process).
     let deadline = Instant::now() + Duration::from_secs(30);
     while !http_get(admin_a, "/metrics")
         .is_some_and(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
