@@ -40,7 +40,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Fingerprints believed absent (after a NEED) are remembered up to this many; then forgotten.
 const MAX_DENIED: usize = 1 << 16;
@@ -105,6 +105,8 @@ pub struct LoadReport {
     pub dropped_bytes: u64,
 }
 
+/// The view's file, owned by its writer thread (`ditto-view-log`): no caller ever waits for the
+/// disk, a slow or hung one included.
 struct Log {
     path: PathBuf,
     /// Seals the records (with the store key, derived for this peer store).
@@ -113,13 +115,49 @@ struct Log {
     len: u64,
 }
 
+enum LogOp {
+    Append(u8, Vec<u8>),
+    Discard,
+}
+
+/// Records waiting for the writer thread; past this they are not kept on disk (learned again
+/// from the peer after a restart).
+const LOG_QUEUE: usize = 1024;
+
+/// How a view reaches its writer thread.
+struct LogHandle {
+    tx: std::sync::mpsc::SyncSender<LogOp>,
+    /// Closed when the thread ends.
+    done: std::sync::mpsc::Receiver<()>,
+    /// Closed when the file was loaded.
+    loaded: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
 #[derive(Debug)]
 pub struct PeerView {
     store: StoreId,
     marks: Mutex<Marks>,
     known: RwLock<Known>,
-    log: Mutex<Option<Log>>,
-    report: LoadReport,
+    log: Mutex<Option<LogHandle>>,
+    report: Mutex<LoadReport>,
+}
+
+impl std::fmt::Debug for LogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogHandle").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PeerView {
+    /// Lets the writer thread finish what is queued, waiting at most 3 s (a hung disk is not
+    /// waited for).
+    fn drop(&mut self) {
+        let h = self.log.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = h {
+            drop(h.tx);
+            let _ = h.done.recv_timeout(std::time::Duration::from_secs(3));
+        }
+    }
 }
 
 impl std::fmt::Debug for Marks {
@@ -340,81 +378,82 @@ impl PeerView {
             marks: Mutex::default(),
             known: RwLock::default(),
             log: Mutex::new(None),
-            report: LoadReport::default(),
+            report: Mutex::default(),
         }
     }
 
     /// The view of the peer store `store`, kept in `dir` (created, mode 0700): loads what an earlier
-    /// run learned (see the module documentation). Never fails: a file that cannot be read or
-    /// written leaves a view in RAM only (logged).
-    pub fn open(store: StoreId, dir: &Path) -> PeerView {
-        PeerView::open_sealed(store, dir, None)
+    /// run learned (see the module documentation) and returns once it is loaded (at most 30 s).
+    /// Never fails: a file that cannot be read or written leaves a view in RAM only (logged).
+    pub fn open(store: StoreId, dir: &Path) -> Arc<PeerView> {
+        let v = PeerView::open_sealed(store, dir, None);
+        v.wait_loaded(std::time::Duration::from_secs(30));
+        v
     }
 
     /// The view of the peer store `store`, kept in `<our store's dir>/peers` and sealed with our
     /// store's key (when it has one, see `docs/security.md`): fingerprints of the peer's chunks
-    /// are fingerprints of content. Without a disk tier, a view in RAM only.
-    pub fn open_for(ours: &crate::ChunkStore, store: StoreId) -> PeerView {
+    /// are fingerprints of content. Without a disk tier, a view in RAM only. Returns at once: the
+    /// file is loaded by the view's writer thread (what it holds is believed once loaded).
+    pub fn open_for(ours: &crate::ChunkStore, store: StoreId) -> Arc<PeerView> {
         match ours.dir() {
             Some(d) => PeerView::open_sealed(
                 store,
                 &d.join("peers"),
                 ours.key().map(|k| Sealer::new(&k, store)),
             ),
-            None => PeerView::new(store),
+            None => Arc::new(PeerView::new(store)),
         }
     }
 
-    fn open_sealed(store: StoreId, dir: &Path, sealer: Option<Sealer>) -> PeerView {
-        let mut v = PeerView::new(store);
-        let path = dir.join(format!("{:032x}.view", store.0));
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        if let Err(e) = builder.create(dir) {
-            tracing::warn!(
-                "peer view: cannot create {}: {e}; the view of this peer is kept in RAM only",
-                dir.display()
-            );
-            return v;
-        }
-        let (keep, report) = v.load(&path, sealer.as_ref());
-        v.report = report;
-        let sealed = sealer.is_some();
-        let file = if keep > 0 {
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .and_then(|f| {
-                    f.set_len(keep)?;
-                    Ok(f)
-                })
-        } else {
-            create_private(&path).and_then(|mut f| {
-                f.write_all(&header(store, sealed))?;
-                Ok(f)
-            })
+    /// Waits until the view's file is loaded (true), at most `timeout`.
+    pub fn wait_loaded(&self, timeout: std::time::Duration) -> bool {
+        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = g.as_ref() else {
+            return true;
         };
-        match file {
-            Ok(f) => {
-                *v.log.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(Log {
-                    path,
-                    sealer,
-                    file: Some(f),
-                    len: keep.max(HEADER_LEN as u64),
+        let rx = h.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(g);
+        match rx {
+            // Nothing is ever sent: the sender is dropped once loaded.
+            Some(rx) => !matches!(
+                rx.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            ),
+            None => true,
+        }
+    }
+
+    fn open_sealed(store: StoreId, dir: &Path, sealer: Option<Sealer>) -> Arc<PeerView> {
+        let v = Arc::new(PeerView::new(store));
+        let (tx, rx) = std::sync::mpsc::sync_channel(LOG_QUEUE);
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let (loaded_tx, loaded) = std::sync::mpsc::channel::<()>();
+        let weak = Arc::downgrade(&v);
+        let dir = dir.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("ditto-view-log".into())
+            .spawn(move || {
+                let _done = done_tx;
+                run_log(weak, &dir, sealer, rx, loaded_tx);
+            });
+        match spawned {
+            Ok(_) => {
+                *v.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(LogHandle {
+                    tx,
+                    done,
+                    loaded: Mutex::new(Some(loaded)),
                 })
             }
             Err(e) => tracing::warn!(
-                "peer view: cannot write {}: {e}; the view of this peer is kept in RAM only",
-                path.display()
+                "peer view: cannot start its writer thread: {e}; the view of this peer is kept in RAM only"
             ),
         }
         v
     }
 
     /// Replays the file; returns how many bytes of it to keep (0: start it anew).
-    fn load(&mut self, path: &Path, sealer: Option<&Sealer>) -> (u64, LoadReport) {
+    fn load(&self, path: &Path, sealer: Option<&Sealer>) -> (u64, LoadReport) {
         let mut rep = LoadReport::default();
         let data = match std::fs::metadata(path) {
             Err(_) => return (0, rep),
@@ -442,7 +481,7 @@ impl PeerView {
     }
 
     /// Replays the bytes of a view file (`what` names it in logs); returns how many to keep.
-    fn replay(&mut self, data: &[u8], what: &str, sealer: Option<&Sealer>) -> (u64, LoadReport) {
+    fn replay(&self, data: &[u8], what: &str, sealer: Option<&Sealer>) -> (u64, LoadReport) {
         let mut rep = LoadReport::default();
         if data.len() < HEADER_LEN || data[..HEADER_LEN] != header(self.store, sealer.is_some())[..]
         {
@@ -454,7 +493,7 @@ impl PeerView {
             );
             return (0, rep);
         }
-        let known = self.known.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut known = self.known_mut();
         let mut pos = HEADER_LEN;
         while pos < data.len() {
             let ok = (|| {
@@ -515,9 +554,9 @@ impl PeerView {
     /// A view in RAM from the bytes of a view file (for the fuzzer).
     #[doc(hidden)]
     pub fn from_log_bytes(store: StoreId, data: &[u8]) -> PeerView {
-        let mut v = PeerView::new(store);
+        let v = PeerView::new(store);
         let (_, rep) = v.replay(data, "(bytes)", None);
-        v.report = rep;
+        *v.report.lock().unwrap_or_else(|e| e.into_inner()) = rep;
         v
     }
 
@@ -544,8 +583,11 @@ impl PeerView {
     }
 
     /// What loading the file found.
-    pub fn load_report(&self) -> &LoadReport {
-        &self.report
+    pub fn load_report(&self) -> LoadReport {
+        self.report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn marks(&self) -> std::sync::MutexGuard<'_, Marks> {
@@ -720,36 +762,22 @@ impl PeerView {
         }
     }
 
-    /// Appends a record to the log; rewrites the log when it has grown to twice what it describes.
+    /// Hands a record to the writer thread (dropped if it is far behind: only a belief).
     fn append(&self, kind: u8, body: &[u8]) {
-        let mut g = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(log) = g.as_mut() else {
-            return;
-        };
-        let Some(file) = log.file.as_mut() else {
-            return;
-        };
-        let rec = record(log.sealer.as_ref(), log.len, kind, body);
-        if let Err(e) = file.write_all(&rec) {
-            tracing::warn!(
-                "peer view {}: cannot write: {e}; no longer kept on disk this run",
-                log.path.display()
-            );
-            log.file = None;
-            return;
+        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = g.as_ref() {
+            let _ = h.tx.try_send(LogOp::Append(kind, body.to_vec()));
         }
-        log.len += rec.len() as u64;
-        let live: u64 = {
-            let k = self.known();
-            k.segs
-                .values()
-                .flat_map(|s| &s.parts)
-                .map(|p| p.bits.len() as u64 + 64)
-                .sum()
-        };
-        if log.len > 2 * live + (1 << 20) {
-            self.rewrite(log);
-        }
+    }
+
+    /// Bytes of log records what the view knows would take.
+    fn live_bytes(&self) -> u64 {
+        let k = self.known();
+        k.segs
+            .values()
+            .flat_map(|s| &s.parts)
+            .map(|p| p.bits.len() as u64 + 64)
+            .sum()
     }
 
     /// Writes the log anew (a temporary file renamed over it) with one record per part held.
@@ -797,9 +825,97 @@ impl PeerView {
 
     /// The peer store this view describes is gone (the peer has a new store): delete the file.
     pub fn discard(&self) {
-        let mut g = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(log) = g.take() {
-            let _ = std::fs::remove_file(&log.path);
+        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = g.as_ref() {
+            let _ = h.tx.try_send(LogOp::Discard);
+        }
+    }
+}
+
+/// The view's writer thread: loads the file into the view, then appends what the view hands it,
+/// rewriting the file when it has grown to twice what it describes. Ends when the view is dropped.
+fn run_log(
+    view: std::sync::Weak<PeerView>,
+    dir: &Path,
+    sealer: Option<Sealer>,
+    rx: std::sync::mpsc::Receiver<LogOp>,
+    loaded: std::sync::mpsc::Sender<()>,
+) {
+    let Some(v) = view.upgrade() else {
+        return;
+    };
+    let path = dir.join(format!("{:032x}.view", v.store.0));
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    if let Err(e) = builder.create(dir) {
+        tracing::warn!(
+            "peer view: cannot create {}: {e}; the view of this peer is kept in RAM only",
+            dir.display()
+        );
+        return;
+    }
+    let (keep, report) = v.load(&path, sealer.as_ref());
+    *v.report.lock().unwrap_or_else(|e| e.into_inner()) = report;
+    let file = if keep > 0 {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|f| {
+                f.set_len(keep)?;
+                Ok(f)
+            })
+    } else {
+        create_private(&path).and_then(|mut f| {
+            f.write_all(&header(v.store, sealer.is_some()))?;
+            Ok(f)
+        })
+    };
+    drop(loaded);
+    let mut log = match file {
+        Ok(f) => Log {
+            path,
+            sealer,
+            file: Some(f),
+            len: keep.max(HEADER_LEN as u64),
+        },
+        Err(e) => {
+            tracing::warn!(
+                "peer view: cannot write {}: {e}; the view of this peer is kept in RAM only",
+                path.display()
+            );
+            return;
+        }
+    };
+    drop(v);
+    while let Ok(op) = rx.recv() {
+        match op {
+            LogOp::Discard => {
+                let _ = std::fs::remove_file(&log.path);
+                return;
+            }
+            LogOp::Append(kind, body) => {
+                let Some(file) = log.file.as_mut() else {
+                    continue;
+                };
+                let rec = record(log.sealer.as_ref(), log.len, kind, &body);
+                if let Err(e) = file.write_all(&rec) {
+                    tracing::warn!(
+                        "peer view {}: cannot write: {e}; no longer kept on disk this run",
+                        log.path.display()
+                    );
+                    log.file = None;
+                    continue;
+                }
+                log.len += rec.len() as u64;
+                let Some(v) = view.upgrade() else {
+                    continue;
+                };
+                if log.len > 2 * v.live_bytes() + (1 << 20) {
+                    v.rewrite(&mut log);
+                }
+            }
         }
     }
 }

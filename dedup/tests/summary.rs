@@ -167,13 +167,13 @@ fn view_survives_a_restart_and_only_changes_are_asked_again() {
     let ids = fill(&s, 0..3000);
     let now = Instant::now();
     let first_cost = {
-        let view = Arc::new(PeerView::open(s.identity(), vdir.path()));
+        let view = PeerView::open(s.identity(), vdir.path());
         let mut p = pair(&s, view);
         let (a, b) = exchange(&mut p.owner, &mut p.learner, now);
         a + b
     };
     // The learner restarts: its view comes back from the file.
-    let view = Arc::new(PeerView::open(s.identity(), vdir.path()));
+    let view = PeerView::open(s.identity(), vdir.path());
     assert!(!view.load_report().damaged);
     assert!(ids.iter().all(|id| view.knows(id)));
     // The owner restarts too (its store closed and opened again), then the exchange: only the index.
@@ -238,7 +238,7 @@ fn learned_view(vdir: &Path) -> (tempfile::TempDir, Arc<ChunkStore>, Vec<ChunkId
     let d = tempfile::tempdir().expect("tempdir");
     let s = disk_store(d.path(), 1 << 30, 1 << 20);
     let ids = fill(&s, 0..2000);
-    let view = Arc::new(PeerView::open(s.identity(), vdir));
+    let view = PeerView::open(s.identity(), vdir);
     let mut p = pair(&s, view);
     exchange(&mut p.owner, &mut p.learner, Instant::now());
     (d, s, ids)
@@ -386,7 +386,7 @@ fn a_sealed_view_opens_only_with_its_store_key() {
         )
     };
     let ours = open_ours(&key);
-    let view = Arc::new(PeerView::open_for(&ours, peer.identity()));
+    let view = PeerView::open_for(&ours, peer.identity());
     let mut p = pair(&peer, view.clone());
     exchange(&mut p.owner, &mut p.learner, Instant::now());
     drop((p, view));
@@ -405,11 +405,13 @@ fn a_sealed_view_opens_only_with_its_store_key() {
     );
     // With its key it opens; with another key it is dropped, never believed.
     let again = PeerView::open_for(&ours, peer.identity());
+    assert!(again.wait_loaded(Duration::from_secs(30)));
     assert!(!again.load_report().damaged);
     assert!(ids.iter().all(|id| again.knows(id)));
     drop((again, ours));
     let other = open_ours(&StoreKey::generate());
     let wrong = PeerView::open_for(&other, peer.identity());
+    assert!(wrong.wait_loaded(Duration::from_secs(30)));
     assert!(wrong.load_report().damaged);
     assert_eq!(wrong.summarized_chunks(), 0);
 }

@@ -120,7 +120,7 @@ impl Engine {
             Engine::Raw { .. } => View::Raw,
             Engine::Dedup { store, .. } => {
                 let id = ditto_dedup::StoreId(peer_store);
-                View::Dedup(Arc::new(ditto_dedup::PeerView::open_for(store, id)))
+                View::Dedup(ditto_dedup::PeerView::open_for(store, id))
             }
         }
     }

@@ -73,7 +73,7 @@ impl Default for Settings {
             max_handshakes: 256,
             handshakes_per_source: 8,
             // TLS 1.3 with client authentication and the hello take about three round trips.
-            accept_timeout: Duration::from_secs(3),
+            accept_timeout: Duration::from_secs(10),
             wan: WanTuning::default(),
         }
     }
