@@ -93,8 +93,10 @@ fn keygen_check_config_run_status_and_stop() {
 
     let mut b = start(&cfg_b);
     let mut a = start(&cfg_a);
-    // Polls the admin endpoint (the only view into another process).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Polls the admin endpoint (the only view into another process). A daemon's first start after a
+    // build can be slow on a loaded 2-core machine, and the dialer backs off (0.2 s doubling up to
+    // 30 s) while site-b is not listening yet.
+    let deadline = Instant::now() + Duration::from_secs(90);
     while !http_get(admin_a, "/metrics")
         .is_some_and(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
     {

@@ -72,7 +72,9 @@ fn start_pair() -> Pair {
 }
 
 fn wait_tunnel(admin: SocketAddr) {
-    wait_for("site-a's tunnel", 30, || {
+    // A daemon's first start after a build can be slow on a loaded 2-core machine, and the dialer
+    // backs off (0.2 s doubling up to 30 s) while site-b is not listening yet.
+    wait_for("site-a's tunnel", 90, || {
         http_get(admin, "/metrics")
             .filter(|m| m.1.contains("ditto_tunnel_connections{peer=\"site-b\"} 2"))
     });
