@@ -135,10 +135,18 @@ struct LogHandle {
 
 #[derive(Debug)]
 pub struct PeerView {
-    store: StoreId,
+    b: Arc<Beliefs>,
     marks: Mutex<Marks>,
-    known: RwLock<Known>,
     log: Mutex<Option<LogHandle>>,
+}
+
+/// What the peer's summaries told us, shared with the view's writer thread (which loads it and
+/// rewrites the file from it). The thread never holds the [`PeerView`] itself, so dropping the
+/// view always happens on the caller's thread and waits for the queued records.
+#[derive(Debug)]
+struct Beliefs {
+    store: StoreId,
+    known: RwLock<Known>,
     report: Mutex<LoadReport>,
 }
 
@@ -370,86 +378,13 @@ fn create_private(path: &Path) -> std::io::Result<File> {
     o.open(path)
 }
 
-impl PeerView {
-    /// An empty view of the peer store `store`, kept in RAM only.
-    pub fn new(store: StoreId) -> PeerView {
-        PeerView {
-            store,
-            marks: Mutex::default(),
-            known: RwLock::default(),
-            log: Mutex::new(None),
-            report: Mutex::default(),
-        }
+impl Beliefs {
+    fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
+        self.known.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The view of the peer store `store`, kept in `dir` (created, mode 0700): loads what an earlier
-    /// run learned (see the module documentation) and returns once it is loaded (at most 30 s).
-    /// Never fails: a file that cannot be read or written leaves a view in RAM only (logged).
-    pub fn open(store: StoreId, dir: &Path) -> Arc<PeerView> {
-        let v = PeerView::open_sealed(store, dir, None);
-        v.wait_loaded(std::time::Duration::from_secs(30));
-        v
-    }
-
-    /// The view of the peer store `store`, kept in `<our store's dir>/peers` and sealed with our
-    /// store's key (when it has one, see `docs/security.md`): fingerprints of the peer's chunks
-    /// are fingerprints of content. Without a disk tier, a view in RAM only. Returns at once: the
-    /// file is loaded by the view's writer thread (what it holds is believed once loaded).
-    pub fn open_for(ours: &crate::ChunkStore, store: StoreId) -> Arc<PeerView> {
-        match ours.dir() {
-            Some(d) => PeerView::open_sealed(
-                store,
-                &d.join("peers"),
-                ours.key().map(|k| Sealer::new(&k, store)),
-            ),
-            None => Arc::new(PeerView::new(store)),
-        }
-    }
-
-    /// Waits until the view's file is loaded (true), at most `timeout`.
-    pub fn wait_loaded(&self, timeout: std::time::Duration) -> bool {
-        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(h) = g.as_ref() else {
-            return true;
-        };
-        let rx = h.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
-        drop(g);
-        match rx {
-            // Nothing is ever sent: the sender is dropped once loaded.
-            Some(rx) => !matches!(
-                rx.recv_timeout(timeout),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-            ),
-            None => true,
-        }
-    }
-
-    fn open_sealed(store: StoreId, dir: &Path, sealer: Option<Sealer>) -> Arc<PeerView> {
-        let v = Arc::new(PeerView::new(store));
-        let (tx, rx) = std::sync::mpsc::sync_channel(LOG_QUEUE);
-        let (done_tx, done) = std::sync::mpsc::channel::<()>();
-        let (loaded_tx, loaded) = std::sync::mpsc::channel::<()>();
-        let weak = Arc::downgrade(&v);
-        let dir = dir.to_path_buf();
-        let spawned = std::thread::Builder::new()
-            .name("ditto-view-log".into())
-            .spawn(move || {
-                let _done = done_tx;
-                run_log(weak, &dir, sealer, rx, loaded_tx);
-            });
-        match spawned {
-            Ok(_) => {
-                *v.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(LogHandle {
-                    tx,
-                    done,
-                    loaded: Mutex::new(Some(loaded)),
-                })
-            }
-            Err(e) => tracing::warn!(
-                "peer view: cannot start its writer thread: {e}; the view of this peer is kept in RAM only"
-            ),
-        }
-        v
+    fn known_mut(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
+        self.known.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Replays the file; returns how many bytes of it to keep (0: start it anew).
@@ -551,19 +486,157 @@ impl PeerView {
         (pos as u64, rep)
     }
 
+    /// Bytes of log records what the view knows would take.
+    fn live_bytes(&self) -> u64 {
+        let k = self.known();
+        k.segs
+            .values()
+            .flat_map(|s| &s.parts)
+            .map(|p| p.bits.len() as u64 + 64)
+            .sum()
+    }
+
+    /// Writes the log anew (a temporary file renamed over it) with one record per part held.
+    fn rewrite(&self, log: &mut Log) {
+        let tmp = log.path.with_extension("view.tmp");
+        let mut buf = header(self.store, log.sealer.is_some());
+        {
+            let k = self.known();
+            for p in k.segs.values().flat_map(|s| &s.parts) {
+                let at = buf.len() as u64;
+                let r = record(
+                    log.sealer.as_ref(),
+                    at,
+                    REC_PART,
+                    &Msg::Part(p.clone()).encode(),
+                );
+                buf.extend_from_slice(&r);
+            }
+        }
+        let res = create_private(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&buf)?;
+                f.sync_data()?;
+                Ok(f)
+            })
+            .and_then(|f| {
+                std::fs::rename(&tmp, &log.path)?;
+                Ok(f)
+            });
+        match res {
+            Ok(f) => {
+                log.file = Some(f);
+                log.len = buf.len() as u64;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(
+                    "peer view {}: cannot rewrite: {e}; no longer kept on disk this run",
+                    log.path.display()
+                );
+                log.file = None;
+            }
+        }
+    }
+}
+
+impl PeerView {
+    /// An empty view of the peer store `store`, kept in RAM only.
+    pub fn new(store: StoreId) -> PeerView {
+        PeerView {
+            b: Arc::new(Beliefs {
+                store,
+                known: RwLock::default(),
+                report: Mutex::default(),
+            }),
+            marks: Mutex::default(),
+            log: Mutex::new(None),
+        }
+    }
+
+    /// The view of the peer store `store`, kept in `dir` (created, mode 0700): loads what an earlier
+    /// run learned (see the module documentation) and returns once it is loaded (at most 30 s).
+    /// Never fails: a file that cannot be read or written leaves a view in RAM only (logged).
+    pub fn open(store: StoreId, dir: &Path) -> Arc<PeerView> {
+        let v = PeerView::open_sealed(store, dir, None);
+        v.wait_loaded(std::time::Duration::from_secs(30));
+        v
+    }
+
+    /// The view of the peer store `store`, kept in `<our store's dir>/peers` and sealed with our
+    /// store's key (when it has one, see `docs/security.md`): fingerprints of the peer's chunks
+    /// are fingerprints of content. Without a disk tier, a view in RAM only. Returns at once: the
+    /// file is loaded by the view's writer thread (what it holds is believed once loaded).
+    pub fn open_for(ours: &crate::ChunkStore, store: StoreId) -> Arc<PeerView> {
+        match ours.dir() {
+            Some(d) => PeerView::open_sealed(
+                store,
+                &d.join("peers"),
+                ours.key().map(|k| Sealer::new(&k, store)),
+            ),
+            None => Arc::new(PeerView::new(store)),
+        }
+    }
+
+    /// Waits until the view's file is loaded (true), at most `timeout`.
+    pub fn wait_loaded(&self, timeout: std::time::Duration) -> bool {
+        let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = g.as_ref() else {
+            return true;
+        };
+        let rx = h.loaded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(g);
+        match rx {
+            // Nothing is ever sent: the sender is dropped once loaded.
+            Some(rx) => !matches!(
+                rx.recv_timeout(timeout),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            ),
+            None => true,
+        }
+    }
+
+    fn open_sealed(store: StoreId, dir: &Path, sealer: Option<Sealer>) -> Arc<PeerView> {
+        let v = Arc::new(PeerView::new(store));
+        let (tx, rx) = std::sync::mpsc::sync_channel(LOG_QUEUE);
+        let (done_tx, done) = std::sync::mpsc::channel::<()>();
+        let (loaded_tx, loaded) = std::sync::mpsc::channel::<()>();
+        let beliefs = v.b.clone();
+        let dir = dir.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("ditto-view-log".into())
+            .spawn(move || {
+                let _done = done_tx;
+                run_log(&beliefs, &dir, sealer, rx, loaded_tx);
+            });
+        match spawned {
+            Ok(_) => {
+                *v.log.lock().unwrap_or_else(|e| e.into_inner()) = Some(LogHandle {
+                    tx,
+                    done,
+                    loaded: Mutex::new(Some(loaded)),
+                })
+            }
+            Err(e) => tracing::warn!(
+                "peer view: cannot start its writer thread: {e}; the view of this peer is kept in RAM only"
+            ),
+        }
+        v
+    }
+
     /// A view in RAM from the bytes of a view file (for the fuzzer).
     #[doc(hidden)]
     pub fn from_log_bytes(store: StoreId, data: &[u8]) -> PeerView {
         let v = PeerView::new(store);
-        let (_, rep) = v.replay(data, "(bytes)", None);
-        *v.report.lock().unwrap_or_else(|e| e.into_inner()) = rep;
+        let (_, rep) = v.b.replay(data, "(bytes)", None);
+        *v.b.report.lock().unwrap_or_else(|e| e.into_inner()) = rep;
         v
     }
 
     /// The bytes of a view file holding what this view knows (for the fuzzer's seeds).
     #[doc(hidden)]
     pub fn log_bytes(&self) -> Vec<u8> {
-        let mut buf = header(self.store, false);
+        let mut buf = header(self.b.store, false);
         let k = self.known();
         for p in k.segs.values().flat_map(|s| &s.parts) {
             let r = record(
@@ -579,12 +652,13 @@ impl PeerView {
 
     /// The identity of the peer store this view describes.
     pub fn store(&self) -> StoreId {
-        self.store
+        self.b.store
     }
 
     /// What loading the file found.
     pub fn load_report(&self) -> LoadReport {
-        self.report
+        self.b
+            .report
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -596,11 +670,11 @@ impl PeerView {
     }
 
     fn known(&self) -> std::sync::RwLockReadGuard<'_, Known> {
-        self.known.read().unwrap_or_else(|e| e.into_inner())
+        self.b.known()
     }
 
     fn known_mut(&self) -> std::sync::RwLockWriteGuard<'_, Known> {
-        self.known.write().unwrap_or_else(|e| e.into_inner())
+        self.b.known_mut()
     }
 
     /// Whether we believe the peer holds chunk `id`: marked, or in the peer's summaries and not
@@ -770,59 +844,6 @@ impl PeerView {
         }
     }
 
-    /// Bytes of log records what the view knows would take.
-    fn live_bytes(&self) -> u64 {
-        let k = self.known();
-        k.segs
-            .values()
-            .flat_map(|s| &s.parts)
-            .map(|p| p.bits.len() as u64 + 64)
-            .sum()
-    }
-
-    /// Writes the log anew (a temporary file renamed over it) with one record per part held.
-    fn rewrite(&self, log: &mut Log) {
-        let tmp = log.path.with_extension("view.tmp");
-        let mut buf = header(self.store, log.sealer.is_some());
-        {
-            let k = self.known();
-            for p in k.segs.values().flat_map(|s| &s.parts) {
-                let at = buf.len() as u64;
-                let r = record(
-                    log.sealer.as_ref(),
-                    at,
-                    REC_PART,
-                    &Msg::Part(p.clone()).encode(),
-                );
-                buf.extend_from_slice(&r);
-            }
-        }
-        let res = create_private(&tmp)
-            .and_then(|mut f| {
-                f.write_all(&buf)?;
-                f.sync_data()?;
-                Ok(f)
-            })
-            .and_then(|f| {
-                std::fs::rename(&tmp, &log.path)?;
-                Ok(f)
-            });
-        match res {
-            Ok(f) => {
-                log.file = Some(f);
-                log.len = buf.len() as u64;
-            }
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::warn!(
-                    "peer view {}: cannot rewrite: {e}; no longer kept on disk this run",
-                    log.path.display()
-                );
-                log.file = None;
-            }
-        }
-    }
-
     /// The peer store this view describes is gone (the peer has a new store): delete the file.
     pub fn discard(&self) {
         let g = self.log.lock().unwrap_or_else(|e| e.into_inner());
@@ -835,15 +856,12 @@ impl PeerView {
 /// The view's writer thread: loads the file into the view, then appends what the view hands it,
 /// rewriting the file when it has grown to twice what it describes. Ends when the view is dropped.
 fn run_log(
-    view: std::sync::Weak<PeerView>,
+    v: &Beliefs,
     dir: &Path,
     sealer: Option<Sealer>,
     rx: std::sync::mpsc::Receiver<LogOp>,
     loaded: std::sync::mpsc::Sender<()>,
 ) {
-    let Some(v) = view.upgrade() else {
-        return;
-    };
     let path = dir.join(format!("{:032x}.view", v.store.0));
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
@@ -888,7 +906,6 @@ fn run_log(
             return;
         }
     };
-    drop(v);
     while let Ok(op) = rx.recv() {
         match op {
             LogOp::Discard => {
@@ -909,9 +926,6 @@ fn run_log(
                     continue;
                 }
                 log.len += rec.len() as u64;
-                let Some(v) = view.upgrade() else {
-                    continue;
-                };
                 if log.len > 2 * v.live_bytes() + (1 << 20) {
                     v.rewrite(&mut log);
                 }
