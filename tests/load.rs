@@ -6,7 +6,9 @@
 //!   addresses (all reconnecting as soon as they are closed): a restarted peer's tunnel is up again
 //!   within a few seconds;
 //! * past a (small) `tunnel.max_flows`, a flow passes through: it works, it is counted with reason
-//!   `max-flows`, and the daemon says which limit and what to change.
+//!   `max-flows`, and the daemon says which limit and what to change;
+//! * past the far side's `tunnel.max_flows`, the streams it refuses (busy) pass through from the
+//!   near side with every byte the client already sent, half-close included: never a reset.
 //!
 //! Loopback only (127.0.0.0/8 gives the attackers their own source addresses); no root needed.
 //! Figures are printed; run with `--nocapture` to see them.
@@ -60,7 +62,8 @@ fn spawn(cfg: &Path, log: &Path) -> Proc {
 }
 
 impl Pair {
-    fn start(target: SocketAddr, a_tunnel: &str) -> Pair {
+    /// `a_tunnel`, `b_tunnel`: lines added to each site's `[tunnel]` section.
+    fn start(target: SocketAddr, a_tunnel: &str, b_tunnel: &str) -> Pair {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let fp_a = key(d, "a");
@@ -71,7 +74,7 @@ impl Pair {
             &cfg_b,
             format!(
                 "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n\n\
-                 [tunnel]\nlisten = \"{tunnel}\"\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
+                 [tunnel]\nlisten = \"{tunnel}\"\n{b_tunnel}\n\n[[peer]]\nname = \"site-a\"\nfingerprint = \"{fp_a}\"\n"
             ),
         )
         .expect("write config");
@@ -212,7 +215,7 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
     }
     let rt = rt();
     let target = rt.block_on(echo_server());
-    let pair = Pair::start(target, "");
+    let pair = Pair::start(target, "", "");
     let (pa, pb) = pair.pids();
     let base = (fds(pa), fds(pb));
     let t0 = Instant::now();
@@ -361,7 +364,7 @@ fn idle_unauthenticated_connections_do_not_keep_a_restarting_peer_out() {
     ditto_bench::sys::raise_nofile();
     let rt = rt();
     let target = rt.block_on(echo_server());
-    let mut pair = Pair::start(target, "");
+    let mut pair = Pair::start(target, "", "");
     let stop = Arc::new(AtomicBool::new(false));
     // 300 from 127.0.0.2, and 10 each from 127.0.1.1-40: more than the global cap (256) in all.
     let mut attackers = Vec::new();
@@ -428,7 +431,7 @@ fn flows_past_max_flows_pass_through_counted_and_logged() {
     const MAX: usize = 3;
     let rt = rt();
     let target = rt.block_on(echo_server());
-    let pair = Pair::start(target, &format!("max_flows = {MAX}"));
+    let pair = Pair::start(target, &format!("max_flows = {MAX}"), "");
     rt.block_on(async {
         // MAX flows held open (accelerated), then two more: they work, unaccelerated.
         let mut held = Vec::new();
@@ -467,4 +470,86 @@ fn flows_past_max_flows_pass_through_counted_and_logged() {
     );
     // One line, not one per flow.
     assert_eq!(log.matches("flow limit reached").count(), 1, "{log}");
+}
+
+#[test]
+fn flows_the_far_side_refuses_pass_through_with_their_bytes() {
+    const MAX: usize = 2;
+    let rt = rt();
+    let target = rt.block_on(echo_server());
+    // Site-b's own clients (through a forward of its own) hold its flow limit: the streams site-a
+    // opens are refused there (busy), which site-a cannot see coming (its peer's stream limit is
+    // not reached).
+    let fwd_b = free_port();
+    let pair = Pair::start(
+        target,
+        "",
+        &format!(
+            "max_flows = {MAX}\n\n[[forward]]\nlisten = \"{fwd_b}\"\npeer = \"site-a\"\n\
+             target = \"{target}\""
+        ),
+    );
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..MAX {
+            let mut s = TcpStream::connect(fwd_b).await.expect("connect");
+            s.write_all(b"hold").await.expect("write");
+            let mut got = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("site-b flow {i} hung\n{}", pair.logs()))
+                .expect("site-b flow");
+            held.push(s);
+        }
+        for i in 0..3 {
+            let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(pair.fwd))
+                .await
+                .expect("connect in time")
+                .expect("connect");
+            // Several writes (the first may travel in the OPEN, the rest after it), 40 KiB in
+            // all; the last refused flow half-closes before anything comes back.
+            let msg = common::payload(i as u64, 40 * 1024);
+            for part in msg.chunks(10 * 1024) {
+                s.write_all(part).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if i == 2 {
+                s.shutdown().await.expect("half-close");
+            }
+            let mut got = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("flow {i} hung\n{}", pair.logs()))
+                .unwrap_or_else(|e| panic!("flow {i}: {e}\n{}", pair.logs()));
+            assert!(got == msg, "flow {i}: the echo differs from what was sent");
+            if i == 2 {
+                let mut rest = Vec::new();
+                let n = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+                    .await
+                    .expect("the half-closed flow ends")
+                    .expect("ends cleanly, not reset");
+                assert_eq!(n, 0);
+            }
+            held.push(s);
+        }
+    });
+    let m = |o: &str, r: &str| {
+        pair.metric(
+            pair.admin_a,
+            &format!("ditto_flows_total{{outcome=\"{o}\",reason=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(
+        (m("accelerated", "forward"), m("passthrough", "peer-busy")),
+        (0.0, 3.0),
+        "{}",
+        pair.logs()
+    );
+    let resets = pair.metric(pair.admin_a, "ditto_stream_resets_total{reason=\"busy\"}");
+    assert_eq!(resets, 0.0, "no client was reset\n{}", pair.logs());
+    let log = pair.log("a.log");
+    assert!(
+        log.contains("peer's flow limit reached: ") && log.contains("(on the peer)"),
+        "no warning naming the peer's limit in site-a's log:\n{log}"
+    );
 }

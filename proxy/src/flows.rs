@@ -8,7 +8,7 @@ use crate::frame::{OpenTarget, ResetReason};
 use crate::intercept::{self, InterceptSpec, Mode, RouteAction, RouteSpec};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{reason, Metrics};
-use crate::peer::{Incoming, Peer, PeerSet, StreamHandle};
+use crate::peer::{Incoming, Peer, PeerSet};
 use crate::session::OpenError;
 use crate::settings::Settings;
 use crate::sock;
@@ -312,25 +312,17 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
     }
     handle.send_data(out);
     peer.m.lan_sent.inc_by(initial.len() as u64);
-    inner.metrics.flow("accelerated", plan.via);
+    let accelerated = inner
+        .metrics
+        .flows
+        .with_label_values(&["accelerated", plan.via]);
+    let replay = stream::Replay::new(&initial, initial_eof, accelerated);
     let ctx = flow_ctx(&inner, &peer);
-    run_bridge(&inner, lan, handle, enc, dec, initial_eof, &ctx).await;
+    let end = stream::bridge(lan, handle, enc, dec, initial_eof, &ctx, Some(replay)).await;
     drop(permit);
-}
-
-async fn run_bridge(
-    inner: &FlowEnv,
-    lan: TcpStream,
-    h: StreamHandle,
-    enc: Box<dyn crate::codec::SendCodec>,
-    dec: Box<dyn crate::codec::RecvCodec>,
-    initial_eof: bool,
-    ctx: &FlowCtx,
-) {
-    let id = h.id;
-    let end = stream::bridge(lan, h, enc, dec, initial_eof, ctx).await;
-    if let FlowEnd::Reset(r) = end {
-        tracing::debug!(stream = id, node = %inner.name, "flow reset: {}", r.as_str());
+    if let FlowEnd::Refused { lan, sent, eof } = end {
+        inner.metrics.limits.hit(crate::limits::PEER_BUSY, 0);
+        passthrough_with(&inner, lan, &plan, reason::PEER_BUSY, sent, eof).await;
     }
 }
 
@@ -400,7 +392,7 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
         inner2.metrics.flow("accelerated", "from-peer");
         let (enc, dec) = inner2.engine.pair(&view);
         let ctx = flow_ctx(&inner2, &peer);
-        run_bridge(&inner2, lan, h, enc, dec, false, &ctx).await;
+        stream::bridge(lan, h, enc, dec, false, &ctx, None).await;
         drop(permit);
     });
 }

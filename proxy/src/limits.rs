@@ -45,6 +45,13 @@ pub const FAR_FLOWS: Limit = Limit {
     key: "tunnel.max_flows",
     effect: "streams opened by peers refused (busy)",
 };
+/// The peer's own flow or stream limit, met when it refused a stream we opened (busy). Its value
+/// is the peer's, unknown here: logged without one.
+pub const PEER_BUSY: Limit = Limit {
+    name: "peer's flow limit",
+    key: "tunnel.max_flows and tunnel.max_streams (on the peer)",
+    effect: "flows it refused passed through unaccelerated",
+};
 /// Open files of the process (accept failed).
 pub const OPEN_FILES: Limit = Limit {
     name: "open file limit",
@@ -152,14 +159,18 @@ fn log(limit: &Limit, s: &mut Seen) {
         tracing::warn!(count = n, "{}: {n} {since} {}", limit.name, limit.effect);
         return;
     }
+    let value = if s.value == 0 {
+        String::new()
+    } else {
+        format!(" ({})", s.value)
+    };
     tracing::warn!(
         limit = limit.name,
         value = s.value,
         key = limit.key,
         count = n,
-        "{} reached ({}): {n} {} {since}; to change it: {}",
+        "{} reached{value}: {n} {} {since}; to change it: {}",
         limit.name,
-        s.value,
         limit.effect,
         limit.key
     );

@@ -26,17 +26,21 @@ pub mod reason {
     pub const TUNNEL_BUSY: &str = "tunnel-busy";
     /// An intercepted flow whose destination matches no `[[route]]`.
     pub const NO_ROUTE: &str = "no-route";
+    /// The far side refused the stream at its flow or stream limit (before connecting anywhere):
+    /// the client's bytes went straight to the destination instead.
+    pub const PEER_BUSY: &str = "peer-busy";
     /// This node's flow limit (`tunnel.max_flows`) is reached.
     pub const MAX_FLOWS: &str = "max-flows";
     /// The bytes all flows keep until acknowledged (`tunnel.retain_budget`) are spent.
     pub const RETAIN_BUDGET: &str = "retain-budget";
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         PEER_DOWN,
         PEER_UNRESPONSIVE,
         VERSION,
         NO_PEER,
         BYPASS_RULE,
         TUNNEL_BUSY,
+        PEER_BUSY,
         NO_ROUTE,
         MAX_FLOWS,
         RETAIN_BUDGET,

@@ -849,6 +849,11 @@ impl StreamHandle {
         self.wake.up.notified().await;
     }
 
+    /// Wakes the sending half (the receiving half has news for it).
+    pub fn wake_up(&self) {
+        self.wake.up.notify_one();
+    }
+
     /// Waits for news for the receiving half: data, FIN, or reset.
     pub async fn down_wait(&self) {
         self.wake.down.notified().await;

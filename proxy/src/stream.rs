@@ -15,7 +15,7 @@ use crate::frame::ResetReason;
 use crate::peer::StreamHandle;
 use crate::sock;
 use prometheus::IntCounter;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -96,16 +96,77 @@ impl RetainBudget {
 }
 
 /// How a flow ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum FlowEnd {
     /// Both directions completed.
     Closed,
     /// Reset, with the reason (from the LAN side here or from the peer).
     Reset(ResetReason),
+    /// The far side refused the stream as busy before it connected anywhere, and we still hold
+    /// every byte the client sent: the caller may carry the client on without the tunnel.
+    Refused {
+        lan: TcpStream,
+        /// What the client sent, and whether it half-closed.
+        sent: Vec<u8>,
+        eof: bool,
+    },
+}
+
+/// Client bytes a near flow keeps until the far side shows it took the stream (see [`Replay`]).
+const REPLAY_MAX: usize = 64 * 1024;
+
+/// What a near flow keeps so that a stream the far side refuses as busy (at its flow or stream
+/// limit) can pass through instead of resetting the client. The far side refuses only before it
+/// connects to the destination, so nothing the client sent reached a server yet: replaying it on
+/// a direct connection delivers each byte once. The copy is kept until the far side shows it took
+/// the stream (any data or feedback from it), at most [`REPLAY_MAX`] bytes; a client that sends
+/// more before that gives up the fallback (a refusal then resets it, as the far side's limit is
+/// what the operator must raise).
+pub struct Replay {
+    /// `None` once the far side took the stream or the copy grew past its cap.
+    bytes: Option<Vec<u8>>,
+    eof: bool,
+    /// Counted once the flow is known to be accelerated: when the far side took it, or when it
+    /// ended without a refusal.
+    accelerated: Option<IntCounter>,
+}
+
+impl Replay {
+    /// A replay holding the bytes that went in the OPEN.
+    pub fn new(initial: &[u8], eof: bool, accelerated: IntCounter) -> Replay {
+        Replay {
+            bytes: Some(initial.to_vec()),
+            eof,
+            accelerated: Some(accelerated),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.as_ref().map_or(0, Vec::len)
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        if let Some(v) = self.bytes.as_mut() {
+            if v.len() + b.len() > REPLAY_MAX {
+                self.bytes = None;
+            } else {
+                v.extend_from_slice(b);
+            }
+        }
+    }
+
+    /// The far side took the stream: nothing more to keep.
+    fn taken(&mut self) {
+        self.bytes = None;
+        if let Some(c) = self.accelerated.take() {
+            c.inc();
+        }
+    }
 }
 
 /// Runs a flow to its end. `initial_eof`: the LAN client already half-closed before the stream
-/// opened (its FIN is then sent right away).
+/// opened (its FIN is then sent right away). `replay`: on the near side, the client's bytes kept
+/// so that a refused stream can pass through ([`FlowEnd::Refused`]).
 pub async fn bridge(
     mut lan: TcpStream,
     h: StreamHandle,
@@ -113,24 +174,42 @@ pub async fn bridge(
     dec: Box<dyn RecvCodec>,
     initial_eof: bool,
     ctx: &FlowCtx,
+    mut replay: Option<Replay>,
 ) -> FlowEnd {
+    // Set by the receiving half when the far side sent anything: it took the stream.
+    let answered = AtomicBool::new(false);
+    let id = h.id;
     let end = {
         let (rd, wr) = lan.split();
         let (up, down) = tokio::join!(
-            up_half(rd, &h, enc, initial_eof, ctx),
-            down_half(wr, &h, dec, ctx)
+            up_half(rd, &h, enc, initial_eof, ctx, &mut replay, &answered),
+            down_half(wr, &h, dec, ctx, &answered)
         );
         match (up, down) {
             (Ok(()), Ok(())) => FlowEnd::Closed,
             (Err(r), _) | (_, Err(r)) => FlowEnd::Reset(r),
         }
     };
+    if let Some(mut r) = replay {
+        match (&end, r.bytes.take()) {
+            (FlowEnd::Reset(ResetReason::Busy), Some(sent)) => {
+                return FlowEnd::Refused {
+                    lan,
+                    sent,
+                    eof: r.eof,
+                };
+            }
+            _ => r.taken(),
+        }
+    }
     match end {
         FlowEnd::Reset(r) => {
+            tracing::debug!(stream = id, "flow reset: {}", r.as_str());
             ctx.resets.with_label_values(&[r.as_str()]).inc();
             sock::set_reset_on_close(&lan);
         }
         FlowEnd::Closed => sock::finished(&lan),
+        FlowEnd::Refused { .. } => {}
     }
     drop(lan);
     end
@@ -173,6 +252,8 @@ async fn up_half(
     mut enc: Box<dyn SendCodec>,
     initial_eof: bool,
     ctx: &FlowCtx,
+    replay: &mut Option<Replay>,
+    answered: &AtomicBool,
 ) -> Result<(), ResetReason> {
     // Allocated while the flow is busy, released when it goes quiet: idle flows cost little.
     let mut buf: Vec<u8> = Vec::new();
@@ -199,6 +280,11 @@ async fn up_half(
         if let Some(r) = ev.reset {
             break Err(r);
         }
+        if let Some(r) = replay.as_mut().filter(|r| r.accelerated.is_some()) {
+            if !ev.feedback.is_empty() || answered.load(Ordering::Relaxed) {
+                r.taken();
+            }
+        }
         let mut bad = false;
         for fb in &ev.feedback {
             if let Err(e) = enc.feedback(fb, &mut out) {
@@ -218,8 +304,9 @@ async fn up_half(
             break Ok(());
         }
         let (queued, _) = h.queued();
+        let kept = replay.as_ref().map_or(0, Replay::len);
         ctx.retained
-            .update(&mut mine, h.retained() + enc.retained_bytes());
+            .update(&mut mine, h.retained() + enc.retained_bytes() + kept);
         let budget_spent = ctx.retained.spent();
         let can_read = !eof && queued < ctx.send_queue_limit && !budget_spent;
         if !can_read && buf.capacity() > 0 {
@@ -258,10 +345,16 @@ async fn up_half(
                     match rd.try_read(&mut buf[..room]) {
                         Ok(0) => {
                             eof = true;
+                            if let Some(r) = replay.as_mut() {
+                                r.eof = true;
+                            }
                             break;
                         }
                         Ok(n) => {
                             total += n;
+                            if let Some(r) = replay.as_mut() {
+                                r.push(&buf[..n]);
+                            }
                             enc.write(&buf[..n], &mut out);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -315,6 +408,7 @@ async fn down_half(
     h: &StreamHandle,
     mut dec: Box<dyn RecvCodec>,
     ctx: &FlowCtx,
+    answered: &AtomicBool,
 ) -> Result<(), ResetReason> {
     let mut out = Vec::new();
     let mut fb = Vec::new();
@@ -324,6 +418,10 @@ async fn down_half(
         let ev = h.take_down();
         if let Some(r) = ev.reset {
             break Err(r);
+        }
+        if !ev.data.is_empty() && !answered.load(Ordering::Relaxed) {
+            answered.store(true, Ordering::Relaxed);
+            h.wake_up();
         }
         for d in &ev.data {
             if let Err(e) = dec.receive(d) {
