@@ -133,7 +133,7 @@ pub fn markdown(r: &RunReport) -> String {
     }
     let _ = writeln!(
         s,
-        "\n**All measurements**\n\n| scenario | contender | status | payload MB | exact | wall s | Mbit/s | WAN MB | WAN/payload | TTFB ms | p50 ms | added ms | CPU A s | CPU B s | RSS A MiB | RSS B MiB | note |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "\n**All measurements**\n\n| scenario | contender | status | payload MB | exact | wall s | Mbit/s | WAN MB | WAN/payload | TTFB ms (p50, p99) | p50 ms | added ms | CPU A s | CPU B s | RSS A MiB | RSS B MiB | note |\n|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     );
     for x in &r.results {
         let ok = x.status == "ok";
@@ -165,7 +165,10 @@ pub fn markdown(r: &RunReport) -> String {
             num(if x.rtt_p50_ms.is_some() { "-".into() } else { format!("{:.1}", x.goodput_mbps) }),
             num(format!("{:.2}", x.wan_bytes as f64 / 1e6)),
             num(if x.payload_bytes > 0 { format!("{:.3}", x.wan_bytes as f64 / x.payload_bytes as f64) } else { "-".into() }),
-            opt(x.ttfb_ms),
+            match x.ttfb_p99_ms.filter(|_| ok) {
+                Some(p99) => format!("{}, {p99:.1}", opt(x.ttfb_ms)),
+                None => opt(x.ttfb_ms),
+            },
             opt(x.rtt_p50_ms),
             opt(x.added_latency_ms),
             cpu(&x.side_a),

@@ -211,6 +211,9 @@ pub struct RunResult {
     /// IP bytes the emulator carried (both directions) during the measured transfer.
     pub wan_bytes: u64,
     pub ttfb_ms: Option<f64>,
+    /// Transfers of many connections: the 99th percentile of their first-byte times.
+    #[serde(default)]
+    pub ttfb_p99_ms: Option<f64>,
     pub rtt_p50_ms: Option<f64>,
     pub rtt_p90_ms: Option<f64>,
     /// Interactive only: median exchange time minus plain TCP's.
@@ -1380,6 +1383,9 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                 r.wall_s = f.secs;
                 r.goodput_mbps = f.goodput_mbps;
                 r.ttfb_ms = f.ttfb_s.map(|t| t * 1e3);
+                if f.conns > 1 {
+                    r.ttfb_p99_ms = f.ttfb_p99_s.map(|t| t * 1e3);
+                }
                 if !f.errors.is_empty() {
                     r.note = format!(
                         "{} of {} connections failed: {}",
@@ -1613,12 +1619,16 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
                     t0.elapsed().as_secs_f64()
                 ),
                 "ok" => eprintln!(
-                    "{:.1} Mbit/s, {:.2} s, WAN {:.2} MB for {:.2} MB{} ({:.1} s)",
+                    "{:.1} Mbit/s, {:.2} s, WAN {:.2} MB for {:.2} MB{}{} ({:.1} s)",
                     r.goodput_mbps,
                     r.wall_s,
                     r.wan_bytes as f64 / 1e6,
                     r.payload_bytes as f64 / 1e6,
                     if r.exact { "" } else { " NOT EXACT" },
+                    match (r.ttfb_ms, r.ttfb_p99_ms) {
+                        (Some(m), Some(p)) => format!(", first byte p50 {m:.0} ms, p99 {p:.0} ms"),
+                        _ => String::new(),
+                    },
                     t0.elapsed().as_secs_f64()
                 ),
                 s => eprintln!("{s}: {}", r.note),

@@ -214,6 +214,9 @@ pub struct FetchResult {
     pub secs: f64,
     /// Time from connect to the first payload byte (median over connections that got one).
     pub ttfb_s: Option<f64>,
+    /// 99th percentile of the connections' first-byte times.
+    #[serde(default)]
+    pub ttfb_p99_s: Option<f64>,
     pub goodput_mbps: f64,
     pub errors: Vec<String>,
 }
@@ -384,6 +387,9 @@ pub fn fetch(args: &FetchArgs) -> Result<FetchResult> {
     ttfbs.sort_by(f64::total_cmp);
     ttfbs.retain(|t| t.is_finite());
     r.ttfb_s = ttfbs.get(ttfbs.len() / 2).copied();
+    r.ttfb_p99_s = ttfbs
+        .get((ttfbs.len() * 99 / 100).min(ttfbs.len().saturating_sub(1)))
+        .copied();
     r.goodput_mbps = if secs > 0.0 {
         r.bytes as f64 * 8.0 / secs / 1e6
     } else {

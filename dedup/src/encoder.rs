@@ -48,9 +48,11 @@ pub struct EncoderStats {
     pub store_errors: u64,
 }
 
-/// Literal bytes that close the first batch of a stream (later batches double up to the configured
-/// limit).
-const FIRST_BATCH_LITERALS: usize = 16 * 1024;
+/// Literal bytes that close the second batch of a stream; later batches double up to the
+/// configured limit. The first batch holds the first chunk alone: the decoder delivers nothing of
+/// a batch before all of it arrived, so a small first batch is a stream's first bytes early (see
+/// [`Encoder::first_unit`]).
+const SECOND_BATCH_LITERALS: usize = 8 * 1024;
 
 /// What one op of a retained batch stands for.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +105,8 @@ struct State {
     retained: VecDeque<Retained>,
     retained_bytes: usize,
     header_sent: bool,
+    /// Encoded bytes up to the end of the first batch (0 until it is emitted).
+    first_unit: usize,
     stats: EncoderStats,
     scratch: Vec<u8>,
 }
@@ -140,6 +144,7 @@ impl Encoder {
                 retained: VecDeque::new(),
                 retained_bytes: 0,
                 header_sent: false,
+                first_unit: 0,
                 stats: EncoderStats::default(),
                 scratch: Vec::new(),
             },
@@ -235,6 +240,13 @@ impl Encoder {
 
     pub fn stats(&self) -> EncoderStats {
         self.st.stats
+    }
+
+    /// The encoded bytes from the start of the stream to the end of its first batch (the stream
+    /// header included): the first thing the decoder can deliver from. 0 until that batch is out.
+    /// A tunnel serving a burst of new streams sends each one's first unit in one turn.
+    pub fn first_unit(&self) -> usize {
+        self.st.first_unit
     }
 }
 
@@ -382,9 +394,11 @@ impl State {
 
     fn maybe_emit(&mut self, out: &mut Vec<u8>) {
         // The decoder outputs nothing of a batch before all of it arrived: start a stream with small
-        // batches, so its first bytes leave early even on a slow link, and double up to the limit.
-        let ramp = FIRST_BATCH_LITERALS << self.stats.batches.min(16);
-        if self.lits.len() >= self.cfg.batch_literal_bytes.min(ramp)
+        // batches (the first chunk alone, then 8 KiB of literals), so its first bytes leave early
+        // even on a slow link, and double up to the limit.
+        let ramp = (SECOND_BATCH_LITERALS << self.stats.batches.min(16)) / 2;
+        if self.stats.batches == 0
+            || self.lits.len() >= self.cfg.batch_literal_bytes.min(ramp)
             || self.raw.len() >= self.cfg.batch_stream_bytes
             || self.spans.len() >= wire::MAX_OPS - 2
         {
@@ -464,6 +478,7 @@ impl State {
         if self.spans.is_empty() {
             return;
         }
+        let start = out.len();
         self.put_header(out);
         let mut body = Vec::with_capacity(self.ops.len() + self.lits.len() / 2 + 16);
         put_varint(&mut body, self.spans.len() as u64);
@@ -472,6 +487,9 @@ impl State {
         self.stats.compression_saved_bytes +=
             (self.lits.len() as u64).saturating_sub(payload as u64);
         wire::put_message(out, wire::MSG_BATCH, &body);
+        if self.stats.batches == 0 {
+            self.first_unit = out.len() - start;
+        }
         self.stats.batches += 1;
         self.ops.clear();
         self.lits.clear();

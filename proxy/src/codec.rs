@@ -45,6 +45,11 @@ pub trait SendCodec: Send {
     /// Unacknowledged input bytes kept to answer requests.
     fn retained_bytes(&self) -> usize;
     fn stats(&self) -> SendStats;
+    /// Output bytes from the start to the end of the first unit the peer can decode and deliver
+    /// (0: not known yet, or any byte is one).
+    fn first_unit(&self) -> usize {
+        0
+    }
 }
 
 /// The receiving half of a stream direction (tunnel → LAN).
@@ -292,6 +297,9 @@ impl SendCodec for DedupSend {
     }
     fn retained_bytes(&self) -> usize {
         self.0.retained_bytes()
+    }
+    fn first_unit(&self) -> usize {
+        self.0.first_unit()
     }
     fn stats(&self) -> SendStats {
         let s = self.0.stats();

@@ -310,7 +310,7 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
     } else if !initial.is_empty() {
         enc.flush(&mut out);
     }
-    handle.send_data(out);
+    stream::send_data(&handle, enc.as_ref(), &mut out, &mut false);
     peer.m.lan_sent.inc_by(initial.len() as u64);
     let accelerated = inner
         .metrics

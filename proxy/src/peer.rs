@@ -784,6 +784,14 @@ impl StreamHandle {
         }
     }
 
+    /// Sets how many DATA bytes the stream's first turn carries (see
+    /// [`Session::set_first_turn`]).
+    pub fn set_first_turn(&self, bytes: usize) {
+        if bytes > 0 {
+            self.op(|s| s.set_first_turn(self.id, bytes));
+        }
+    }
+
     /// Queues feedback for the peer's encoder.
     pub fn send_feedback(&self, bytes: Vec<u8>) {
         if !bytes.is_empty() {

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 pub const BATCH_BYTES: usize = 64 * 1024;
 /// A stream whose queued bytes are at most this when it becomes ready is served as interactive.
 const LIGHT_BYTES: usize = 4096;
+/// Largest first turn of a new stream ([`Session::set_first_turn`]): a first batch is one chunk
+/// (16 KiB at most) and its header.
+const MAX_FIRST_TURN: usize = 2 * QUANTUM;
 /// Consecutive light turns before a bulk stream gets one.
 const LIGHT_STREAK: u32 = 8;
 /// Inbound FEEDBACK a stream may have waiting before the stream is reset.
@@ -337,6 +340,9 @@ struct Stream {
     /// The owner dropped its handle.
     detached: bool,
     reset: Option<ResetReason>,
+    /// DATA bytes the stream's first turn carries (0: a quantum): the first unit the peer's
+    /// decoder can deliver, so a burst of new streams each gets its first bytes through in turn.
+    first_turn: usize,
 }
 
 impl Stream {
@@ -361,6 +367,7 @@ impl Stream {
             acked_fb: 0,
             detached: false,
             reset: None,
+            first_turn: 0,
         }
     }
     fn credit(&self) -> u64 {
@@ -653,6 +660,16 @@ impl Session {
         }
     }
 
+    /// The DATA bytes of stream `id`'s first turn, if it has sent none yet: `bytes` (the peer's
+    /// first decodable unit, at most [`MAX_FIRST_TURN`]) instead of a quantum.
+    pub fn set_first_turn(&mut self, id: u32, bytes: usize) {
+        if let Some(s) = self.live_mut(id) {
+            if s.data_out.sent() == 0 {
+                s.first_turn = bytes.min(MAX_FIRST_TURN);
+            }
+        }
+    }
+
     /// No more bytes of that kind: FIN (DATA) or DONE (FEEDBACK) follows what is queued.
     pub fn finish(&mut self, id: u32, feedback: bool) {
         if let Some(s) = self.live_mut(id) {
@@ -870,7 +887,10 @@ impl Session {
         let Some(l) = s.link else {
             return;
         };
-        let light = s.pending_bytes() <= LIGHT_BYTES;
+        // A stream that has sent nothing yet is served as interactive for its first turn, whatever
+        // it has queued (as a fair queue serves new flows first): under a burst of new flows, each
+        // one's first bytes leave before anyone's second quantum.
+        let light = s.pending_bytes() <= LIGHT_BYTES || s.data_out.sent() == 0;
         s.queued = true;
         if let Some(link) = self.links.get_mut(&l) {
             if light {
@@ -1405,6 +1425,9 @@ fn transmit(id: u32, s: &mut Stream, out: &mut Vec<u8>) -> bool {
         .encode(out);
     }
     let mut room = false;
+    if s.data_out.sent() == 0 && s.first_turn > 0 {
+        budget = s.first_turn;
+    }
     while budget > 0 {
         let credit = usize::try_from(s.credit()).unwrap_or(usize::MAX);
         if credit == 0 {

@@ -269,6 +269,8 @@ async fn up_half(
     let mut flush_at: Option<tokio::time::Instant> = None;
     // This flow's part of the node's retain budget.
     let mut mine = 0usize;
+    // The stream was told the size of the encoder's first unit.
+    let mut told = false;
     let result = loop {
         if let Some(at) = flush_at {
             if h.queued().0 == 0 || tokio::time::Instant::now() >= at {
@@ -298,7 +300,7 @@ async fn up_half(
             break Err(ResetReason::Protocol);
         }
         if !out.is_empty() {
-            h.send_data(std::mem::take(&mut out));
+            send_data(h, enc.as_ref(), &mut out, &mut told);
         }
         if ev.done && eof {
             break Ok(());
@@ -389,7 +391,7 @@ async fn up_half(
                     }
                 }
                 if !out.is_empty() {
-                    h.send_data(std::mem::take(&mut out));
+                    send_data(h, enc.as_ref(), &mut out, &mut told);
                 }
                 if eof {
                     h.send_fin();
@@ -401,6 +403,20 @@ async fn up_half(
     report_send(enc.stats(), &mut last, ctx);
     ctx.retained.update(&mut mine, 0);
     result
+}
+
+/// Queues the encoder's output. Once the encoder's first unit is out, tells the stream its size
+/// (the stream's first turn carries that much: fair first bytes under a burst of new streams);
+/// `told` remembers that it did.
+pub fn send_data(h: &StreamHandle, enc: &dyn SendCodec, out: &mut Vec<u8>, told: &mut bool) {
+    if !*told {
+        let n = enc.first_unit();
+        if n > 0 {
+            h.set_first_turn(n);
+            *told = true;
+        }
+    }
+    h.send_data(std::mem::take(out));
 }
 
 async fn down_half(
