@@ -312,11 +312,9 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
     }
     stream::send_data(&handle, enc.as_ref(), &mut out, &mut false);
     peer.m.lan_sent.inc_by(initial.len() as u64);
-    let accelerated = inner
-        .metrics
-        .flows
-        .with_label_values(&["accelerated", plan.via]);
-    let replay = stream::Replay::new(&initial, initial_eof, accelerated);
+    // Counted when it opens (a flow the peer then refuses as busy is also counted as `peer-busy`).
+    inner.metrics.flow("accelerated", plan.via);
+    let replay = stream::Replay::new(&initial, initial_eof);
     let ctx = flow_ctx(&inner, &peer);
     let end = stream::bridge(lan, handle, enc, dec, initial_eof, &ctx, Some(replay)).await;
     drop(permit);

@@ -126,18 +126,14 @@ pub struct Replay {
     /// `None` once the far side took the stream or the copy grew past its cap.
     bytes: Option<Vec<u8>>,
     eof: bool,
-    /// Counted once the flow is known to be accelerated: when the far side took it, or when it
-    /// ended without a refusal.
-    accelerated: Option<IntCounter>,
 }
 
 impl Replay {
     /// A replay holding the bytes that went in the OPEN.
-    pub fn new(initial: &[u8], eof: bool, accelerated: IntCounter) -> Replay {
+    pub fn new(initial: &[u8], eof: bool) -> Replay {
         Replay {
             bytes: Some(initial.to_vec()),
             eof,
-            accelerated: Some(accelerated),
         }
     }
 
@@ -158,9 +154,6 @@ impl Replay {
     /// The far side took the stream: nothing more to keep.
     fn taken(&mut self) {
         self.bytes = None;
-        if let Some(c) = self.accelerated.take() {
-            c.inc();
-        }
     }
 }
 
@@ -190,16 +183,13 @@ pub async fn bridge(
             (Err(r), _) | (_, Err(r)) => FlowEnd::Reset(r),
         }
     };
-    if let Some(mut r) = replay {
-        match (&end, r.bytes.take()) {
-            (FlowEnd::Reset(ResetReason::Busy), Some(sent)) => {
-                return FlowEnd::Refused {
-                    lan,
-                    sent,
-                    eof: r.eof,
-                };
-            }
-            _ => r.taken(),
+    if let (FlowEnd::Reset(ResetReason::Busy), Some(r)) = (&end, replay.as_mut()) {
+        if let Some(sent) = r.bytes.take() {
+            return FlowEnd::Refused {
+                lan,
+                sent,
+                eof: r.eof,
+            };
         }
     }
     match end {
@@ -282,7 +272,7 @@ async fn up_half(
         if let Some(r) = ev.reset {
             break Err(r);
         }
-        if let Some(r) = replay.as_mut().filter(|r| r.accelerated.is_some()) {
+        if let Some(r) = replay.as_mut().filter(|r| r.bytes.is_some()) {
             if !ev.feedback.is_empty() || answered.load(Ordering::Relaxed) {
                 r.taken();
             }
