@@ -1419,6 +1419,7 @@ pub fn run(args: &ModesArgs) -> Result<()> {
         ditto: Some(ditto.clone()),
         data,
         ditto_mode: DittoMode::Forward,
+        ditto_tunnel: String::new(),
     };
     match topology {
         Topology::Routed => ctx.topo.up()?,

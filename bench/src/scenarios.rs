@@ -60,6 +60,10 @@ pub struct ScenarioArgs {
     /// `tproxy` or `redirect` (site A intercepts connections to the server's own address).
     #[arg(long, default_value = "forward")]
     pub ditto_mode: String,
+    /// Extra lines for both ditto sites' `[tunnel]` section (e.g. "connections = 1"), to compare
+    /// settings in one run.
+    #[arg(long, default_value = "")]
+    pub ditto_tunnel: String,
     /// Where to write results (default: the crate's results/ directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -210,6 +214,10 @@ pub struct RunResult {
     pub goodput_mbps: f64,
     /// IP bytes the emulator carried (both directions) during the measured transfer.
     pub wan_bytes: u64,
+    /// Of those, packets its bottleneck queue dropped (full), both directions: what the
+    /// contender's congestion control overshot by.
+    #[serde(default)]
+    pub wan_queue_drops: u64,
     pub ttfb_ms: Option<f64>,
     /// Transfers of many connections: the 99th percentile of their first-byte times.
     #[serde(default)]
@@ -392,6 +400,8 @@ pub(crate) struct Ctx {
     pub(crate) ditto: Option<PathBuf>,
     pub(crate) data: PathBuf,
     pub(crate) ditto_mode: DittoMode,
+    /// Extra `[tunnel]` lines of both ditto sites.
+    pub(crate) ditto_tunnel: String,
 }
 
 /// The processes of a started contender.
@@ -584,10 +594,11 @@ pub(crate) fn ditto_configs(
         let store = dir.join(format!("store-{me}"));
         format!(
             "[node]\nname = \"{me}\"\nkey = \"{}\"\nadmin = \"127.0.0.1:9090\"\nstore_dir = \"{}\"\n\n\
-             [tunnel]\nlisten = \"{listen}:7878\"\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{peer_addr}:7878\"\n\
+             [tunnel]\nlisten = \"{listen}:7878\"\n{}\n\n[[peer]]\nname = \"{peer}\"\naddress = \"{peer_addr}:7878\"\n\
              fingerprint = \"{peer_fp}\"\n",
             dir.join(key).display(),
-            store.display()
+            store.display(),
+            ctx.ditto_tunnel
         )
     };
     let mut a = conf(
@@ -1320,6 +1331,8 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                 )?;
                 let after = link.fresh_stats()?;
                 r.wan_bytes = after.wan_bytes().saturating_sub(before.wan_bytes());
+                r.wan_queue_drops = (after.ab.drop_queue_packets + after.ba.drop_queue_packets)
+                    .saturating_sub(before.ab.drop_queue_packets + before.ba.drop_queue_packets);
                 r.exact = true;
                 r.payload_bytes = (*count * (req + resp)) as u64;
                 r.ttfb_ms = Some(rr.ttfb_ms);
@@ -1378,6 +1391,8 @@ fn run_one(ctx: &Ctx, sc: &Scenario, c: Contender) -> Result<RunResult> {
                 })?;
                 let after = link.fresh_stats()?;
                 r.wan_bytes = after.wan_bytes().saturating_sub(before.wan_bytes());
+                r.wan_queue_drops = (after.ab.drop_queue_packets + after.ba.drop_queue_packets)
+                    .saturating_sub(before.ab.drop_queue_packets + before.ba.drop_queue_packets);
                 r.payload_bytes = f.bytes;
                 r.exact = f.exact;
                 r.wall_s = f.secs;
@@ -1557,6 +1572,7 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         ditto,
         data,
         ditto_mode: DittoMode::parse(&args.ditto_mode)?,
+        ditto_tunnel: args.ditto_tunnel.replace("\\n", "\n"),
     };
     ctx.topo.up()?;
     let started = std::time::SystemTime::now()
@@ -1619,10 +1635,11 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
                     t0.elapsed().as_secs_f64()
                 ),
                 "ok" => eprintln!(
-                    "{:.1} Mbit/s, {:.2} s, WAN {:.2} MB for {:.2} MB{}{} ({:.1} s)",
+                    "{:.1} Mbit/s, {:.2} s, WAN {:.2} MB ({} packets dropped at the queue) for {:.2} MB{}{} ({:.1} s)",
                     r.goodput_mbps,
                     r.wall_s,
                     r.wan_bytes as f64 / 1e6,
+                    r.wan_queue_drops,
                     r.payload_bytes as f64 / 1e6,
                     if r.exact { "" } else { " NOT EXACT" },
                     match (r.ttfb_ms, r.ttfb_p99_ms) {
