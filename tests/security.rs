@@ -51,10 +51,26 @@ fn metrics(admin: SocketAddr) -> String {
         .unwrap_or_default()
 }
 
-fn tunnel_up(admin_a: SocketAddr) {
-    wait_for("site-a's tunnel", 30, || {
-        metrics(admin_a).contains("ditto_tunnel_connections{peer=\"site-b\"} 1")
-    });
+/// Waits for site-a's tunnel (90 s: a first start on a loaded CI machine can be slow); on a
+/// timeout, shows the daemons' logs.
+fn tunnel_up(admin_a: SocketAddr, logs: &[&Path]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !metrics(admin_a).contains("ditto_tunnel_connections{peer=\"site-b\"} 1") {
+        if Instant::now() >= deadline {
+            let text: Vec<String> = logs
+                .iter()
+                .map(|l| {
+                    format!(
+                        "--- {} ---\n{}",
+                        l.display(),
+                        fs::read_to_string(l).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!("site-a's tunnel not up after 90 s\n{}", text.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// SIGTERM, then waits for a clean exit.
@@ -156,7 +172,7 @@ fn stores_keep_no_traffic_in_plain_text_and_a_lost_key_costs_only_the_store() {
     let (log_a, log_b) = (d.join("a.log"), d.join("b.log"));
     let b = start_logged(&cfg_b, &log_b);
     let a = start_logged(&cfg_a, &log_a);
-    tunnel_up(admin_a);
+    tunnel_up(admin_a, &[&log_a, &log_b]);
 
     let marker = b"DITTO-SECRET-MARKER-7f3a9c1e5b2d";
     let rev: Vec<u8> = marker.iter().rev().copied().collect();
@@ -199,7 +215,7 @@ fn stores_keep_no_traffic_in_plain_text_and_a_lost_key_costs_only_the_store() {
     fs::remove_file(d.join("b.store.key")).expect("remove key");
     let b = start_logged(&cfg_b, &log_b);
     let a = start_logged(&cfg_a, &log_a);
-    tunnel_up(admin_a);
+    tunnel_up(admin_a, &[&log_a, &log_b]);
     round_trip(fwd, &data, "after the key was lost");
     let log = fs::read_to_string(&log_b).expect("log");
     assert_eq!(
@@ -274,7 +290,7 @@ fn opens_outside_the_peers_allow_list_are_refused_and_counted() {
     let (log_a, log_b) = (d.join("a.log"), d.join("b.log"));
     let pb = start_logged(&cfg_b, &log_b);
     let pa = start_logged(&cfg_a, &log_a);
-    tunnel_up(admin_a);
+    tunnel_up(admin_a, &[&log_a, &log_b]);
 
     // Inside the list: works, byte-exact.
     let data = payload(3, 200_000);
