@@ -9,6 +9,7 @@ pub mod modes;
 pub mod procs;
 pub mod report;
 pub mod scenarios;
+pub mod soak;
 pub mod sys;
 pub mod topo;
 pub mod traffic;

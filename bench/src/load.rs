@@ -75,6 +75,11 @@ pub struct LoadArgs {
     /// Extra `[tunnel]` lines for both sites (`;` separates lines).
     #[arg(long, default_value = "")]
     pub tunnel: String,
+    /// Soak instead of one burst: waves of `--flows` mixed flows (echo, `--bulk-bytes` of fresh
+    /// data, idle) for this many seconds, watching RSS and open files (run by hand: an hour is
+    /// 3600).
+    #[arg(long, default_value_t = 0)]
+    pub soak_s: u64,
 }
 
 #[derive(Serialize, Default, Clone, Copy, Debug)]
@@ -137,6 +142,7 @@ pub struct LoadReport {
     pub nofile: u64,
     pub attacks: Vec<AttackReport>,
     pub flows: Option<FlowsReport>,
+    pub soak: Option<crate::soak::SoakReport>,
     pub samples: Vec<Sample>,
 }
 
@@ -220,16 +226,35 @@ fn metrics(addr: SocketAddr, family: &str) -> BTreeMap<String, f64> {
 }
 
 impl Pair {
-    fn start(ditto: &Path, dir: &Path, target: SocketAddr, tunnel_extra: &str) -> Result<Pair> {
+    /// `stores`: each site gets an on-disk store of its own with small tiers (64 MiB of RAM,
+    /// 512 MiB of disk), so that a soak's fresh data cycles both within minutes.
+    fn start(
+        ditto: &Path,
+        dir: &Path,
+        target: SocketAddr,
+        tunnel_extra: &str,
+        stores: bool,
+    ) -> Result<Pair> {
         let fp_a = keygen(ditto, dir, "a")?;
         let fp_b = keygen(ditto, dir, "b")?;
         let (tunnel, admin_a, admin_b, fwd) =
             (free_port()?, free_port()?, free_port()?, free_port()?);
         let extra = tunnel_extra.replace(';', "\n");
+        let store = |site: &str| {
+            if stores {
+                format!(
+                    "store_dir = \"{}\"\nstore_ram = \"64MiB\"\nstore_disk = \"512MiB\"\n",
+                    dir.join(format!("store-{site}")).display()
+                )
+            } else {
+                String::new()
+            }
+        };
+        let (store_a, store_b) = (store("a"), store("b"));
         std::fs::write(
             dir.join("b.toml"),
             format!(
-                "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n\n\
+                "[node]\nname = \"site-b\"\nkey = \"b.key\"\nadmin = \"{admin_b}\"\n{store_b}\n\
                  [tunnel]\nlisten = \"{tunnel}\"\n{extra}\n\n[[peer]]\nname = \"site-a\"\n\
                  fingerprint = \"{fp_a}\"\n"
             ),
@@ -237,7 +262,7 @@ impl Pair {
         std::fs::write(
             dir.join("a.toml"),
             format!(
-                "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\n\n\
+                "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\n{store_a}\n\
                  [tunnel]\n{extra}\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\n\
                  fingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\n\
                  target = \"{target}\"\n"
@@ -398,7 +423,7 @@ async fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream>
     s.connect(to).await
 }
 
-fn kind_of(e: &std::io::Error) -> String {
+pub(crate) fn kind_of(e: &std::io::Error) -> String {
     use std::io::ErrorKind::*;
     match e.kind() {
         ConnectionReset | ConnectionAborted | BrokenPipe => "reset".into(),
@@ -663,8 +688,14 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("ditto-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (echo, bulk) = rt.block_on(servers(args.bulk_bytes))?;
-    let target = if args.kind == "bulk" { bulk } else { echo };
-    let mut pair = Pair::start(&ditto, &dir, target, &args.tunnel)?;
+    let target = if args.soak_s > 0 {
+        rt.block_on(crate::soak::server())?
+    } else if args.kind == "bulk" {
+        bulk
+    } else {
+        echo
+    };
+    let mut pair = Pair::start(&ditto, &dir, target, &args.tunnel, args.soak_s > 0)?;
     eprintln!("pair up (logs in {})", dir.display());
     let mut report = LoadReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -719,7 +750,18 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         std::thread::sleep(Duration::from_secs(3));
     }
 
-    if args.flows > 0 {
+    if args.soak_s > 0 {
+        let (pa, pb) = pair.pids();
+        report.soak = Some(crate::soak::run(
+            &rt,
+            pair.fwd,
+            args.flows,
+            args.bulk_bytes,
+            Duration::from_secs(args.hold_s),
+            args.soak_s,
+            || ((rss_kib(pa), rss_kib(pb)), (fds(pa), fds(pb))),
+        ));
+    } else if args.flows > 0 {
         std::thread::sleep(Duration::from_secs(1));
         let (pa, pb) = pair.pids();
         let rss_before = (rss_kib(pa), rss_kib(pb));
@@ -811,7 +853,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     if let Some(out) = &args.out {
         std::fs::write(out.with_extension("json"), &json)?;
         std::fs::write(out.with_extension("md"), &md)?;
-        eprintln!("wrote {}.json and .md", out.display());
+        std::fs::write(out.with_extension("svg"), chart(&report.samples))?;
+        eprintln!("wrote {}.json, .md and .svg", out.display());
     }
     drop(pair);
     let _ = std::fs::remove_dir_all(&dir);
@@ -881,6 +924,9 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
             f.fds_after.1,
         );
     }
+    if let Some(soak) = &r.soak {
+        s += &crate::soak::markdown(soak);
+    }
     if !r.attacks.is_empty() {
         s += "## Attacks on site B's tunnel port while site A restarts\n\n\
               | attack | connection attempts | site A's tunnel up after | site B CPU | closed by site B |\n\
@@ -932,4 +978,80 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
         );
     }
     s
+}
+
+/// RSS and open files of both daemons over the run, as an SVG line chart (two panels).
+fn chart(samples: &[Sample]) -> String {
+    use std::fmt::Write as _;
+    let (w, h, pad) = (760.0, 200.0, 50.0);
+    let t_max = samples.last().map_or(1.0, |s| s.t_s).max(1.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        w + 2.0 * pad,
+        2.0 * (h + 2.0 * pad)
+    );
+    type Series = (&'static str, &'static str, fn(&Sample) -> f64);
+    let panels: [(&str, [Series; 2]); 2] = [
+        (
+            "RSS, MiB",
+            [
+                ("site A", "#1f77b4", |s| s.rss_a_kib as f64 / 1024.0),
+                ("site B", "#d62728", |s| s.rss_b_kib as f64 / 1024.0),
+            ],
+        ),
+        (
+            "open files",
+            [
+                ("site A", "#1f77b4", |s| s.fds_a as f64),
+                ("site B", "#d62728", |s| s.fds_b as f64),
+            ],
+        ),
+    ];
+    for (p, (title, series)) in panels.iter().enumerate() {
+        let top = p as f64 * (h + 2.0 * pad) + pad;
+        let y_max = samples
+            .iter()
+            .flat_map(|s| series.iter().map(move |(_, _, f)| f(s)))
+            .fold(1.0_f64, f64::max)
+            * 1.1;
+        let _ = writeln!(
+            svg,
+            "<text x=\"{pad}\" y=\"{}\" font-weight=\"bold\">{title} (max {:.0}) over {:.0} s</text>\n\
+             <rect x=\"{pad}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#888\"/>",
+            top - 8.0,
+            y_max / 1.1,
+            t_max
+        );
+        for (i, (name, color, f)) in series.iter().enumerate() {
+            let pts: Vec<String> = samples
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{:.1},{:.1}",
+                        pad + s.t_s / t_max * w,
+                        top + h - f(s) / y_max * h
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                svg,
+                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n\
+                 <text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>",
+                pts.join(" "),
+                pad + w - 120.0 + 60.0 * i as f64,
+                top + h + 20.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{pad}\" y=\"{}\">0 s</text><text x=\"{}\" y=\"{}\">{:.0} s</text>",
+            top + h + 20.0,
+            pad + w - 30.0,
+            top + h + 36.0,
+            t_max
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
