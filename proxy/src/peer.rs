@@ -103,12 +103,35 @@ pub(crate) struct PeerMetrics {
 #[derive(Default)]
 struct SummaryState {
     recon: Option<Reconciler>,
+    /// The peer session generation and peer store the reconciler is for: messages and links of
+    /// another pair get a new one (links attach, and messages arrive, in no fixed order with the
+    /// attach that started a new session).
+    recon_for: Option<(u64, u128)>,
     /// Built once, from the engine, at the first attach.
     summarizer: Option<Option<Arc<Summarizer>>>,
     seen: ReconcileStats,
     /// When a refused summary message was last logged, and how many were refused since.
     logged: Option<Instant>,
     unlogged: u64,
+}
+
+impl SummaryState {
+    /// Makes the reconciler the one for `key` (a new one if it is for another session or peer
+    /// store, or there is none); true if it made a new one.
+    fn fit_recon(
+        &mut self,
+        key: (u64, u128),
+        view: &Arc<ditto_dedup::PeerView>,
+        summ: Option<Arc<Summarizer>>,
+    ) -> bool {
+        if self.recon.is_some() && self.recon_for == Some(key) {
+            return false;
+        }
+        self.recon = Some(Reconciler::new(view.clone(), summ));
+        self.recon_for = Some(key);
+        self.seen = ReconcileStats::default();
+        true
+    }
 }
 
 /// What we know of the peer's store from its summaries.
@@ -303,6 +326,7 @@ impl Peer {
         let mut incoming = Vec::new();
         let mut closing = Vec::new();
         let mut summaries = Vec::new();
+        let summary_key = st.view.as_ref().map(|(id, v)| ((gen, *id), v.clone()));
         for e in events {
             match e {
                 Event::Incoming { stream, target } => {
@@ -372,8 +396,8 @@ impl Peer {
         if earlier {
             self.timer.notify_one();
         }
-        if !summaries.is_empty() {
-            self.on_summaries(summaries);
+        if let (false, Some((key, View::Dedup(v)))) = (summaries.is_empty(), summary_key) {
+            self.on_summaries(key, &v, summaries);
         }
         Some((r, gen))
     }
@@ -437,8 +461,8 @@ impl Peer {
                 }
             }
         }
-        let new_view = match &st.view {
-            Some((id, _)) if *id == hello.store_id => false,
+        match &st.view {
+            Some((id, _)) if *id == hello.store_id => {}
             old => {
                 if let Some((_, old)) = old {
                     tracing::info!(peer = %self.name, "peer has a new store identity; starting a fresh view of it");
@@ -447,9 +471,8 @@ impl Peer {
                     }
                 }
                 st.view = Some((hello.store_id, engine.new_view(hello.store_id)));
-                true
             }
-        };
+        }
         let view = st.view.as_ref().map(|(_, v)| v.clone());
         let gen = st.gen;
         let id = st
@@ -476,7 +499,7 @@ impl Peer {
         self.with(|_, _| ());
         self.timer.notify_one();
         let summaries = hello.versions.iter().any(|&v| v >= 4);
-        self.start_summaries(summaries, view, new_session || new_view, engine);
+        self.start_summaries(summaries, view, (gen, hello.store_id), engine);
         Ok(ctl)
     }
 
@@ -487,41 +510,54 @@ impl Peer {
     }
 
     /// A link joined: with a peer that speaks summaries, a new peer session (or a new view) gets a
-    /// new reconciler, an existing one announces our store on the new link.
+    /// new reconciler, an existing one announces our store on the new link. `key`: the session
+    /// generation and the peer's store id the link belongs to.
     fn start_summaries(
         self: &Arc<Self>,
         speaks: bool,
         view: Option<View>,
-        fresh: bool,
+        key: (u64, u128),
         engine: &Engine,
     ) {
         {
             let mut ss = self.summary_state();
+            let summ = ss
+                .summarizer
+                .get_or_insert_with(|| engine.summarizer())
+                .clone();
             match view {
-                Some(View::Dedup(v)) if speaks => match ss.recon.as_mut() {
-                    Some(r) if !fresh => r.link_up(),
-                    _ => {
-                        let summ = ss
-                            .summarizer
-                            .get_or_insert_with(|| engine.summarizer())
-                            .clone();
-                        ss.recon = Some(Reconciler::new(v, summ));
-                        ss.seen = ReconcileStats::default();
+                Some(View::Dedup(v)) if speaks => {
+                    if !ss.fit_recon(key, &v, summ) {
+                        if let Some(r) = ss.recon.as_mut() {
+                            r.link_up();
+                        }
                     }
-                },
-                _ => ss.recon = None,
+                }
+                _ => {
+                    ss.recon = None;
+                    ss.recon_for = None;
+                }
             }
         }
         self.poll_summaries();
     }
 
-    /// Summary messages from the peer.
-    fn on_summaries(self: &Arc<Self>, bodies: Vec<Bytes>) {
+    /// Summary messages from the peer, on a link of session generation and peer store `key`.
+    fn on_summaries(
+        self: &Arc<Self>,
+        key: (u64, u128),
+        view: &Arc<ditto_dedup::PeerView>,
+        bodies: Vec<Bytes>,
+    ) {
         let now = Instant::now();
         let mut out = Vec::new();
         {
             let mut ss = self.summary_state();
             let ss = &mut *ss;
+            // They may arrive before the attach that started this session reached here.
+            if let Some(summ) = ss.summarizer.clone() {
+                ss.fit_recon(key, view, summ);
+            }
             let Some(r) = ss.recon.as_mut() else {
                 return;
             };
@@ -882,5 +918,28 @@ impl Drop for StreamHandle {
         st.streams.remove(&self.id);
         drop(st);
         self.peer.with_gen(Some(self.gen), |s, _| s.detach(self.id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reconciler follows the (session, peer store) pair, whichever comes first of a new
+    /// session's links and its first summary messages: the second never replaces what the first
+    /// set up (a replacement lost the peer's INDEX, which it sends again only when its store
+    /// changes).
+    #[test]
+    fn one_reconciler_per_session_and_peer_store() {
+        let mut ss = SummaryState::default();
+        let v = Arc::new(ditto_dedup::PeerView::new(ditto_dedup::StoreId(7)));
+        assert!(ss.fit_recon((1, 7), &v, None), "the first link");
+        assert!(
+            !ss.fit_recon((1, 7), &v, None),
+            "a second link of the session"
+        );
+        assert!(ss.fit_recon((2, 7), &v, None), "messages of a new session");
+        assert!(!ss.fit_recon((2, 7), &v, None), "then its attach");
+        assert!(ss.fit_recon((2, 8), &v, None), "a new peer store");
     }
 }
