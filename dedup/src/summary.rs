@@ -50,6 +50,9 @@ pub const WANT_WINDOW: usize = 8;
 pub const WANT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often an owner whose store changed announces it again.
 pub const INDEX_INTERVAL: Duration = Duration::from_secs(2);
+/// How often an owner announces its store even if unchanged: a learner that lost an index
+/// (whatever the cause) is in sync again within this (an index is about 20 bytes per segment).
+pub const INDEX_REFRESH: Duration = Duration::from_secs(60);
 /// Shortest time between two rotations of the marks: a chunk marked when it was encoded may wait
 /// in send queues for a while before the peer stores it and a summary can list it.
 pub const ROTATE_MIN: Duration = Duration::from_secs(10);
@@ -583,6 +586,8 @@ pub struct Reconciler {
     // owner
     next_index: Option<Instant>,
     last_index: Option<Vec<SegInfo>>,
+    /// When the last index was sent.
+    index_sent: Option<Instant>,
     force_index: bool,
     stats: ReconcileStats,
 }
@@ -602,6 +607,7 @@ impl Reconciler {
             rotated: None,
             next_index: None,
             last_index: None,
+            index_sent: None,
             force_index: true,
             stats: ReconcileStats::default(),
         }
@@ -676,9 +682,15 @@ impl Reconciler {
                     let entries = std::mem::take(&mut self.index_acc);
                     self.stats.peer_chunks = entries.iter().map(|e| u64::from(e.keys)).sum();
                     let wants = self.view.apply_index(&entries);
-                    self.peer_index = entries.into_iter().map(|e| (e.seq, e)).collect();
+                    let index: BTreeMap<u32, SegInfo> =
+                        entries.into_iter().map(|e| (e.seq, e)).collect();
+                    // The same index again (a refresh) says nothing new about the marks: the
+                    // chunks they stand for are not on the peer's disk yet.
+                    if index != self.peer_index {
+                        self.rotate_due = true;
+                    }
+                    self.peer_index = index;
                     self.queue = wants.into();
-                    self.rotate_due = true;
                 }
             }
             Msg::Want { seq, from } => {
@@ -752,7 +764,10 @@ impl Reconciler {
             let due = self.force_index || self.next_index.is_none_or(|t| now >= t);
             if due {
                 let index = s.index();
-                if self.force_index || self.last_index.as_ref() != Some(&index) {
+                let stale = self
+                    .index_sent
+                    .is_none_or(|t| now.saturating_duration_since(t) >= INDEX_REFRESH);
+                if self.force_index || stale || self.last_index.as_ref() != Some(&index) {
                     let n = index.len().div_ceil(MAX_INDEX_ENTRIES).max(1);
                     for (i, c) in index
                         .chunks(MAX_INDEX_ENTRIES)
@@ -767,6 +782,7 @@ impl Reconciler {
                         self.send(&m, out);
                     }
                     self.last_index = Some(index);
+                    self.index_sent = Some(now);
                 }
                 self.force_index = false;
                 self.next_index = Some(now + INDEX_INTERVAL);

@@ -415,3 +415,34 @@ fn a_sealed_view_opens_only_with_its_store_key() {
     assert!(wrong.load_report().damaged);
     assert_eq!(wrong.summarized_chunks(), 0);
 }
+
+/// A learner that lost the owner's index (a new reconciler on its side, the owner unaware) is in
+/// sync again once the owner refreshes its unchanged index, and the refresh alone costs the owner
+/// nothing in between.
+#[test]
+fn an_unchanged_index_is_announced_again_after_a_while() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = disk_store(d.path(), 1 << 30, 4 << 20);
+    let ids = fill(&s, 0..500);
+    let view = Arc::new(PeerView::new(s.identity()));
+    let mut p = pair(&s, view.clone());
+    let now = Instant::now();
+    exchange(&mut p.owner, &mut p.learner, now);
+    assert!(p.learner.in_sync());
+    let mut lost = Reconciler::new(Arc::new(PeerView::new(s.identity())), None);
+    let mut quiet = Vec::new();
+    p.owner.poll(now + summary::INDEX_INTERVAL * 3, &mut quiet);
+    assert!(
+        quiet.is_empty(),
+        "an unchanged index is not sent again at once"
+    );
+    exchange(&mut p.owner, &mut lost, now + summary::INDEX_INTERVAL * 3);
+    assert!(!lost.in_sync());
+    exchange(
+        &mut p.owner,
+        &mut lost,
+        now + summary::INDEX_REFRESH + summary::INDEX_INTERVAL,
+    );
+    assert!(lost.in_sync());
+    assert!(ids.iter().all(|id| lost.view().knows(id)));
+}
