@@ -79,7 +79,8 @@ struct Run {
     /// The successor hint of `last`, read when `last` was looked up.
     next: Option<ChunkId>,
     count: u32,
-    digest: blake3::Hasher,
+    /// The digest of the run's chunk ids (boxed: a hasher is 1.9 KiB, see `State::spare_digest`).
+    digest: Box<blake3::Hasher>,
     start: usize,
 }
 
@@ -101,6 +102,9 @@ struct State {
     lits: Vec<u8>,
     raw: Vec<u8>,
     run: Option<Run>,
+    /// The last closed run's digest, for the next run: allocated at a stream's first run and
+    /// dropped when its client pauses (an idle flow keeps no hasher).
+    spare_digest: Option<Box<blake3::Hasher>>,
     next_seq: u64,
     retained: VecDeque<Retained>,
     retained_bytes: usize,
@@ -120,7 +124,7 @@ pub struct Encoder {
 }
 
 /// Work buffer capacity an encoder keeps across a pause of its client.
-const IDLE_BUFFER: usize = 16 * 1024;
+const IDLE_BUFFER: usize = 256;
 
 impl Encoder {
     /// An encoder sending to the peer described by `view`, using `store` to remember what it sends.
@@ -140,6 +144,7 @@ impl Encoder {
                 lits: Vec::new(),
                 raw: Vec::new(),
                 run: None,
+                spare_digest: None,
                 next_seq: 0,
                 retained: VecDeque::new(),
                 retained_bytes: 0,
@@ -174,6 +179,7 @@ impl Encoder {
                 *v = Vec::new();
             }
         }
+        self.st.spare_digest = None;
     }
 
     /// Ends the stream: the open chunk becomes a chunk and everything is sent.
@@ -312,7 +318,11 @@ impl State {
                 return;
             } else {
                 self.close_run();
-                let mut digest = blake3::Hasher::new();
+                let mut digest = self
+                    .spare_digest
+                    .take()
+                    .unwrap_or_else(|| Box::new(blake3::Hasher::new()));
+                digest.reset();
                 digest.update(id.as_bytes());
                 self.run = Some(Run {
                     first: id,
@@ -424,6 +434,7 @@ impl State {
                 .extend_from_slice(&run.digest.finalize().as_bytes()[..crate::CHUNK_ID_LEN]);
             self.push_op(wire::OP_RUN, run.start, run.first);
         }
+        self.spare_digest = Some(run.digest);
     }
 
     /// Sends the unsent tail of the open chunk as a partial op: a reference to the chunk that followed

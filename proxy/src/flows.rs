@@ -314,7 +314,8 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
     peer.m.lan_sent.inc_by(initial.len() as u64);
     // Counted when it opens (a flow the peer then refuses as busy is also counted as `peer-busy`).
     inner.metrics.flow("accelerated", plan.via);
-    let replay = stream::Replay::new(&initial, initial_eof);
+    // The bytes that went in the OPEN are the replay's first (kept only until the peer answers).
+    let replay = stream::Replay::new(initial, initial_eof);
     let ctx = flow_ctx(&inner, &peer);
     let end = stream::bridge(lan, handle, enc, dec, initial_eof, &ctx, Some(replay)).await;
     drop(permit);

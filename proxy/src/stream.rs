@@ -130,9 +130,9 @@ pub struct Replay {
 
 impl Replay {
     /// A replay holding the bytes that went in the OPEN.
-    pub fn new(initial: &[u8], eof: bool) -> Replay {
+    pub fn new(initial: Vec<u8>, eof: bool) -> Replay {
         Replay {
-            bytes: Some(initial.to_vec()),
+            bytes: Some(initial),
             eof,
         }
     }
@@ -472,9 +472,8 @@ async fn down_half(
         if !fb.is_empty() {
             h.send_feedback(std::mem::take(&mut fb));
         }
-        if out.capacity() > READ_BUF {
-            out = Vec::new();
-        }
+        // Everything arrived so far is written: a flow that waits keeps no output buffer.
+        out = Vec::new();
         report_recv(dec.stats(), &mut last, ctx);
         fin |= ev.fin;
         if fin && dec.is_idle() {
