@@ -44,6 +44,10 @@ const MAX_CONTROL_BYTES: usize = 4 << 20;
 const ACK_EVERY: u64 = 64 * 1024;
 /// Longest an acknowledgement of fewer bytes waits.
 const ACK_DELAY: Duration = Duration::from_millis(20);
+/// A stream that has everything from the peer and waits only for the acknowledgement of its own
+/// last bytes sends them again after this long: the peer may have retired its side already, its
+/// final acknowledgement lost with a connection (it then answers from its tombstone).
+const END_RESEND: Duration = Duration::from_secs(2);
 /// Ended streams remembered to answer a peer that resumes one of them.
 const TOMBSTONES: usize = 65_536;
 /// Largest credit a peer may grant beyond what it acknowledged.
@@ -434,6 +438,11 @@ pub struct Session {
     waiting: VecDeque<u32>,
     /// Streams with acknowledgements due after [`ACK_DELAY`].
     ack_later: HashSet<u32>,
+    /// Detached streams that have everything from the peer and wait for the acknowledgement of
+    /// their last bytes, with when a timeout first saw them waiting (see [`END_RESEND`]).
+    closing: HashMap<u32, Option<Instant>>,
+    /// When the timeout looks at `closing` next.
+    closing_check: Option<Instant>,
     ack_at: Option<Instant>,
     going_away: bool,
     peer_going_away: bool,
@@ -463,6 +472,8 @@ impl Session {
             next_link: 1,
             waiting: VecDeque::new(),
             ack_later: HashSet::new(),
+            closing: HashMap::new(),
+            closing_check: None,
             ack_at: None,
             going_away: false,
             peer_going_away: false,
@@ -770,6 +781,37 @@ impl Session {
         self.maybe_retire(id);
     }
 
+    /// Sends again the unacknowledged last bytes of streams that waited [`END_RESEND`] for their
+    /// acknowledgement in [`Session::handle_timeout`]: a peer that retired its side answers from
+    /// its tombstone (RST `closed`), and the stream retires.
+    fn resend_ends(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        self.closing.retain(|id, since| match self.streams.get(id) {
+            None => false,
+            Some(_) => match since {
+                None => {
+                    *since = Some(now);
+                    true
+                }
+                Some(t) if now.saturating_duration_since(*t) >= END_RESEND => {
+                    *since = Some(now);
+                    due.push(*id);
+                    true
+                }
+                Some(_) => true,
+            },
+        });
+        for id in due {
+            if let Some(s) = self.streams.get_mut(&id) {
+                if s.link.is_some() && !s.queued {
+                    s.data_out.rewind();
+                    s.fb_out.rewind();
+                }
+            }
+            self.make_ready(id);
+        }
+    }
+
     /// Resets every stream (the node is stopping, or the peer stayed away too long).
     pub fn reset_all(&mut self, reason: ResetReason) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
@@ -822,11 +864,30 @@ impl Session {
         };
         let clean = s.reset.is_none() && s.finished();
         if !s.detached || (s.reset.is_none() && !clean) {
+            if s.detached && s.reset.is_none() && s.data_in.complete() && s.fb_in.complete() {
+                self.closing.entry(id).or_insert(None);
+            }
+            return;
+        }
+        // The peer retires its side once we acknowledged its last bytes: an acknowledgement we
+        // still owe leaves first (the stream retires right after its turn), or the peer's side
+        // would wait for it for the rest of the session.
+        if clean && (s.ack_due || self.ack_later.contains(&id)) {
+            self.ack_later.remove(&id);
+            if let Some(s) = self.streams.get_mut(&id) {
+                s.ack_due = true;
+            }
+            self.make_ready(id);
             return;
         }
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
+        self.closing.remove(&id);
+        // A burst of streams leaves no table sized for it (a stream is 464 bytes).
+        if self.streams.capacity() > 1024 && self.streams.len() * 4 < self.streams.capacity() {
+            self.streams.shrink_to(self.streams.len() * 2);
+        }
         if let Some(l) = s.link.and_then(|l| self.links.get_mut(&l)) {
             l.bound -= 1;
         }
@@ -1313,6 +1374,10 @@ impl Session {
                     self.make_ready(id);
                 }
             }
+        }
+        if !self.closing.is_empty() && self.closing_check.is_none_or(|t| now >= t) {
+            self.closing_check = Some(now + END_RESEND / 8);
+            self.resend_ends(now);
         }
         if let Some(since) = self.unreachable_since {
             if now.saturating_duration_since(since) >= self.cfg.hold && self.live() > 0 {
