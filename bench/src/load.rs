@@ -213,6 +213,14 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     (head.split_whitespace().nth(1)? == "200").then(|| body.to_owned())
 }
 
+/// Tunnel streams the daemon's session with its (only) peer holds, from its status.
+fn streams(admin: SocketAddr) -> u64 {
+    http_get(admin, "/status")
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|s| s["peers"][0]["streams"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Every series of a metric family (`name{labels}` -> value).
 fn metrics(addr: SocketAddr, family: &str) -> BTreeMap<String, f64> {
     let body = http_get(addr, "/metrics").unwrap_or_default();
@@ -759,7 +767,11 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             args.bulk_bytes,
             Duration::from_secs(args.hold_s),
             args.soak_s,
-            || ((rss_kib(pa), rss_kib(pb)), (fds(pa), fds(pb))),
+            || crate::soak::Measure {
+                rss_kib: (rss_kib(pa), rss_kib(pb)),
+                fds: (fds(pa), fds(pb)),
+                streams: (streams(pair.admin_a), streams(pair.admin_b)),
+            },
         ));
     } else if args.flows > 0 {
         std::thread::sleep(Duration::from_secs(1));

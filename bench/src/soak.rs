@@ -79,6 +79,15 @@ pub struct Wave {
     pub seconds: f64,
     pub rss_kib: (u64, u64),
     pub fds: (usize, usize),
+    /// Tunnel streams each daemon's session still holds (all flows are closed: should be 0).
+    pub streams: (u64, u64),
+}
+
+/// What is measured of both daemons after each wave.
+pub struct Measure {
+    pub rss_kib: (u64, u64),
+    pub fds: (usize, usize),
+    pub streams: (u64, u64),
 }
 
 /// What the soak found.
@@ -133,8 +142,8 @@ async fn one(i: usize, wave: u64, to: SocketAddr, churn: u64) -> Result<TcpStrea
     Ok(s)
 }
 
-/// Runs waves through `fwd` until `seconds` passed; `measure` gives (RSS KiB, open files) of both
-/// daemons at the end of each wave.
+/// Runs waves through `fwd` until `seconds` passed; `measure` is taken of both daemons at the
+/// end of each wave.
 pub fn run(
     rt: &tokio::runtime::Runtime,
     fwd: SocketAddr,
@@ -142,7 +151,7 @@ pub fn run(
     churn: u64,
     hold: Duration,
     seconds: u64,
-    measure: impl Fn() -> ((u64, u64), (usize, usize)),
+    measure: impl Fn() -> Measure,
 ) -> SoakReport {
     let t0 = Instant::now();
     let mut report = SoakReport {
@@ -188,10 +197,11 @@ pub fn run(
             }
         }
         std::thread::sleep(Duration::from_secs(1));
-        (w.rss_kib, w.fds) = measure();
+        let m = measure();
+        (w.rss_kib, w.fds, w.streams) = (m.rss_kib, m.fds, m.streams);
         eprintln!(
-            "wave {wave}: {} ok, failures {:?}, {:.1} s; RSS {:?} KiB, open files {:?}",
-            w.ok, w.failures, w.seconds, w.rss_kib, w.fds
+            "wave {wave}: {} ok, failures {:?}, {:.1} s; RSS {:?} KiB, open files {:?}, streams {:?}",
+            w.ok, w.failures, w.seconds, w.rss_kib, w.fds, w.streams
         );
         report.waves.push(w);
     }
@@ -219,7 +229,8 @@ pub fn markdown(r: &SoakReport) -> String {
          | RSS A, B after wave 1 | {} / {} KiB |\n| RSS A, B after wave {} (a quarter of the run) | {} / {} KiB |\n\
          | RSS A, B after the last wave | {} / {} KiB ({:.2}x / {:.2}x of a quarter) |\n\
          | peak RSS A, B after a wave | {} / {} KiB |\n\
-         | open files A, B after wave 1 / the last | {} / {} -> {} / {} |\n\n",
+         | open files A, B after wave 1 / the last | {} / {} -> {} / {} |\n\
+         | tunnel streams A, B still held after the last wave (all flows closed) | {} / {} |\n\n",
         r.seconds,
         r.flows_per_wave,
         r.churn_bytes / 1024,
@@ -239,5 +250,7 @@ pub fn markdown(r: &SoakReport) -> String {
         first.fds.1,
         last.fds.0,
         last.fds.1,
+        last.streams.0,
+        last.streams.1,
     )
 }
