@@ -149,6 +149,14 @@ impl Pair {
         common::series_value(&m, series).unwrap_or(0.0)
     }
 
+    /// Site A's `ditto_flows_total{outcome, reason}`.
+    fn flows(&self, outcome: &str, reason: &str) -> f64 {
+        self.metric(
+            self.admin_a,
+            &format!("ditto_flows_total{{outcome=\"{outcome}\",reason=\"{reason}\"}}"),
+        )
+    }
+
     /// Sum of every `ditto_flows_total{outcome="passthrough",...}` series.
     fn passed_through(&self, admin: SocketAddr) -> f64 {
         let m = common::http_get(admin, "/metrics")
@@ -451,12 +459,7 @@ fn flows_past_max_flows_pass_through_counted_and_logged() {
             held.push(s);
         }
     });
-    let m = |o: &str, r: &str| {
-        pair.metric(
-            pair.admin_a,
-            &format!("ditto_flows_total{{outcome=\"{o}\",reason=\"{r}\"}}"),
-        )
-    };
+    let m = |o: &str, r: &str| pair.flows(o, r);
     assert_eq!(
         (m("accelerated", "forward"), m("passthrough", "max-flows")),
         (MAX as f64, 2.0),
@@ -533,12 +536,7 @@ fn flows_the_far_side_refuses_pass_through_with_their_bytes() {
             held.push(s);
         }
     });
-    let m = |o: &str, r: &str| {
-        pair.metric(
-            pair.admin_a,
-            &format!("ditto_flows_total{{outcome=\"{o}\",reason=\"{r}\"}}"),
-        )
-    };
+    let m = |o: &str, r: &str| pair.flows(o, r);
     assert_eq!(
         (m("accelerated", "forward"), m("passthrough", "peer-busy")),
         // Opened through the tunnel, refused there, carried on directly.
