@@ -45,8 +45,8 @@ const ACK_EVERY: u64 = 64 * 1024;
 /// Longest an acknowledgement of fewer bytes waits.
 const ACK_DELAY: Duration = Duration::from_millis(20);
 /// A stream that has everything from the peer and waits only for the acknowledgement of its own
-/// last bytes sends them again after this long: the peer may have retired its side already, its
-/// final acknowledgement lost with a connection (it then answers from its tombstone).
+/// last bytes sends its end markers again after this long: the peer may have retired its side
+/// already, its final acknowledgement lost with a connection (it then answers from its tombstone).
 const END_RESEND: Duration = Duration::from_secs(2);
 /// Ended streams remembered to answer a peer that resumes one of them.
 const TOMBSTONES: usize = 65_536;
@@ -781,7 +781,7 @@ impl Session {
         self.maybe_retire(id);
     }
 
-    /// Sends again the unacknowledged last bytes of streams that waited [`END_RESEND`] for their
+    /// Sends again the end markers (FIN, DONE) of streams that waited [`END_RESEND`] for their
     /// acknowledgement in [`Session::handle_timeout`]: a peer that retired its side answers from
     /// its tombstone (RST `closed`), and the stream retires.
     fn resend_ends(&mut self, now: Instant) {
@@ -802,10 +802,14 @@ impl Session {
             },
         });
         for id in due {
+            // Only the end markers: a peer that retired had every byte, and one that did not
+            // (its acknowledgement is only slow) acknowledges again what it has. Bytes are
+            // never sent twice for this.
             if let Some(s) = self.streams.get_mut(&id) {
-                if s.link.is_some() && !s.queued {
-                    s.data_out.rewind();
-                    s.fb_out.rewind();
+                for o in [&mut s.data_out, &mut s.fb_out] {
+                    if o.end.is_some() && !o.end_acked {
+                        o.end_sent = false;
+                    }
                 }
             }
             self.make_ready(id);
