@@ -489,12 +489,9 @@ impl Peer {
             why: Mutex::new(None),
         });
         st.links.insert(id, ctl.clone());
-        let n = st.links.len();
+        self.publish_links(&st);
         drop(st);
         self.version_mismatch.store(false, Ordering::Relaxed);
-        self.m.connections.set(n as i64);
-        self.m.up.set(1);
-        self.up_tx.send_replace(n);
         // Waiting streams may have been bound to the new link, which pings at once.
         self.with(|_, _| ());
         self.timer.notify_one();
@@ -657,7 +654,14 @@ impl Peer {
         if current {
             self.with(|s, now| s.link_closed(ctl.id, now));
         }
-        let n = self.lock().links.len();
+        self.publish_links(&self.lock());
+    }
+
+    /// Tells waiters and the gauges how many links are attached. Called with the state locked:
+    /// two links attaching at once on two threads must not publish their counts out of order
+    /// (a stale 1 after 2 would leave the count wrong until the next change).
+    fn publish_links(&self, st: &State) {
+        let n = st.links.len();
         self.m.connections.set(n as i64);
         self.m.up.set(i64::from(n > 0));
         self.up_tx.send_replace(n);
@@ -941,5 +945,54 @@ mod tests {
         assert!(ss.fit_recon((2, 7), &v, None), "messages of a new session");
         assert!(!ss.fit_recon((2, 7), &v, None), "then its attach");
         assert!(ss.fit_recon((2, 8), &v, None), "a new peer store");
+    }
+
+    /// Two links of a session attaching at once on two threads: waiters and the gauge see both,
+    /// whatever the order in which the threads finish (a stale count published last once left
+    /// `wait_links(2)` waiting forever with two links attached).
+    #[test]
+    fn links_attaching_at_once_are_all_counted() {
+        let engine = Engine::raw();
+        let metrics = Metrics::new();
+        let cfg = SessionConfig {
+            window: 1 << 20,
+            max_streams: 64,
+            ping_interval: Duration::from_secs(1),
+            suspect_after: Duration::from_secs(2),
+            dead_after: Duration::from_secs(30),
+            hold: Duration::from_secs(60),
+        };
+        let spec = PeerSpec {
+            name: "p".into(),
+            fingerprint: Fingerprint([1; 32]),
+            address: None,
+            allow: crate::allow::AllowList::default(),
+        };
+        let hello = Hello {
+            versions: vec![crate::hello::PROTOCOL_VERSION],
+            store_id: 9,
+            session_id: 2,
+            window: 1 << 20,
+            max_streams: 64,
+            codec: "raw".into(),
+            chunking: String::new(),
+            name: "p".into(),
+        };
+        for round in 0..10_000 {
+            let (tx, _rx) = mpsc::channel(1);
+            let peer = Arc::new(Peer::new(&spec, cfg.clone(), &metrics, tx));
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        start.wait();
+                        peer.attach(&hello, 1, &engine).expect("attach");
+                    });
+                }
+            });
+            assert_eq!(peer.connection_count(), 2);
+            assert_eq!(*peer.up_tx.borrow(), 2, "round {round}: a stale link count");
+            assert_eq!(peer.m.connections.get(), 2, "round {round}: the gauge");
+        }
     }
 }
