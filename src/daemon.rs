@@ -165,10 +165,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ditto")
+        .on_thread_park(crate::alloc::worker_idle)
         .build()
         .context("starting the runtime")?;
     let guard = rt.block_on(async move {
         let node = Node::start(spec).await?;
+        match crate::alloc::AllocatorStats::new() {
+            Ok(c) => {
+                if let Err(e) = node.metrics().registry.register(Box::new(c)) {
+                    tracing::warn!("allocator metrics not exported: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("allocator metrics not exported: {e}"),
+        }
         if let Some(a) = node.admin_addr {
             tracing::info!("admin endpoint on http://{a}/ (metrics, healthz, status)");
         }

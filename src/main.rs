@@ -2,6 +2,7 @@
 
 #![deny(unsafe_code)]
 
+mod alloc;
 mod analyze;
 mod daemon;
 mod demo;

@@ -211,37 +211,28 @@ fn kind(e: &std::io::Error) -> &'static str {
     }
 }
 
-#[test]
-fn three_thousand_concurrent_echo_flows_all_accelerated() {
-    const FLOWS: usize = 3000;
-    let nofile = ditto_bench::sys::raise_nofile();
-    if common::require::skip_without(
-        nofile >= 4 * FLOWS as u64,
-        "an open file limit of 12,000 (ulimit -Hn)",
-    ) {
-        return;
-    }
-    let rt = rt();
-    let target = rt.block_on(echo_server());
-    let pair = Pair::start(target, "", "");
-    let (pa, pb) = pair.pids();
-    let base = (fds(pa), fds(pb));
-    let t0 = Instant::now();
-    // Every flow connects, sends 1 KiB, reads it back, then waits for all the others: all 3,000
-    // are open at once. Source addresses rotate over 127.0.0.1-8 (ports of one address suffice,
-    // but a real burst comes from many hosts).
-    let echoed = Arc::new(AtomicU64::new(0));
-    let results: Vec<Result<Duration, String>> = rt.block_on(async {
-        let all_open = Arc::new(tokio::sync::Barrier::new(FLOWS));
-        let mut tasks = Vec::with_capacity(FLOWS);
-        for i in 0..FLOWS {
-            let (all_open, echoed, fwd) = (all_open.clone(), echoed.clone(), pair.fwd);
+/// `n` echo flows at once through `fwd`: each connects, sends 1 KiB, reads it back, then waits for
+/// all the others, so that all `n` are open at once, and closes. Source addresses rotate over
+/// 127.0.0.1-8 (ports of one address suffice, but a real burst comes from many hosts). Flow `i`
+/// sends payload `i % payloads`. Returns each flow's echo time or what went wrong.
+fn echo_burst(
+    rt: &tokio::runtime::Runtime,
+    fwd: SocketAddr,
+    n: usize,
+    payloads: usize,
+    echoed: &Arc<AtomicU64>,
+) -> Vec<Result<Duration, String>> {
+    rt.block_on(async {
+        let all_open = Arc::new(tokio::sync::Barrier::new(n));
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let (all_open, echoed) = (all_open.clone(), echoed.clone());
             tasks.push(tokio::spawn(async move {
                 let run = async {
                     let start = Instant::now();
                     let src = IpAddr::from([127, 0, 0, 1 + (i % 8) as u8]);
                     let mut s = connect_from(src, fwd).await.map_err(|e| kind(&e))?;
-                    let msg = common::payload(i as u64, 1024);
+                    let msg = common::payload((i % payloads) as u64, 1024);
                     s.write_all(&msg).await.map_err(|e| kind(&e))?;
                     let mut got = vec![0u8; msg.len()];
                     s.read_exact(&mut got).await.map_err(|e| kind(&e))?;
@@ -262,12 +253,66 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
                 }
             }));
         }
-        let mut out = Vec::with_capacity(FLOWS);
+        let mut out = Vec::with_capacity(n);
         for t in tasks {
             out.push(t.await.unwrap_or_else(|_| Err("panicked".into())));
         }
         out
-    });
+    })
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// RSS after a burst may be at most this much of what it was before it (the issue asks 1.5x; a
+/// node keeping its runtime workers' allocator caches was at 1.4-2x, one that flushes them at
+/// about 1.1x).
+const RSS_AFTER_BURST: f64 = 1.25;
+
+#[test]
+fn three_thousand_concurrent_echo_flows_all_accelerated() {
+    const FLOWS: usize = 3000;
+    let nofile = ditto_bench::sys::raise_nofile();
+    if common::require::skip_without(
+        nofile >= 4 * FLOWS as u64,
+        "an open file limit of 12,000 (ulimit -Hn)",
+    ) {
+        return;
+    }
+    let rt = rt();
+    let target = rt.block_on(echo_server());
+    let pair = Pair::start(target, "", "");
+    let (pa, pb) = pair.pids();
+    let echoed = Arc::new(AtomicU64::new(0));
+    // A hundred flows first, so that "before" is a node that has carried traffic (its code paged
+    // in, its first-use tables made), not one that has carried nothing. The burst sends the same
+    // hundred payloads again, so that what the nodes keep afterwards is not new chunks in their
+    // stores (a cache that fills is no leak) but what the flows themselves left behind.
+    const PAYLOADS: usize = 100;
+    let warm = echo_burst(&rt, pair.fwd, PAYLOADS, PAYLOADS, &echoed);
+    assert!(warm.iter().all(|r| r.is_ok()), "warm-up: {warm:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let base = (fds(pa), fds(pb));
+    let rss_before = (rss_kib(pa), rss_kib(pb));
+    let alloc_before = (Allocator::of(pair.admin_a), Allocator::of(pair.admin_b));
+    assert!(
+        alloc_before.0.allocated > 0 && alloc_before.1.allocated > 0,
+        "no ditto_allocator_bytes"
+    );
+    let t0 = Instant::now();
+    let results = echo_burst(&rt, pair.fwd, FLOWS, PAYLOADS, &echoed);
     let elapsed = t0.elapsed();
     let mut failures = std::collections::BTreeMap::<String, usize>::new();
     let mut lat: Vec<Duration> = Vec::new();
@@ -301,9 +346,10 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
         pair.admin_b,
         "ditto_flows_total{outcome=\"accelerated\",reason=\"from-peer\"}",
     );
+    let all = (FLOWS + warm.len()) as f64;
     assert_eq!(
         (accelerated, far, pair.passed_through(pair.admin_a)),
-        (FLOWS as f64, FLOWS as f64, 0.0),
+        (all, all, 0.0),
         "(accelerated at A, at B, passed through at A)\n{}",
         pair.logs()
     );
@@ -326,6 +372,85 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
         fds(pb),
         base.1
     );
+    // And the memory the burst took is given back: RSS, and in the allocator's own figures
+    // (`ditto_allocator_bytes`), live objects (a flow that leaves state behind) and pages kept
+    // beyond them (caches of idle threads, which held 3-6 MiB here before they were flushed). The
+    // allocator returns freed pages over about 10 s; bounded wait.
+    // Nothing asks the daemons anything meanwhile: requests make their threads allocate, and an
+    // allocating thread trims its cache by itself, which would hide an idle one that never does.
+    let limit = |before: u64| (before as f64 * RSS_AFTER_BURST) as u64;
+    std::thread::sleep(Duration::from_secs(15));
+    let rss_back = common::netns::wait_until(Duration::from_secs(45), || {
+        rss_kib(pa) <= limit(rss_before.0) && rss_kib(pb) <= limit(rss_before.1)
+    });
+    let kept = |admin, before: &Allocator| {
+        let now = Allocator::of(admin);
+        now.allocated <= before.allocated + LIVE_PER_FLOW * FLOWS as u64
+            && now.slack() <= before.slack() + SLACK_GROWTH
+    };
+    let settled = rss_back.is_some()
+        && kept(pair.admin_a, &alloc_before.0)
+        && kept(pair.admin_b, &alloc_before.1);
+    let alloc_after = (Allocator::of(pair.admin_a), Allocator::of(pair.admin_b));
+    let report = format!(
+        "RSS: site-a {} -> {} KiB, site-b {} -> {} KiB; allocator live / kept beyond live: \
+         site-a {:?} -> {:?}, site-b {:?} -> {:?} KiB ({:.1} s after the burst)",
+        rss_before.0,
+        rss_kib(pa),
+        rss_before.1,
+        rss_kib(pb),
+        alloc_before.0.kib(),
+        alloc_after.0.kib(),
+        alloc_before.1.kib(),
+        alloc_after.1.kib(),
+        t0.elapsed().as_secs_f64()
+    );
+    println!("{report}");
+    assert!(
+        settled,
+        "memory not given back after the burst (RSS at most {RSS_AFTER_BURST}x, live objects at \
+         most {LIVE_PER_FLOW} bytes per flow more, pages kept beyond them at most \
+         {SLACK_GROWTH} bytes more): {report}"
+    );
+}
+
+/// Live objects a finished flow may leave behind, at most (200-250 bytes measured: its stream's
+/// tombstone, table capacity, tunnel read buffers still referenced; a flow's own state is
+/// kilobytes).
+const LIVE_PER_FLOW: u64 = 512;
+/// Pages the allocator may keep beyond its live objects after a burst, more than before it.
+const SLACK_GROWTH: u64 = 1 << 20;
+
+/// A node's `ditto_allocator_bytes`: live objects, and the pages holding them.
+#[derive(Default)]
+struct Allocator {
+    allocated: u64,
+    active: u64,
+}
+
+impl Allocator {
+    fn of(admin: SocketAddr) -> Allocator {
+        let m = common::http_get(admin, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let get = |kind: &str| {
+            common::series_value(&m, &format!("ditto_allocator_bytes{{kind=\"{kind}\"}}"))
+                .unwrap_or(0.0) as u64
+        };
+        Allocator {
+            allocated: get("allocated"),
+            active: get("active"),
+        }
+    }
+
+    /// Pages the allocator keeps beyond its live objects.
+    fn slack(&self) -> u64 {
+        self.active.saturating_sub(self.allocated)
+    }
+
+    fn kib(&self) -> (u64, u64) {
+        (self.allocated >> 10, self.slack() >> 10)
+    }
 }
 
 /// Idle connections to `to` from `src`, `n` at once, each reopened as soon as the server closes it

@@ -55,6 +55,11 @@ pub struct LoadArgs {
     /// Seconds to wait after the flows closed before measuring RSS again.
     #[arg(long, default_value_t = 30)]
     pub settle_s: u64,
+    /// Flows of a first, small wave (same kind, opened and closed) before the "before" figures,
+    /// so that they are of a daemon that has carried traffic: its code paged in, its runtime's
+    /// and allocator's first-use tables made (0: measure a daemon that has carried nothing).
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
     /// Attacks to run before the flows: idle-one, idle-many, byte, hello-flood (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub attack: Vec<String>,
@@ -87,6 +92,10 @@ pub struct Sample {
     pub t_s: f64,
     pub rss_a_kib: u64,
     pub rss_b_kib: u64,
+    /// The anonymous part of RSS (heap, stacks): RSS less the program's code and other file
+    /// pages, which are paged in as code paths first run and are the page cache's to reclaim.
+    pub anon_a_kib: u64,
+    pub anon_b_kib: u64,
     pub fds_a: usize,
     pub fds_b: usize,
 }
@@ -111,13 +120,24 @@ pub struct FlowsReport {
     pub first_byte: Latency,
     /// `ditto_flows_total` of site A (outcome/reason -> count) after the run.
     pub site_a_flows: BTreeMap<String, f64>,
+    /// Flows of the warm-up wave, and RSS before it (a daemon that has carried nothing).
+    pub warmup_flows: usize,
+    pub rss_cold_kib: (u64, u64),
     pub rss_before_kib: (u64, u64),
     pub rss_all_open_kib: (u64, u64),
     pub rss_after_kib: (u64, u64),
+    /// The anonymous part of the same (see [`Sample`]).
+    pub anon_before_kib: (u64, u64),
+    pub anon_all_open_kib: (u64, u64),
+    pub anon_after_kib: (u64, u64),
+    /// `ditto_allocator_bytes` of site A and B (kind -> KiB), before, all open and after.
+    pub allocator_kib: [(BTreeMap<String, u64>, BTreeMap<String, u64>); 3],
     /// (RSS all open - RSS before) / flows, both ends together.
     pub bytes_per_idle_flow: f64,
     /// RSS `settle_s` after the flows closed / RSS before, per end.
     pub after_ratio: (f64, f64),
+    /// The same of anonymous RSS.
+    pub anon_after_ratio: (f64, f64),
     pub fds_before: (usize, usize),
     pub fds_after: (usize, usize),
 }
@@ -346,6 +366,39 @@ fn rss_kib(pid: u32) -> u64 {
     proc_status(pid, "VmRSS:")
 }
 
+fn anon_kib(pid: u32) -> u64 {
+    proc_status(pid, "RssAnon:")
+}
+
+/// RSS and its anonymous part of both daemons, and what their allocator says
+/// (`ditto_allocator_bytes`: kind -> KiB).
+#[derive(Clone, Default)]
+struct Rss {
+    total: (u64, u64),
+    anon: (u64, u64),
+    allocator: (BTreeMap<String, u64>, BTreeMap<String, u64>),
+}
+
+impl Rss {
+    fn of(pair: &Pair) -> Rss {
+        let (a, b) = pair.pids();
+        let allocator = |admin| {
+            metrics(admin, "ditto_allocator_bytes")
+                .into_iter()
+                .map(|(k, v)| {
+                    let kind = k.trim_start_matches("{kind=\"").trim_end_matches("\"}");
+                    (kind.to_owned(), (v / 1024.0) as u64)
+                })
+                .collect()
+        };
+        Rss {
+            total: (rss_kib(a), rss_kib(b)),
+            anon: (anon_kib(a), anon_kib(b)),
+            allocator: (allocator(pair.admin_a), allocator(pair.admin_b)),
+        }
+    }
+}
+
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -450,6 +503,63 @@ struct FlowResult {
 }
 
 /// One flow: connect, get the first byte of the answer, get all of it, wait for `all`, close.
+/// What one wave of flows gave.
+struct Wave {
+    results: Vec<Result<FlowResult, String>>,
+    /// Until every flow had its answer (or failed).
+    seconds: f64,
+}
+
+/// Opens `n` flows (at `args.rate` per second, or all at once), waits until every one has its
+/// answer, holds them all open `hold_s` more, calls `all_open`, then closes them.
+fn wave(
+    rt: &tokio::runtime::Runtime,
+    args: &LoadArgs,
+    fwd: SocketAddr,
+    n: usize,
+    hold_s: u64,
+    all_open: impl FnOnce(),
+) -> Wave {
+    let all = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        let (a, all, release) = (args.clone(), all.clone(), release.clone());
+        tasks.push(rt.spawn(async move { one_flow(i, &a, fwd, all, release).await }));
+    }
+    // Wait until every flow has its answer (or failed), bounded.
+    let answered = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(180), all.wait())
+            .await
+            .is_ok()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("{n} flows, all answered: {answered} in {seconds:.2} s");
+    std::thread::sleep(Duration::from_secs(hold_s));
+    all_open();
+    let _ = release_tx.send(true);
+    let results = rt.block_on(async {
+        let mut out = Vec::with_capacity(tasks.len());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        for t in tasks {
+            out.push(match tokio::time::timeout_at(deadline, t).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err("panicked".into()),
+                Err(_) => Err("hung".into()),
+            });
+        }
+        out
+    });
+    Wave { results, seconds }
+}
+
 async fn one_flow(
     i: usize,
     args: &LoadArgs,
@@ -543,6 +653,8 @@ fn sampler(
                 t_s: t0.elapsed().as_secs_f64(),
                 rss_a_kib: rss_kib(a),
                 rss_b_kib: rss_kib(b),
+                anon_a_kib: anon_kib(a),
+                anon_b_kib: anon_kib(b),
                 fds_a: fds(a),
                 fds_b: fds(b),
             });
@@ -775,53 +887,30 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         ));
     } else if args.flows > 0 {
         std::thread::sleep(Duration::from_secs(1));
-        let (pa, pb) = pair.pids();
-        let rss_before = (rss_kib(pa), rss_kib(pb));
-        let fds_before = (fds(pa), fds(pb));
-        let all = Arc::new(tokio::sync::Barrier::new(args.flows + 1));
-        let (release_tx, release) = tokio::sync::watch::channel(false);
-        let started = Instant::now();
-        let mut tasks = Vec::with_capacity(args.flows);
-        let fwd = pair.fwd;
-        for i in 0..args.flows {
-            if args.rate > 0 {
-                let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
-                if let Some(d) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(d);
-                }
-            }
-            let (a, all, release) = (args.clone(), all.clone(), release.clone());
-            tasks.push(rt.spawn(async move { one_flow(i, &a, fwd, all, release).await }));
+        let pids = pair.pids();
+        let cold = Rss::of(&pair);
+        let warmup = args.warmup.min(args.flows);
+        if warmup > 0 {
+            let w = wave(&rt, args, pair.fwd, warmup, 0, || ());
+            eprintln!(
+                "warm-up: {} of {warmup} flows succeeded",
+                w.results.iter().filter(|r| r.is_ok()).count()
+            );
+            std::thread::sleep(Duration::from_secs(args.settle_s.min(10)));
         }
-        // Wait until every flow has its answer (or failed), bounded.
-        let answered = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(180), all.wait())
-                .await
-                .is_ok()
-        });
-        let seconds = started.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_secs(args.hold_s));
-        let rss_open = (rss_kib(pa), rss_kib(pb));
-        eprintln!("all answered: {answered} in {seconds:.2} s; RSS all open {rss_open:?} KiB");
-        let _ = release_tx.send(true);
-        let results: Vec<Result<FlowResult, String>> = rt.block_on(async {
-            let mut out = Vec::with_capacity(tasks.len());
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            for t in tasks {
-                out.push(match tokio::time::timeout_at(deadline, t).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(_)) => Err("panicked".into()),
-                    Err(_) => Err("hung".into()),
-                });
-            }
-            out
+        let before = Rss::of(&pair);
+        let fds_before = (fds(pids.0), fds(pids.1));
+        let mut open = Rss::default();
+        let w = wave(&rt, args, pair.fwd, args.flows, args.hold_s, || {
+            open = Rss::of(&pair);
+            eprintln!("RSS all open {:?} KiB", open.total);
         });
         std::thread::sleep(Duration::from_secs(args.settle_s));
-        let rss_after = (rss_kib(pa), rss_kib(pb));
-        let fds_after = (fds(pa), fds(pb));
+        let after = Rss::of(&pair);
+        let fds_after = (fds(pids.0), fds(pids.1));
         let mut failures = BTreeMap::new();
         let (mut conn, mut first) = (Vec::new(), Vec::new());
-        for r in results {
+        for r in w.results {
             match r {
                 Ok(f) => {
                     conn.push(f.connect_ms);
@@ -830,7 +919,12 @@ pub fn run(args: &LoadArgs) -> Result<()> {
                 Err(k) => *failures.entry(k).or_insert(0) += 1,
             }
         }
-        let ratio = |after: u64, before: u64| after as f64 / before.max(1) as f64;
+        let ratio = |after: (u64, u64), before: (u64, u64)| {
+            (
+                after.0 as f64 / before.0.max(1) as f64,
+                after.1 as f64 / before.1.max(1) as f64,
+            )
+        };
         report.flows = Some(FlowsReport {
             flows: args.flows,
             kind: args.kind.clone(),
@@ -838,21 +932,25 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             slow_readers: args.slow_readers,
             ok: conn.len(),
             failures,
-            seconds,
+            seconds: w.seconds,
             connect: latency(conn),
             first_byte: latency(first),
             site_a_flows: metrics(pair.admin_a, "ditto_flows_total"),
-            rss_before_kib: rss_before,
-            rss_all_open_kib: rss_open,
-            rss_after_kib: rss_after,
-            bytes_per_idle_flow: ((rss_open.0 + rss_open.1) as f64
-                - (rss_before.0 + rss_before.1) as f64)
+            warmup_flows: warmup,
+            rss_cold_kib: cold.total,
+            rss_before_kib: before.total,
+            rss_all_open_kib: open.total,
+            rss_after_kib: after.total,
+            anon_before_kib: before.anon,
+            anon_all_open_kib: open.anon,
+            anon_after_kib: after.anon,
+            allocator_kib: [before.allocator, open.allocator, after.allocator],
+            bytes_per_idle_flow: ((open.total.0 + open.total.1) as f64
+                - (before.total.0 + before.total.1) as f64)
                 * 1024.0
                 / args.flows as f64,
-            after_ratio: (
-                ratio(rss_after.0, rss_before.0),
-                ratio(rss_after.1, rss_before.1),
-            ),
+            after_ratio: ratio(after.total, before.total),
+            anon_after_ratio: ratio(after.anon, before.anon),
             fds_before,
             fds_after,
         });
@@ -893,9 +991,12 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
              | connect p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
              | first byte p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |\n\
              | site A flows | {} |\n\
-             | RSS A, B before | {} / {} KiB |\n| RSS A, B all open | {} / {} KiB |\n\
+             | RSS A, B at start, before a warm-up wave of {} flows | {} / {} KiB |\n\
+             | RSS A, B before | {} / {} KiB (anonymous {} / {}) |\n\
+             | RSS A, B all open | {} / {} KiB (anonymous {} / {}) |\n\
              | RSS per idle flow, both ends | {:.0} bytes ({:.1} KiB) |\n\
              | RSS A, B {} s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
+             | anonymous RSS A, B {} s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
              | open files A, B before / after | {} / {} -> {} / {} |\n\n",
             f.flows,
             f.kind,
@@ -919,10 +1020,17 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            f.warmup_flows,
+            f.rss_cold_kib.0,
+            f.rss_cold_kib.1,
             f.rss_before_kib.0,
             f.rss_before_kib.1,
+            f.anon_before_kib.0,
+            f.anon_before_kib.1,
             f.rss_all_open_kib.0,
             f.rss_all_open_kib.1,
+            f.anon_all_open_kib.0,
+            f.anon_all_open_kib.1,
             f.bytes_per_idle_flow,
             f.bytes_per_idle_flow / 1024.0,
             args.settle_s,
@@ -930,11 +1038,35 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
             f.rss_after_kib.1,
             f.after_ratio.0,
             f.after_ratio.1,
+            args.settle_s,
+            f.anon_after_kib.0,
+            f.anon_after_kib.1,
+            f.anon_after_ratio.0,
+            f.anon_after_ratio.1,
             f.fds_before.0,
             f.fds_before.1,
             f.fds_after.0,
             f.fds_after.1,
         );
+    }
+    if let Some(f) = &r.flows {
+        s += "Allocator (jemalloc) figures, `ditto_allocator_bytes`, KiB, before / all open / after:\n\n\
+              | site | kind | before | all open | after |\n|---|---|---|---|---|\n";
+        for (site, pick) in [("A", 0), ("B", 1)] {
+            let at = |i: usize| {
+                let (a, b) = &f.allocator_kib[i];
+                if pick == 0 {
+                    a
+                } else {
+                    b
+                }
+            };
+            for kind in at(0).keys() {
+                let v = |i: usize| at(i).get(kind).map_or("-".into(), |v| v.to_string());
+                s += &format!("| {site} | {kind} | {} | {} | {} |\n", v(0), v(1), v(2));
+            }
+        }
+        s += "\n";
     }
     if let Some(soak) = &r.soak {
         s += &crate::soak::markdown(soak);
@@ -1004,17 +1136,19 @@ fn chart(samples: &[Sample]) -> String {
         2.0 * (h + 2.0 * pad)
     );
     type Series = (&'static str, &'static str, fn(&Sample) -> f64);
-    let panels: [(&str, [Series; 2]); 2] = [
+    let panels: [(&str, &[Series]); 2] = [
         (
-            "RSS, MiB",
-            [
+            "RSS (light: its anonymous part), MiB",
+            &[
                 ("site A", "#1f77b4", |s| s.rss_a_kib as f64 / 1024.0),
                 ("site B", "#d62728", |s| s.rss_b_kib as f64 / 1024.0),
+                ("anon A", "#9ecae1", |s| s.anon_a_kib as f64 / 1024.0),
+                ("anon B", "#fc9272", |s| s.anon_b_kib as f64 / 1024.0),
             ],
         ),
         (
             "open files",
-            [
+            &[
                 ("site A", "#1f77b4", |s| s.fds_a as f64),
                 ("site B", "#d62728", |s| s.fds_b as f64),
             ],
@@ -1051,7 +1185,7 @@ fn chart(samples: &[Sample]) -> String {
                 "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>\n\
                  <text x=\"{}\" y=\"{}\" fill=\"{color}\">{name}</text>",
                 pts.join(" "),
-                pad + w - 120.0 + 60.0 * i as f64,
+                pad + w - 60.0 * series.len() as f64 + 60.0 * i as f64,
                 top + h + 20.0
             );
         }

@@ -888,8 +888,9 @@ impl Session {
             return;
         };
         self.closing.remove(&id);
-        // A burst of streams leaves no table sized for it (a stream is 464 bytes).
-        if self.streams.capacity() > 1024 && self.streams.len() * 4 < self.streams.capacity() {
+        // A burst of streams leaves no table sized for it (a stream is 464 bytes: a table of
+        // 1,024 kept after every burst was half a megabyte per peer).
+        if self.streams.capacity() > 64 && self.streams.len() * 4 < self.streams.capacity() {
             self.streams.shrink_to(self.streams.len() * 2);
         }
         if let Some(l) = s.link.and_then(|l| self.links.get_mut(&l)) {
