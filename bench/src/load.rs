@@ -34,9 +34,13 @@ pub struct LoadArgs {
     /// Concurrent flows (0: attacks only).
     #[arg(long, default_value_t = 5000)]
     pub flows: usize,
-    /// What each flow does: echo, bulk or idle.
+    /// What each flow does: echo, bulk, idle, or chatty (`--exchanges` request/response round
+    /// trips of 64 bytes, timed each, once straight to the server and once through the pair).
     #[arg(long, default_value = "echo")]
     pub kind: String,
+    /// Round trips of each chatty flow.
+    #[arg(long, default_value_t = 2000)]
+    pub exchanges: usize,
     /// New connections per second (0: all at once).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
@@ -163,7 +167,24 @@ pub struct LoadReport {
     pub attacks: Vec<AttackReport>,
     pub flows: Option<FlowsReport>,
     pub soak: Option<crate::soak::SoakReport>,
+    pub chatty: Option<ChattyReport>,
     pub samples: Vec<Sample>,
+}
+
+/// Round trips of small requests, straight to the server and through the pair.
+#[derive(Serialize, Default, Debug)]
+pub struct ChattyReport {
+    pub flows: usize,
+    pub exchanges: usize,
+    /// Rounds, alternating direct and through the pair.
+    pub rounds: Vec<ChattyRound>,
+}
+
+#[derive(Serialize, Default, Debug)]
+pub struct ChattyRound {
+    pub direct: Latency,
+    pub pair: Latency,
+    pub failures: usize,
 }
 
 struct Daemon {
@@ -502,7 +523,6 @@ struct FlowResult {
     first_byte_ms: f64,
 }
 
-/// One flow: connect, get the first byte of the answer, get all of it, wait for `all`, close.
 /// What one wave of flows gave.
 struct Wave {
     results: Vec<Result<FlowResult, String>>,
@@ -560,6 +580,48 @@ fn wave(
     Wave { results, seconds }
 }
 
+/// `args.flows` clients at once, each doing `args.exchanges` round trips of 64 bytes with the
+/// echo server at `to`, one at a time. Returns the latency of all round trips and the failed
+/// clients.
+fn chatty_wave(rt: &tokio::runtime::Runtime, args: &LoadArgs, to: SocketAddr) -> (Latency, usize) {
+    let exchanges = args.exchanges;
+    let tasks: Vec<_> = (0..args.flows)
+        .map(|i| {
+            rt.spawn(async move {
+                let run = async {
+                    let mut s = TcpStream::connect(to).await?;
+                    s.set_nodelay(true)?;
+                    let mut times = Vec::with_capacity(exchanges);
+                    let mut msg = [0u8; 64];
+                    let mut back = [0u8; 64];
+                    for k in 0..exchanges {
+                        msg.fill((i + k) as u8);
+                        let t = Instant::now();
+                        s.write_all(&msg).await?;
+                        s.read_exact(&mut back).await?;
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                        if back != msg {
+                            return Err(std::io::Error::other("corrupt"));
+                        }
+                    }
+                    Ok::<_, std::io::Error>(times)
+                };
+                tokio::time::timeout(Duration::from_secs(120), run).await
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        match rt.block_on(t) {
+            Ok(Ok(Ok(times))) => all.extend(times),
+            _ => failed += 1,
+        }
+    }
+    (latency(all), failed)
+}
+
+/// One flow: connect, get the first byte of the answer, get all of it, wait for `all`, close.
 async fn one_flow(
     i: usize,
     args: &LoadArgs,
@@ -870,7 +932,27 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         std::thread::sleep(Duration::from_secs(3));
     }
 
-    if args.soak_s > 0 {
+    if args.kind == "chatty" {
+        let mut r = ChattyReport {
+            flows: args.flows,
+            exchanges: args.exchanges,
+            rounds: Vec::new(),
+        };
+        for _ in 0..3 {
+            let (direct, f1) = chatty_wave(&rt, args, target);
+            let (through, f2) = chatty_wave(&rt, args, pair.fwd);
+            eprintln!(
+                "chatty: direct p50 {:.3} ms, through the pair p50 {:.3} ms",
+                direct.p50_ms, through.p50_ms
+            );
+            r.rounds.push(ChattyRound {
+                direct,
+                pair: through,
+                failures: f1 + f2,
+            });
+        }
+        report.chatty = Some(r);
+    } else if args.soak_s > 0 {
         let (pa, pb) = pair.pids();
         report.soak = Some(crate::soak::run(
             &rt,
@@ -1065,6 +1147,27 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
                 let v = |i: usize| at(i).get(kind).map_or("-".into(), |v| v.to_string());
                 s += &format!("| {site} | {kind} | {} | {} | {} |\n", v(0), v(1), v(2));
             }
+        }
+        s += "\n";
+    }
+    if let Some(c) = &r.chatty {
+        s += &format!(
+            "## {} chatty clients at once, {} round trips of 64 bytes each\n\n\
+             | round | direct p50 / p99 | through the pair p50 / p99 | added at the median | failed |\n\
+             |---|---|---|---|---|\n",
+            c.flows, c.exchanges
+        );
+        for (i, x) in c.rounds.iter().enumerate() {
+            s += &format!(
+                "| {} | {:.3} / {:.3} ms | {:.3} / {:.3} ms | {:.3} ms | {} |\n",
+                i + 1,
+                x.direct.p50_ms,
+                x.direct.p99_ms,
+                x.pair.p50_ms,
+                x.pair.p99_ms,
+                x.pair.p50_ms - x.direct.p50_ms,
+                x.failures
+            );
         }
         s += "\n";
     }
