@@ -64,9 +64,10 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// For the runtime's `on_thread_park`: a worker with no more work gives the freed objects its
 /// allocator cache keeps back to the arenas, at most once per [`FLUSH_EVERY`]. Without this, a
 /// worker that served a burst of thousands of flows and went idle kept the pages those objects
-/// pin: RSS stayed at 1.75-2x its level before the burst (BENCHMARKS.md, "Load"). Once a second
-/// costs nothing measurable on a busy worker; an idle one still wakes for the tunnel's timers, so
-/// its cache is flushed within about a second of the burst's end.
+/// pin: RSS stayed at 1.5-1.75x its level before the burst, 1.1-1.2x with this (BENCHMARKS.md,
+/// "Memory after a burst, given back"). Once a second costs nothing measurable on a busy worker;
+/// an idle one still wakes for the node's periodic tasks (tunnel pings every second, the limits
+/// log every 5 s, the metrics history every 10 s), so its cache is flushed soon after the burst.
 pub fn worker_idle() {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
