@@ -215,15 +215,18 @@ fn free_port() -> Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
+/// Starts `ditto run`; spawned from the main thread, which the daemon does not outlive.
 fn spawn(ditto: &Path, cfg: &Path, log: &Path) -> Result<Daemon> {
     let f = std::fs::File::create(log)?;
-    let child = Command::new(ditto)
-        .args(["run", "--config"])
+    let mut cmd = Command::new(ditto);
+    cmd.args(["run", "--config"])
         .arg(cfg)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(f)
+        .stderr(f);
+    crate::sys::end_child_with_parent(&mut cmd);
+    let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", ditto.display()))?;
     Ok(Daemon { child })

@@ -121,6 +121,20 @@ pub fn die_with_parent() {
     }
 }
 
+/// Makes the processes `cmd` spawns get SIGTERM when the spawning thread exits: a bench stopped by
+/// a signal (whose destructors do not run) leaves no daemon behind.
+pub fn end_child_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the child between fork and exec and calls only prctl, which is
+    // async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            die_with_parent();
+            Ok(())
+        });
+    }
+}
+
 fn sigset(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and modify a local sigset_t.
     unsafe {
