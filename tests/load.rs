@@ -261,21 +261,6 @@ fn echo_burst(
     })
 }
 
-/// Resident memory of a process, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// RSS after a burst may be at most this much of what it was before it (the issue asks 1.5x; a
 /// node keeping its runtime workers' allocator caches was at 1.4-2x, one that flushes them at
 /// about 1.1x).
@@ -305,7 +290,8 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
     assert!(warm.iter().all(|r| r.is_ok()), "warm-up: {warm:?}");
     std::thread::sleep(Duration::from_secs(2));
     let base = (fds(pa), fds(pb));
-    let rss_before = (rss_kib(pa), rss_kib(pb));
+    let rss = |pid: u32| common::rss_kib(pid).expect("VmRSS of a running daemon");
+    let rss_before = (rss(pa), rss(pb));
     let alloc_before = (Allocator::of(pair.admin_a), Allocator::of(pair.admin_b));
     assert!(
         alloc_before.0.allocated > 0 && alloc_before.1.allocated > 0,
@@ -381,7 +367,7 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
     let limit = |before: u64| (before as f64 * RSS_AFTER_BURST) as u64;
     std::thread::sleep(Duration::from_secs(15));
     let rss_back = common::netns::wait_until(Duration::from_secs(45), || {
-        rss_kib(pa) <= limit(rss_before.0) && rss_kib(pb) <= limit(rss_before.1)
+        rss(pa) <= limit(rss_before.0) && rss(pb) <= limit(rss_before.1)
     });
     let kept = |admin, before: &Allocator| {
         let now = Allocator::of(admin);
@@ -396,9 +382,9 @@ fn three_thousand_concurrent_echo_flows_all_accelerated() {
         "RSS: site-a {} -> {} KiB, site-b {} -> {} KiB; allocator live / kept beyond live: \
          site-a {:?} -> {:?}, site-b {:?} -> {:?} KiB ({:.1} s after the burst)",
         rss_before.0,
-        rss_kib(pa),
+        rss(pa),
         rss_before.1,
-        rss_kib(pb),
+        rss(pb),
         alloc_before.0.kib(),
         alloc_after.0.kib(),
         alloc_before.1.kib(),

@@ -330,15 +330,7 @@ impl Lab {
 
 /// Resident memory of a process, bytes.
 fn rss(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(kib << 10)
+    common::rss_kib(pid).map(|kib| kib << 10)
 }
 
 fn mib(b: u64) -> f64 {

@@ -1336,6 +1336,10 @@ impl Session {
                 earliest(since + self.cfg.hold);
             }
         }
+        // Streams waiting for the acknowledgement of their end: the first look is due at once.
+        if !self.closing.is_empty() {
+            earliest(self.closing_check.unwrap_or(self.origin));
+        }
         t
     }
 

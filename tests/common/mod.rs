@@ -210,6 +210,18 @@ pub fn daemon_log(config: &Path) -> String {
     std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
 }
 /// The value of one series (`name{labels}` exactly as rendered) in a Prometheus scrape.
+/// Resident memory of a process (`VmRSS`), KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 pub fn series_value(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|l| {
         l.strip_prefix(series)?
