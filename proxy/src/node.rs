@@ -294,14 +294,11 @@ impl Node {
         }
     }
 
-    /// Bytes held in all stream queues of this node: (to send or be acknowledged, received), see
-    /// [`crate::session::Session::buffered`].
-    pub fn buffered_bytes(&self) -> (usize, usize) {
-        let mut t = (0, 0);
+    /// Bytes held in all stream queues of this node, see [`crate::session::Buffered`].
+    pub fn buffered_bytes(&self) -> crate::session::Buffered {
+        let mut t = crate::session::Buffered::default();
         for p in &self.peers.list {
-            let (s, r) = p.buffered();
-            t.0 += s;
-            t.1 += r;
+            t += p.buffered();
         }
         t
     }

@@ -12,8 +12,8 @@ use crate::hello::Hello;
 use crate::identity::Fingerprint;
 use crate::metrics::Metrics;
 use crate::session::{
-    DownEvents, Event, Half, LinkId, OpenError, PeerParams, Session, SessionConfig, SessionStats,
-    UpEvents,
+    Buffered, DownEvents, Event, Half, LinkId, OpenError, PeerParams, Session, SessionConfig,
+    SessionStats, UpEvents,
 };
 use bytes::Bytes;
 use ditto_dedup::summary::ReconcileStats;
@@ -751,11 +751,11 @@ impl Peer {
     }
 
     /// See [`Session::buffered`].
-    pub fn buffered(&self) -> (usize, usize) {
+    pub fn buffered(&self) -> Buffered {
         self.lock()
             .session
             .as_ref()
-            .map_or((0, 0), |s| s.buffered())
+            .map_or_else(Buffered::default, |s| s.buffered())
     }
 
     /// Links attached now.

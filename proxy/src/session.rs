@@ -139,6 +139,26 @@ pub struct DownEvents {
     pub reset: Option<ResetReason>,
 }
 
+/// Bytes a session holds for its streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Buffered {
+    /// To send, or sent and not yet acknowledged (both halves), and link control frames.
+    pub send: usize,
+    /// DATA received and not yet taken by the flows: per stream at most the window granted.
+    pub data_in: usize,
+    /// FEEDBACK received and not yet taken by the flows' encoders: small and brief, as each
+    /// stream's sending half takes it as soon as it is woken (a backlog past 8 MiB resets it).
+    pub feedback_in: usize,
+}
+
+impl std::ops::AddAssign for Buffered {
+    fn add_assign(&mut self, o: Buffered) {
+        self.send += o.send;
+        self.data_in += o.data_in;
+        self.feedback_in += o.feedback_in;
+    }
+}
+
 /// Totals and gauges for metrics and status.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SessionStats {
@@ -1419,15 +1439,15 @@ impl Session {
         self.dirty.drain().collect()
     }
 
-    /// Bytes held for streams: (to send or acknowledge, received and not yet taken by the owner).
-    /// Bounded per stream by the queue limits and the window.
-    pub fn buffered(&self) -> (usize, usize) {
-        let mut t = (0, 0);
+    /// Bytes held for streams, see [`Buffered`].
+    pub fn buffered(&self) -> Buffered {
+        let mut t = Buffered::default();
         for s in self.streams.values() {
-            t.0 += s.data_out.bytes() + s.fb_out.bytes();
-            t.1 += s.data_in.queued + s.fb_in.queued;
+            t.send += s.data_out.bytes() + s.fb_out.bytes();
+            t.data_in += s.data_in.queued;
+            t.feedback_in += s.fb_in.queued;
         }
-        t.0 += self
+        t.send += self
             .links
             .values()
             .map(|l| l.control.len() + l.summaries.iter().map(Vec::len).sum::<usize>())

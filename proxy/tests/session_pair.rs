@@ -454,8 +454,9 @@ fn run(actions: &[Action]) {
     for _ in 0..400 {
         w.advance(25);
         w.pump(usize::MAX);
-        (sa, ra) = w.a.s.buffered();
-        (sb, rb) = w.b.s.buffered();
+        let (a, b) = (w.a.s.buffered(), w.b.s.buffered());
+        (sa, ra) = (a.send, a.data_in + a.feedback_in);
+        (sb, rb) = (b.send, b.data_in + b.feedback_in);
         if sa + ra + sb + rb < 200 && live(&w) == (0, 0) {
             break;
         }
