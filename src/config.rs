@@ -236,6 +236,8 @@ pub struct Config {
     pub tunnel: TunnelSection,
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerSection>,
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupSection>,
     #[serde(default, rename = "forward")]
     pub forwards: Vec<ForwardSection>,
     pub intercept: Option<InterceptSection>,
@@ -367,6 +369,15 @@ impl PeerSection {
     }
 }
 
+/// `[[group]]`: peers that serve one remote site together (scale-out, docs/scale-out.md). A
+/// forward or route that names the group sends each flow to its destination's home member.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    pub name: Spanned<String>,
+    pub members: Spanned<Vec<Spanned<String>>>,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardSection {
@@ -385,6 +396,14 @@ pub struct Loaded {
     pub config: Config,
     /// The file's text, for the line numbers of later errors.
     src: String,
+}
+
+/// Node, peer and group names: 1-64 letters, digits, '-', '_' or '.'.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -425,12 +444,6 @@ impl Config {
     /// Checks relations between keys. The error carries the span of the key at fault.
     pub fn validate(&self) -> Result<(), (std::ops::Range<usize>, String)> {
         let n = &self.node;
-        let valid_name = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        };
         if !valid_name(n.name.get_ref()) {
             return Err((
                 n.name.span(),
@@ -609,6 +622,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_groups()?;
         let mut listens: Vec<(SocketAddr, &str)> = Vec::new();
         if let Some(l) = &t.listen {
             listens.push((*l.get_ref(), "tunnel.listen"));
@@ -627,11 +641,11 @@ impl Config {
         }
         for f in &self.forwards {
             if let Some(p) = &f.peer {
-                if !self.peers.iter().any(|x| x.name.get_ref() == p.get_ref()) {
+                if !self.names_carrier(p.get_ref()) {
                     return Err((
                         p.span(),
                         format!(
-                            "forward.peer {:?} is not a configured [[peer]]",
+                            "forward.peer {:?} is not a configured [[peer]] or [[group]]",
                             p.get_ref()
                         ),
                     ));
@@ -654,6 +668,54 @@ impl Config {
             }
         }
         self.validate_intercept(&listens)
+    }
+
+    /// Whether `name` is a peer or a group (what a forward or route may send flows to).
+    fn names_carrier(&self, name: &str) -> bool {
+        self.peers.iter().any(|x| x.name.get_ref() == name)
+            || self.groups.iter().any(|g| g.name.get_ref() == name)
+    }
+
+    fn validate_groups(&self) -> Result<(), (std::ops::Range<usize>, String)> {
+        for (i, g) in self.groups.iter().enumerate() {
+            let name = g.name.get_ref();
+            if !valid_name(name) {
+                return Err((
+                    g.name.span(),
+                    "group.name must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if self.peers.iter().any(|p| p.name.get_ref() == name)
+                || self.groups[..i].iter().any(|o| o.name.get_ref() == name)
+            {
+                return Err((
+                    g.name.span(),
+                    format!("group {name:?}: the name is already used by a peer or another group"),
+                ));
+            }
+            if g.members.get_ref().is_empty() {
+                return Err((g.members.span(), format!("group {name:?} has no members")));
+            }
+            let members = g.members.get_ref();
+            for (j, m) in members.iter().enumerate() {
+                if !self.peers.iter().any(|p| p.name.get_ref() == m.get_ref()) {
+                    return Err((
+                        m.span(),
+                        format!(
+                            "group {name:?}: member {:?} is not a configured [[peer]]",
+                            m.get_ref()
+                        ),
+                    ));
+                }
+                if members[..j].iter().any(|o| o.get_ref() == m.get_ref()) {
+                    return Err((
+                        m.span(),
+                        format!("group {name:?}: member {:?} is listed twice", m.get_ref()),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_intercept(
@@ -793,10 +855,13 @@ impl Config {
                     ))
                 }
                 (Some(p), false) => {
-                    if !self.peers.iter().any(|x| x.name.get_ref() == p.get_ref()) {
+                    if !self.names_carrier(p.get_ref()) {
                         return Err((
                             p.span(),
-                            format!("route.peer {:?} is not a configured [[peer]]", p.get_ref()),
+                            format!(
+                                "route.peer {:?} is not a configured [[peer]] or [[group]]",
+                                p.get_ref()
+                            ),
                         ));
                     }
                 }
@@ -989,6 +1054,23 @@ impl Loaded {
         (!d.is_zero()).then_some(d)
     }
 
+    /// Peer groups as the proxy wants them.
+    pub fn groups(&self) -> Vec<ditto_proxy::GroupSpec> {
+        self.config
+            .groups
+            .iter()
+            .map(|g| ditto_proxy::GroupSpec {
+                name: g.name.get_ref().clone(),
+                members: g
+                    .members
+                    .get_ref()
+                    .iter()
+                    .map(|m| m.get_ref().clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// Peers and forwards as the proxy wants them.
     pub fn peers_and_forwards(
         &self,
@@ -1102,6 +1184,44 @@ mod tests {
             e.contains("line 8") && e.contains("invalid allow rule"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn groups_name_configured_peers_and_carry_forwards_and_routes() {
+        const FP2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+        let peers = format!("[node]\nname = \"a\"\nkey = \"k\"\n[[peer]]\nname = \"b1\"\naddress = \"h:1\"\nfingerprint = \"{FP}\"\n[[peer]]\nname = \"b2\"\naddress = \"h:2\"\nfingerprint = \"{FP2}\"\n");
+        let fwd = "[[forward]]\nlisten = \"127.0.0.1:1\"\npeer = \"dc2\"\ntarget = \"t:1\"\n";
+        let ok = format!("{peers}[[group]]\nname = \"dc2\"\nmembers = [\"b1\", \"b2\"]\n{fwd}");
+        let c = Loaded::from_source(ok, Path::new("test.toml")).expect("a group");
+        let g = c.groups();
+        assert_eq!((g[0].name.as_str(), g[0].members.len()), ("dc2", 2));
+        for (group, line, what) in [
+            (
+                "name = \"dc2\"\nmembers = [\"b1\", \"b3\"]\n",
+                14,
+                "member \"b3\"",
+            ),
+            (
+                "name = \"dc2\"\nmembers = [\"b1\", \"b1\"]\n",
+                14,
+                "listed twice",
+            ),
+            ("name = \"dc2\"\nmembers = []\n", 14, "no members"),
+            ("name = \"b1\"\nmembers = [\"b2\"]\n", 13, "already used"),
+        ] {
+            let e = parse(&format!("{peers}[[group]]\n{group}{fwd}"))
+                .expect_err(what)
+                .to_string();
+            assert!(
+                e.starts_with(&format!("test.toml:{line}:")) && e.contains(what),
+                "{what}: {e}"
+            );
+        }
+        // A forward naming neither a peer nor a group.
+        let e = parse(&format!("{peers}{fwd}"))
+            .expect_err("no group")
+            .to_string();
+        assert!(e.contains("[[peer]] or [[group]]"), "{e}");
     }
 
     #[test]

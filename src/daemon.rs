@@ -104,6 +104,7 @@ pub fn node_spec(l: &Loaded) -> Result<NodeSpec> {
         identity,
         engine: open_engine(l)?,
         tunnel_listen: l.config.tunnel.listen.as_ref().map(|a| *a.get_ref()),
+        groups: l.groups(),
         peers,
         forwards,
         admin: l.config.node.admin.as_ref().map(|a| *a.get_ref()),

@@ -186,6 +186,7 @@ fn node(
             config: ditto_dedup::EngineConfig::default(),
         },
         tunnel_listen: listen.then_some(local),
+        groups: Vec::new(),
         peers: vec![PeerSpec {
             name: peer.into(),
             fingerprint: peer_id.fingerprint,

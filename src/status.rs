@@ -136,6 +136,30 @@ fn render(v: &Status) -> String {
             );
         }
     }
+    for g in &v.groups {
+        let total: u64 = g.members.iter().map(|m| m.flows).sum();
+        let up = g.members.iter().filter(|m| m.up).count();
+        let _ = writeln!(
+            o,
+            "group {}: {up} of {} members up, {} flows moved off an unreachable home",
+            g.name,
+            g.members.len(),
+            g.moved
+        );
+        for m in &g.members {
+            let share = match total {
+                0 => "-".to_owned(),
+                t => format!("{:.0}%", 100.0 * m.flows as f64 / t as f64),
+            };
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<4} flows {} ({share})",
+                m.peer,
+                if m.up { "UP" } else { "down" },
+                m.flows
+            );
+        }
+    }
     let _ = writeln!(o, "flows: {} active", v.flows_active);
     for f in &v.flows {
         let _ = writeln!(o, "  {:<12} {:<14} {}", f.outcome, f.reason, f.count);
@@ -200,6 +224,22 @@ mod tests {
                     in_sync: false,
                 }),
             }],
+            groups: vec![ditto_proxy::group::GroupStatus {
+                name: "dc2".into(),
+                members: vec![
+                    ditto_proxy::group::MemberStatus {
+                        peer: "site-b".into(),
+                        up: true,
+                        flows: 30,
+                    },
+                    ditto_proxy::group::MemberStatus {
+                        peer: "site-b2".into(),
+                        up: false,
+                        flows: 10,
+                    },
+                ],
+                moved: 4,
+            }],
             flows_active: 5,
             flows: vec![FlowCount {
                 outcome: "passthrough".into(),
@@ -237,6 +277,8 @@ mod tests {
             "its store: we know 990 of its 1000 chunks (99%), learning",
             "LAN 30.0 MiB / 1.0 MiB  WAN 10.0 MiB / 1.0 MiB",
             "reconnects 4",
+            "group dc2: 1 of 2 members up, 4 flows moved off an unreachable home",
+            "site-b2          down flows 10 (25%)",
             "flows: 5 active",
             "passthrough",
             "peer-down",

@@ -108,6 +108,7 @@ async fn ditto_pair_via(
         identity: b_id.clone(),
         engine: engine(dedup),
         tunnel_listen: Some(local()),
+        groups: Vec::new(),
         peers: vec![PeerSpec {
             name: "a".into(),
             fingerprint: a_id.fingerprint,
@@ -140,6 +141,7 @@ async fn ditto_pair_via(
         identity: a_id,
         engine: engine(dedup),
         tunnel_listen: None,
+        groups: Vec::new(),
         peers: vec![PeerSpec {
             name: "b".into(),
             fingerprint: b_id.fingerprint,

@@ -101,16 +101,25 @@ enum Route {
     Pass(&'static str),
 }
 
+impl PeerSet {
+    /// The route of a flow to `dest` sent to the peer or group called `name`.
+    fn route(&self, name: &str, dest: &str) -> Route {
+        match self.carrier(name).map(|c| c.pick(dest)) {
+            Some(Some(p)) => Route::Peer(p),
+            // A group with no member reachable: as a lone peer that is down.
+            Some(None) => Route::Pass(reason::PEER_DOWN),
+            None => Route::Pass(reason::NO_PEER),
+        }
+    }
+}
+
 impl Plan {
     /// A client of a `[[forward]]` listener.
     fn forward(inner: &FlowEnv, spec: &ForwardSpec) -> Plan {
         let route = match (&spec.peer, spec.bypass) {
             (_, true) => Route::Pass(reason::BYPASS_RULE),
             (None, _) => Route::Pass(reason::NO_PEER),
-            (Some(name), false) => match inner.peers.by_name(name) {
-                Some(p) => Route::Peer(p.clone()),
-                None => Route::Pass(reason::NO_PEER),
-            },
+            (Some(name), false) => inner.peers.route(name, &spec.target),
         };
         Plan {
             target: OpenTarget {
@@ -126,10 +135,7 @@ impl Plan {
     /// A diverted client that was connecting to `dst`.
     fn intercepted(inner: &FlowEnv, mode: Mode, client: SocketAddr, dst: SocketAddr) -> Plan {
         let route = match intercept::classify(&inner.routes, dst) {
-            Some(RouteAction::Peer(name)) => match inner.peers.by_name(name) {
-                Some(p) => Route::Peer(p.clone()),
-                None => Route::Pass(reason::NO_PEER),
-            },
+            Some(RouteAction::Peer(name)) => inner.peers.route(name, &dst.to_string()),
             Some(RouteAction::Bypass) => Route::Pass(reason::BYPASS_RULE),
             None => Route::Pass(reason::NO_ROUTE),
         };

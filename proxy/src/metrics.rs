@@ -65,6 +65,10 @@ pub struct Metrics {
     pub tunnel_connections: IntGaugeVec,
     pub tunnel_rtt: GaugeVec,
     pub tunnel_reconnects: IntCounterVec,
+    /// Flows homed on each member of a peer group, by `group` and `peer`.
+    pub group_flows: IntCounterVec,
+    /// Flows of a group that went to another member because their home was unreachable.
+    pub group_moved: IntCounterVec,
     pub auth_failures: IntCounter,
     pub protocol_errors: IntCounter,
     pub store_bytes: IntGauge,
@@ -251,6 +255,16 @@ impl Metrics {
                 "ditto_tunnel_reconnects_total",
                 "Tunnel connections re-established after a loss.",
                 &["peer"],
+            ),
+            group_flows: cv(
+                "ditto_group_flows_total",
+                "Flows homed on each member of a peer group.",
+                &["group", "peer"],
+            ),
+            group_moved: cv(
+                "ditto_group_moved_flows_total",
+                "Flows of a peer group carried by another member because their home was unreachable.",
+                &["group"],
             ),
             auth_failures: c(
                 "ditto_peer_auth_failures_total",

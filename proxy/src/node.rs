@@ -4,6 +4,7 @@
 
 use crate::codec::Engine;
 use crate::flows::{FlowEnv, ForwardSpec};
+use crate::group::GroupSpec;
 use crate::identity::{Fingerprint, Identity};
 use crate::intercept::{InterceptSpec, RouteAction, RouteSpec};
 use crate::lifecycle::Lifecycle;
@@ -29,6 +30,8 @@ pub struct NodeSpec {
     pub engine: Engine,
     pub tunnel_listen: Option<SocketAddr>,
     pub peers: Vec<PeerSpec>,
+    /// Peer groups (scale-out): forwards and routes may name a group instead of a peer.
+    pub groups: Vec<GroupSpec>,
     pub forwards: Vec<ForwardSpec>,
     /// Admin HTTP endpoint (metrics, health, status).
     pub admin: Option<SocketAddr>,
@@ -53,6 +56,8 @@ pub enum NodeError {
     UnknownPeer { listen: SocketAddr, peer: String },
     #[error("route names peer {0:?}, which is not configured")]
     UnknownRoutePeer(String),
+    #[error("group {group:?}: {why}")]
+    BadGroup { group: String, why: String },
     #[error("installing interception rules: {0}")]
     Rules(#[from] crate::rules::RulesError),
 }
@@ -77,21 +82,50 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, NodeE
     crate::sock::listen(addr).map_err(|source| NodeError::Bind { what, addr, source })
 }
 
+/// Groups name configured peers, each at most once, and no group shares a name with a peer.
+fn check_groups(spec: &NodeSpec) -> Result<(), NodeError> {
+    for (i, g) in spec.groups.iter().enumerate() {
+        let bad = |why: String| NodeError::BadGroup {
+            group: g.name.clone(),
+            why,
+        };
+        if g.members.is_empty() {
+            return Err(bad("no members".into()));
+        }
+        if spec.peers.iter().any(|p| p.name == g.name)
+            || spec.groups[..i].iter().any(|o| o.name == g.name)
+        {
+            return Err(bad("the name is taken by a peer or another group".into()));
+        }
+        for (j, m) in g.members.iter().enumerate() {
+            if !spec.peers.iter().any(|p| &p.name == m) {
+                return Err(bad(format!("member {m:?} is not a configured peer")));
+            }
+            if g.members[..j].contains(m) {
+                return Err(bad(format!("member {m:?} is listed twice")));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Node {
     /// Binds every listener (so address errors surface here) and starts all tasks.
     pub async fn start(spec: NodeSpec) -> Result<Node, NodeError> {
         let metrics = Metrics::new();
         // Streams peers open wait here for a flow; beyond this many, they are refused (busy).
         let (incoming_tx, incoming_rx) = mpsc::channel(spec.settings.max_flows.max(1));
+        check_groups(&spec)?;
         let peers = Arc::new(PeerSet::new(
             &spec.peers,
+            &spec.groups,
             &spec.settings.session(),
             &metrics,
             incoming_tx,
         ));
         for f in &spec.forwards {
             if let Some(p) = &f.peer {
-                if peers.by_name(p).is_none() {
+                if peers.carrier(p).is_none() {
                     return Err(NodeError::UnknownPeer {
                         listen: f.listen,
                         peer: p.clone(),
@@ -101,7 +135,7 @@ impl Node {
         }
         for r in &spec.routes {
             if let RouteAction::Peer(p) = &r.action {
-                if peers.by_name(p).is_none() {
+                if peers.carrier(p).is_none() {
                     return Err(NodeError::UnknownRoutePeer(p.clone()));
                 }
             }

@@ -8,6 +8,7 @@
 
 use crate::codec::{Engine, View};
 use crate::frame::{OpenTarget, ResetReason};
+use crate::group::{GroupSpec, PeerGroup};
 use crate::hello::Hello;
 use crate::identity::Fingerprint;
 use crate::metrics::Metrics;
@@ -45,15 +46,35 @@ pub struct PeerSpec {
     pub allow: crate::allow::AllowList,
 }
 
-/// The configured peers, by name and by key.
+/// The configured peers, by name and by key, and the groups they form.
 pub struct PeerSet {
     pub list: Vec<Arc<Peer>>,
     by_fingerprint: HashMap<Fingerprint, Arc<Peer>>,
+    pub groups: Vec<PeerGroup>,
+}
+
+/// Where flows sent to a configured name go: one peer, or a group's member chosen per destination.
+pub enum Carrier<'a> {
+    Peer(&'a Arc<Peer>),
+    Group(&'a PeerGroup),
+}
+
+impl Carrier<'_> {
+    /// The peer that carries a flow to `dest`, if one is reachable (a lone peer always is picked:
+    /// its flows wait or pass through as its own state says).
+    pub fn pick(&self, dest: &str) -> Option<Arc<Peer>> {
+        match self {
+            Carrier::Peer(p) => Some((*p).clone()),
+            Carrier::Group(g) => g.home(dest),
+        }
+    }
 }
 
 impl PeerSet {
+    /// Group members that name no peer are left out (the node refuses such a spec first).
     pub fn new(
         specs: &[PeerSpec],
+        groups: &[GroupSpec],
         cfg: &SessionConfig,
         metrics: &Metrics,
         incoming: mpsc::Sender<Incoming>,
@@ -63,13 +84,35 @@ impl PeerSet {
             .map(|s| Arc::new(Peer::new(s, cfg.clone(), metrics, incoming.clone())))
             .collect();
         let by_fingerprint = list.iter().map(|p| (p.fingerprint, p.clone())).collect();
+        let groups = groups
+            .iter()
+            .map(|g| {
+                let members = g
+                    .members
+                    .iter()
+                    .filter_map(|m| list.iter().find(|p| &*p.name == m).cloned())
+                    .collect();
+                PeerGroup::new(&g.name, members, metrics)
+            })
+            .collect();
         PeerSet {
             list,
             by_fingerprint,
+            groups,
         }
     }
     pub fn by_name(&self, name: &str) -> Option<&Arc<Peer>> {
         self.list.iter().find(|p| &*p.name == name)
+    }
+    /// What a forward or route naming `name` sends its flows to: a peer or a group.
+    pub fn carrier(&self, name: &str) -> Option<Carrier<'_>> {
+        if let Some(p) = self.by_name(name) {
+            return Some(Carrier::Peer(p));
+        }
+        self.groups
+            .iter()
+            .find(|g| &*g.name == name)
+            .map(Carrier::Group)
     }
     pub fn by_fingerprint(&self, fp: &Fingerprint) -> Option<&Arc<Peer>> {
         self.by_fingerprint.get(fp)

@@ -33,6 +33,9 @@ pub struct Status {
     pub fingerprint: String,
     pub uptime_seconds: f64,
     pub peers: Vec<PeerStatus>,
+    /// Peer groups: each member's health and its share of flows.
+    #[serde(default)]
+    pub groups: Vec<crate::group::GroupStatus>,
     pub flows_active: i64,
     pub flows: Vec<FlowCount>,
     pub lan_bytes_sent: u64,
@@ -154,6 +157,7 @@ impl StatusSource {
             wan_bytes_sent: peers.iter().map(|p| p.wan_bytes_sent).sum(),
             wan_bytes_received: peers.iter().map(|p| p.wan_bytes_received).sum(),
             peers,
+            groups: inner.peers.groups.iter().map(|g| g.status()).collect(),
             flows_active: m.flows_active.get(),
             flows,
             dedup_saved_bytes: m.dedup_saved.get(),

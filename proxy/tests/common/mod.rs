@@ -110,7 +110,12 @@ impl Log {
 
 /// Starts the checking server. Request: mode u8 | req_len u64 | resp_len u64 | seed u64 | body.
 pub async fn start_server() -> (SocketAddr, Log) {
-    let l = TcpListener::bind(any_port()).await.expect("bind server");
+    start_server_at(any_port()).await
+}
+
+/// [`start_server`] on `bind` (a loopback address; port 0 picks one).
+pub async fn start_server_at(bind: SocketAddr) -> (SocketAddr, Log) {
+    let l = TcpListener::bind(bind).await.expect("bind server");
     let addr = l.local_addr().expect("addr");
     let log = Log(tokio::sync::watch::channel(ServerLog::default()).0);
     let log2 = log.clone();
@@ -310,6 +315,7 @@ pub fn spec_a(
         identity: a_id.clone(),
         engine,
         tunnel_listen: None,
+        groups: Vec::new(),
         peers: vec![PeerSpec {
             name: "site-b".into(),
             fingerprint: b_fp,
@@ -341,6 +347,7 @@ pub fn spec_b(
         identity: b_id.clone(),
         engine,
         tunnel_listen: Some(tunnel),
+        groups: Vec::new(),
         peers: vec![PeerSpec {
             name: "site-a".into(),
             fingerprint: a_fp,
