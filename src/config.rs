@@ -266,6 +266,11 @@ pub struct InterceptSection {
     pub table: Option<Spanned<String>>,
     pub fwmark: Option<Spanned<u32>>,
     pub route_table: Option<Spanned<u32>>,
+    /// Prefixes to announce to the site's routers (scale-out, docs/scale-out.md): kept in
+    /// `announce_table` while ditto runs, for the local routing daemon to import and announce.
+    #[serde(default)]
+    pub announce: Vec<Spanned<Net>>,
+    pub announce_table: Option<Spanned<u32>>,
     /// The guard's timeout ("0s": no guard).
     pub watchdog: Option<Spanned<Dur>>,
 }
@@ -829,6 +834,29 @@ impl Config {
                 return Err((r.span(), "intercept.route_table must not be 0 or a reserved table (253 default, 254 main, 255 local)".into()));
             }
         }
+        if let Some(r) = &i.announce_table {
+            if !(1..=252).contains(r.get_ref()) {
+                return Err((r.span(), "intercept.announce_table must be between 1 and 252 (the tables a routing daemon can import: FRR's ip import-table)".into()));
+            }
+            let route_table = i
+                .route_table
+                .as_ref()
+                .map_or(RuleNames::default().route_table, |t| *t.get_ref());
+            if *r.get_ref() == route_table {
+                return Err((
+                    r.span(),
+                    "intercept.announce_table must differ from intercept.route_table".into(),
+                ));
+            }
+        }
+        if let Some(a) = i.announce.first() {
+            if *i.mode.get_ref() == ModeName::Inline {
+                return Err((a.span(), "intercept.announce attracts routed traffic: use mode tproxy or redirect (inline sits in a bridge, not on a route)".into()));
+            }
+            if i.watchdog.as_ref().is_some_and(|w| w.get_ref().0.is_zero()) {
+                return Err((a.span(), "intercept.announce needs the guard (intercept.watchdog not 0s): it withdraws the prefixes if ditto dies".into()));
+            }
+        }
         if let Some(w) = &i.watchdog {
             let d = w.get_ref().0;
             if !d.is_zero() && !(Duration::from_millis(200)..=Duration::from_secs(300)).contains(&d)
@@ -1038,7 +1066,12 @@ impl Loaded {
                     .route_table
                     .as_ref()
                     .map_or(defaults.route_table, |r| *r.get_ref()),
+                announce_table: i
+                    .announce_table
+                    .as_ref()
+                    .map_or(defaults.announce_table, |r| *r.get_ref()),
             },
+            announce: i.announce.iter().map(|n| n.get_ref().0).collect(),
             bypass,
         };
         (Some(spec), routes)
@@ -1222,6 +1255,36 @@ mod tests {
             .expect_err("no group")
             .to_string();
         assert!(e.contains("[[peer]] or [[group]]"), "{e}");
+    }
+
+    #[test]
+    fn announced_prefixes_need_a_routed_mode_the_guard_and_an_importable_table() {
+        let cfg = |extra: &str| {
+            format!("[node]\nname = \"a\"\nkey = \"k\"\n[intercept]\nmode = \"tproxy\"\nannounce = [\"10.2.0.0/24\"]\n{extra}")
+        };
+        let c = Loaded::from_source(cfg(""), Path::new("test.toml")).expect("announce");
+        let (spec, _) = c.intercept();
+        let spec = spec.expect("intercept");
+        assert_eq!(
+            spec.announce,
+            vec!["10.2.0.0/24".parse::<IpNet>().expect("net")]
+        );
+        assert_eq!(spec.names.announce_table, 188);
+        for (extra, what) in [
+            ("announce_table = 1000\n", "between 1 and 252"),
+            ("announce_table = 1881\n", "between 1 and 252"),
+            ("watchdog = \"0s\"\n", "needs the guard"),
+        ] {
+            let e = parse(&cfg(extra)).expect_err(what).to_string();
+            assert!(e.contains(what), "{extra}: {e}");
+        }
+        let e = parse(&cfg("route_table = 77\nannounce_table = 77\n"))
+            .expect_err("same table")
+            .to_string();
+        assert!(e.contains("must differ"), "{e}");
+        let inline = "[node]\nname = \"a\"\nkey = \"k\"\n[intercept]\nmode = \"inline\"\nbridge = \"br0\"\nports = [80]\nannounce = [\"10.2.0.0/24\"]\n";
+        let e = parse(inline).expect_err("inline").to_string();
+        assert!(e.contains("tproxy or redirect"), "{e}");
     }
 
     #[test]

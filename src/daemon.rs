@@ -245,6 +245,9 @@ pub struct CleanupArgs {
     /// Without a config: the routing table of ditto's policy routing (intercept.route_table).
     #[arg(long, default_value_t = 1881, conflicts_with = "config")]
     pub route_table: u32,
+    /// Without a config: the routing table of the announced prefixes (intercept.announce_table).
+    #[arg(long, default_value_t = 188, conflicts_with = "config")]
+    pub announce_table: u32,
 }
 
 /// `ditto cleanup`: removes ditto's nftables tables and policy routing (for ExecStopPost, or by hand
@@ -265,6 +268,7 @@ pub fn cleanup(args: CleanupArgs) -> Result<ExitCode> {
             table: args.table,
             fwmark: args.fwmark,
             route_table: args.route_table,
+            announce_table: args.announce_table,
         },
     };
     let removed = ditto_proxy::rules::installed(&names);

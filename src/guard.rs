@@ -29,6 +29,8 @@ pub struct Args {
     #[arg(long)]
     route_table: u32,
     #[arg(long)]
+    announce_table: u32,
+    #[arg(long)]
     timeout_ms: u64,
     /// The daemon: killed if it hangs.
     #[arg(long)]
@@ -52,6 +54,7 @@ impl Guard {
             .args(["--table", &names.table])
             .args(["--fwmark", &names.fwmark.to_string()])
             .args(["--route-table", &names.route_table.to_string()])
+            .args(["--announce-table", &names.announce_table.to_string()])
             .args(["--timeout-ms", &timeout.as_millis().to_string()])
             .args(["--parent", &std::process::id().to_string()])
             .stdin(Stdio::piped())
@@ -101,6 +104,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         table: args.table,
         fwmark: args.fwmark,
         route_table: args.route_table,
+        announce_table: args.announce_table,
     };
     let timeout = Duration::from_millis(args.timeout_ms.max(1));
     let (tx, rx) = mpsc::channel();
@@ -135,7 +139,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     match ditto_proxy::rules::remove(&names) {
         Ok(()) => tracing::warn!(
             table = %names.table,
-            "guard: {why}; interception rules removed, traffic passes unaccelerated"
+            "guard: {why}; interception rules removed and announced prefixes withdrawn, traffic passes unaccelerated"
         ),
         Err(e) => tracing::error!(table = %names.table, "guard: {why}; removing rules failed: {e}"),
     }

@@ -89,6 +89,18 @@ fn render(v: &Status) -> String {
                 ""
             }
         );
+        if !i.announce.is_empty() {
+            let _ = writeln!(
+                o,
+                "  announcing {} to the site's routers{}",
+                i.announce.join(", "),
+                if i.rules_installed {
+                    ""
+                } else {
+                    " (WITHDRAWN)"
+                }
+            );
+        }
     }
     let _ = writeln!(o, "peers:");
     for p in &v.peers {
@@ -261,6 +273,7 @@ mod tests {
                 rules_installed: true,
                 preserve_client: true,
                 routes: 2,
+                announce: vec!["10.2.0.0/24".into()],
             }),
         };
         let json = serde_json::to_string(&st).expect("serialize");
@@ -270,6 +283,7 @@ mod tests {
             "node site-a",
             "up 12s",
             "interception: tproxy (nftables table ditto: installed), 2 route(s), connecting from client addresses",
+            "announcing 10.2.0.0/24 to the site's routers",
             "site-b",
             "NOT ANSWERING",
             "conns 2 streams 3 (3 held, waiting for the peer) rtt 41.5 ms",

@@ -72,6 +72,9 @@ pub struct RuleNames {
     pub fwmark: u32,
     /// Policy routing table that delivers marked packets locally.
     pub route_table: u32,
+    /// Routing table holding the announced prefixes, for the site's routing daemon to import
+    /// (`ip import-table`, tables 1-252) and announce; emptied when ditto stops or dies.
+    pub announce_table: u32,
 }
 
 impl Default for RuleNames {
@@ -80,6 +83,7 @@ impl Default for RuleNames {
             table: "ditto".into(),
             fwmark: 0x1d1,
             route_table: 1881,
+            announce_table: 188,
         }
     }
 }
@@ -101,6 +105,9 @@ pub struct InterceptSpec {
     pub names: RuleNames,
     /// Destinations never diverted at all (bypass routes without ports, compiled into nftables).
     pub bypass: Vec<IpNet>,
+    /// Prefixes this appliance asks the site's routers to send it (scale-out: docs/scale-out.md),
+    /// present in `names.announce_table` while ditto runs.
+    pub announce: Vec<IpNet>,
 }
 
 /// A Linux interface name: 1-15 bytes, no '/', no whitespace, no quotes, not "." or "..".

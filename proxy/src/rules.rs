@@ -20,6 +20,7 @@
 //! locally by `ip rule fwmark MARK lookup TABLE` with `local default dev lo` in that table.
 
 use crate::intercept::{InterceptSpec, Mode, RuleNames};
+use ipnet::IpNet;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -291,7 +292,80 @@ fn routing(n: &RuleNames, add: bool) -> Result<(), RulesError> {
     Ok(())
 }
 
-/// Installs the tables and policy routing `spec` needs, replacing any left by an earlier run.
+/// The route the kernel takes now toward `net`'s first address, as `ip route` arguments
+/// (`via GATEWAY dev DEV`, or `dev DEV` on a link), from `ip -j route get`.
+fn path_to(net: &IpNet) -> Result<Vec<String>, RulesError> {
+    let addr = net.network().to_string();
+    let cmd = format!("ip -j route get {addr}");
+    let out = Command::new("ip")
+        .args(["-j", "route", "get", &addr])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RulesError::Spawn {
+            cmd: cmd.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(RulesError::Failed {
+            cmd,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    parse_route_get(&out.stdout).ok_or_else(|| RulesError::Failed {
+        cmd,
+        stderr: format!(
+            "no usable route to {net}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+    })
+}
+
+/// `via G dev D` (or `dev D`) from the JSON of `ip -j route get`; `None` for a local, blackhole or
+/// unreachable answer, which no router should be told to send traffic along.
+fn parse_route_get(json: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let r = v.as_array()?.first()?;
+    if r.get("type")
+        .and_then(|t| t.as_str())
+        .is_some_and(|t| t != "unicast")
+    {
+        return None;
+    }
+    let dev = r.get("dev")?.as_str()?;
+    if dev == "lo" {
+        return None;
+    }
+    let mut args = Vec::new();
+    if let Some(g) = r.get("gateway").and_then(|g| g.as_str()) {
+        args.extend(["via".to_owned(), g.to_owned()]);
+    }
+    args.extend(["dev".to_owned(), dev.to_owned()]);
+    Some(args)
+}
+
+/// Puts the announced prefixes into the announce table (routed the way the kernel routes them now,
+/// so a routing daemon that also installs what it imports changes nothing), or empties the table.
+fn announce(spec: &InterceptSpec, add: bool) -> Result<(), RulesError> {
+    let table = spec.names.announce_table.to_string();
+    for fam in ["-4", "-6"] {
+        let _ = ip(&[fam, "route", "flush", "table", &table]);
+    }
+    if !add {
+        return Ok(());
+    }
+    for net in &spec.announce {
+        let via = path_to(net)?;
+        let dest = net.to_string();
+        let mut args = vec!["route", "replace", dest.as_str()];
+        args.extend(via.iter().map(String::as_str));
+        args.extend(["table", table.as_str()]);
+        ip(&args)?;
+    }
+    Ok(())
+}
+
+/// Installs the tables and policy routing `spec` needs, replacing any left by an earlier run, and
+/// announces its prefixes last, once everything that serves them is in place.
 pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
     let mac = match (spec.mode, &spec.bridge) {
         (Mode::Inline, Some(b)) => {
@@ -311,6 +385,10 @@ pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
         let _ = routing(&spec.names, false);
         return Err(e);
     }
+    if let Err(e) = announce(spec, true) {
+        let _ = remove(&spec.names);
+        return Err(e);
+    }
     Ok(())
 }
 
@@ -327,9 +405,13 @@ pub fn installed(n: &RuleNames) -> bool {
         .any(|l| ours.iter().any(|o| l.trim() == o))
 }
 
-/// Removes ditto's tables, then its policy routing; idempotent. The tables go first, in one
-/// transaction: that alone restores traffic.
+/// Withdraws the announced prefixes (empties the announce table), then removes ditto's tables and
+/// its policy routing; idempotent. The tables go in one transaction: that alone restores traffic.
 pub fn remove(n: &RuleNames) -> Result<(), RulesError> {
+    let table = n.announce_table.to_string();
+    for fam in ["-4", "-6"] {
+        let _ = ip(&[fam, "route", "flush", "table", &table]);
+    }
     let t = &n.table;
     nft(&format!(
         "table inet {t}\ndelete table inet {t}\ntable bridge {t}\ndelete table bridge {t}\n"
@@ -355,7 +437,43 @@ mod tests {
             preserve_client: false,
             names: RuleNames::default(),
             bypass: vec!["10.2.9.0/24".parse().expect("net")],
+            announce: Vec::new(),
         }
+    }
+
+    #[test]
+    fn announced_prefixes_follow_the_kernels_path() {
+        let p = |j: &str| parse_route_get(j.as_bytes());
+        assert_eq!(
+            p(
+                r#"[{"dst":"10.2.0.0","gateway":"10.11.0.1","dev":"a1","prefsrc":"10.11.0.2","flags":[],"uid":0,"cache":[]}]"#
+            ),
+            Some(vec![
+                "via".into(),
+                "10.11.0.1".into(),
+                "dev".into(),
+                "a1".into()
+            ])
+        );
+        assert_eq!(
+            p(
+                r#"[{"dst":"10.2.0.0","dev":"eth1","prefsrc":"10.2.0.9","flags":[],"uid":0,"cache":[]}]"#
+            ),
+            Some(vec!["dev".into(), "eth1".into()])
+        );
+        // This host's own address, or a destination the kernel would drop: nothing to announce.
+        assert_eq!(
+            p(
+                r#"[{"type":"local","dst":"10.2.0.1","dev":"lo","prefsrc":"10.2.0.1","flags":[],"uid":0,"cache":["local"]}]"#
+            ),
+            None
+        );
+        assert_eq!(
+            p(r#"[{"type":"unreachable","dst":"10.9.0.0","dev":"lo"}]"#),
+            None
+        );
+        assert_eq!(p("not json"), None);
+        assert_eq!(p("[]"), None);
     }
 
     #[test]

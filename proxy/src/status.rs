@@ -61,6 +61,9 @@ pub struct InterceptStatus {
     pub rules_installed: bool,
     pub preserve_client: bool,
     pub routes: usize,
+    /// Prefixes announced to the site's routers (while the rules are installed).
+    #[serde(default)]
+    pub announce: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -170,6 +173,7 @@ impl StatusSource {
                 rules_installed: inner.rules_installed.load(Ordering::Relaxed),
                 preserve_client: i.preserve_client,
                 routes: inner.routes,
+                announce: i.announce.iter().map(|n| n.to_string()).collect(),
             }),
             store_degraded: match &inner.engine {
                 Engine::Dedup { store, .. } => store.degraded().map(|d| {

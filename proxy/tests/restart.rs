@@ -30,6 +30,11 @@ async fn transfer(p_a: &Node, a_fwd: std::net::SocketAddr, log: &Log) -> f64 {
     wan_sent(p_a).await - before
 }
 
+/// Whether A's knowledge of its peer's store matches the peer's latest summary index.
+fn summary_in_sync(a: &Node) -> bool {
+    a.status().peers[0].summary.is_some_and(|s| s.in_sync)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_stores_and_wipes_are_survived() {
     init_tracing();
@@ -74,11 +79,20 @@ async fn restarts_keep_stores_and_wipes_are_survived() {
     assert!(a.wait_disconnected("site-b", WAIT).await);
     let b = start_b(b_tunnel).await.expect("b again");
     assert!(a.wait_connections("site-b", 2, WAIT).await);
+    // Once A has read B's store summary again (a restarted store describes itself anew).
+    eventually("A to be in sync with B's summary", || async {
+        summary_in_sync(&a)
+    })
+    .await;
+    let needs0 = scrape(&a, "ditto_dedup_needs_total", &[]).await;
     let after_b = transfer(&a, a_fwd, &log).await;
+    let needs = scrape(&a, "ditto_dedup_needs_total", &[]).await - needs0;
     mixed(a_fwd, b.forward_addrs[0], 1).await;
     assert!(
         after_b < first / 20.0,
-        "after B's restart: {after_b} WAN bytes, first {first}"
+        "after B's restart: {after_b} WAN bytes, first {first}; {needs} references B could not \
+         resolve; A's view of B: {:?}",
+        a.status().peers[0].summary
     );
 
     // A restarts with its store: it starts with no belief about B, so it sends, but correctly.

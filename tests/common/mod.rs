@@ -233,6 +233,7 @@ pub fn series_value(scrape: &str, series: &str) -> Option<f64> {
 }
 
 pub mod disk;
+pub mod frr;
 pub mod netns;
 pub mod require;
 pub mod wan;
