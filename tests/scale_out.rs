@@ -35,6 +35,8 @@ const SVC: &str = "10.2.0.0/24";
 const PORT: u16 = 5001;
 const ANNOUNCE_TABLE: u32 = 188;
 const FLOWS: usize = 100;
+/// The benchmark's upload sink.
+const SINK_PORT: u16 = 5002;
 
 fn skip() -> bool {
     use common::require::skip_without;
@@ -44,15 +46,15 @@ fn skip() -> bool {
 
 struct Lab {
     // Daemons first: they stop before the namespaces they run in go.
-    near: [Option<Daemon>; 2],
-    far: [Daemon; 2],
+    near: Vec<Option<Daemon>>,
+    far: Vec<Daemon>,
     _frr: Vec<Frr>,
     c: Ns,
-    a: [Ns; 2],
-    _b: [Ns; 2],
+    a: Vec<Ns>,
+    _b: Vec<Ns>,
     wan: Wan,
     _dir: tempfile::TempDir,
-    configs: [PathBuf; 2],
+    configs: Vec<PathBuf>,
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -61,7 +63,17 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn near_config(dir: &Path, i: usize, fp_b: &[String; 2]) -> PathBuf {
+/// Near appliance `i`: intercepts the service prefix, announces it, sends it to the far group.
+fn near_config(dir: &Path, i: usize, fp_b: &[String]) -> PathBuf {
+    let mut peers = String::new();
+    let mut members = Vec::new();
+    for (j, fp) in fp_b.iter().enumerate() {
+        peers.push_str(&format!(
+            "[[peer]]\nname = \"b{n}\"\naddress = \"10.2{n}.0.2:7878\"\nfingerprint = \"{fp}\"\n\n",
+            n = j + 1
+        ));
+        members.push(format!("\"b{}\"", j + 1));
+    }
     let text = format!(
         r#"[node]
 name = "a{n}"
@@ -80,19 +92,9 @@ ports = [{PORT}]
 announce = ["{SVC}"]
 announce_table = {ANNOUNCE_TABLE}
 
-[[peer]]
-name = "b1"
-address = "10.21.0.2:7878"
-fingerprint = "{fp1}"
-
-[[peer]]
-name = "b2"
-address = "10.22.0.2:7878"
-fingerprint = "{fp2}"
-
-[[group]]
+{peers}[[group]]
 name = "dc2"
-members = ["b1", "b2"]
+members = [{members}]
 
 [[route]]
 dest = ["{SVC}"]
@@ -100,14 +102,21 @@ peer = "dc2"
 "#,
         n = i + 1,
         key = dir.join(format!("a{}.key", i + 1)).display(),
-        fp1 = fp_b[0],
-        fp2 = fp_b[1],
+        members = members.join(", "),
     );
     write(dir, &format!("a{}.toml", i + 1), &text)
 }
 
-fn far_config(dir: &Path, i: usize, fp_a: &[String; 2]) -> PathBuf {
+/// Far appliance `i`: accepts every near appliance, keeps a disk store (what summaries describe).
+fn far_config(dir: &Path, i: usize, fp_a: &[String]) -> PathBuf {
     let store = dir.join(format!("b{}-store", i + 1));
+    let mut peers = String::new();
+    for (j, fp) in fp_a.iter().enumerate() {
+        peers.push_str(&format!(
+            "[[peer]]\nname = \"a{}\"\nfingerprint = \"{fp}\"\n\n",
+            j + 1
+        ));
+    }
     let text = format!(
         r#"[node]
 name = "b{n}"
@@ -119,41 +128,33 @@ store_dir = "{store}"
 listen = "[::]:7878"
 keepalive = "500ms"
 
-[[peer]]
-name = "a1"
-fingerprint = "{fp1}"
-
-[[peer]]
-name = "a2"
-fingerprint = "{fp2}"
-"#,
+{peers}"#,
         n = i + 1,
         key = dir.join(format!("b{}.key", i + 1)).display(),
         store = store.display(),
-        fp1 = fp_a[0],
-        fp2 = fp_a[1],
     );
     write(dir, &format!("b{}.toml", i + 1), &text)
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let wan = Wan::new("so", &["--rate", "500mbit", "--delay", "5ms"]);
+    /// `n` appliances per site (1 or 2), the WAN emulator set to `wan_link`.
+    fn new(n: usize, wan_link: &[&str]) -> Lab {
+        let wan = Wan::new("so", wan_link);
         let p = unique("so");
         let c = Ns::new(format!("{p}c"));
-        let a = [Ns::new(format!("{p}a1")), Ns::new(format!("{p}a2"))];
-        let b = [Ns::new(format!("{p}b1")), Ns::new(format!("{p}b2"))];
+        let a: Vec<Ns> = (1..=n).map(|i| Ns::new(format!("{p}a{i}"))).collect();
+        let b: Vec<Ns> = (1..=n).map(|i| Ns::new(format!("{p}b{i}"))).collect();
         let (ra, rb) = (&wan.a, &wan.b);
         link(&c, "eth0", ra, "c0");
         addr(&c, "eth0", &["10.1.0.2/24"]);
         addr(ra, "c0", &["10.1.0.1/24"]);
         c.ip(&["route", "add", "default", "via", "10.1.0.1"]);
-        for (i, n) in a.iter().enumerate() {
+        for (i, ns) in a.iter().enumerate() {
             let dev = format!("a{}", i + 1);
-            link(n, "eth0", ra, &dev);
-            addr(n, "eth0", &[&format!("10.1{}.0.2/24", i + 1)]);
+            link(ns, "eth0", ra, &dev);
+            addr(ns, "eth0", &[&format!("10.1{}.0.2/24", i + 1)]);
             addr(ra, &dev, &[&format!("10.1{}.0.1/24", i + 1)]);
-            n.ip(&[
+            ns.ip(&[
                 "route",
                 "add",
                 "default",
@@ -161,9 +162,9 @@ impl Lab {
                 &format!("10.1{}.0.1", i + 1),
             ]);
             // Appliances forward what they do not intercept, back out of the interface it came in.
-            n.sysctl("net.ipv4.ip_forward=1");
-            n.sysctl("net.ipv4.conf.all.send_redirects=0");
-            n.sysctl("net.ipv4.conf.eth0.send_redirects=0");
+            ns.sysctl("net.ipv4.ip_forward=1");
+            ns.sysctl("net.ipv4.conf.all.send_redirects=0");
+            ns.sysctl("net.ipv4.conf.eth0.send_redirects=0");
             // What comes back from an appliance goes to the WAN, never to the appliances again.
             ra.ip(&[
                 "rule",
@@ -176,12 +177,12 @@ impl Lab {
                 "100",
             ]);
         }
-        for (i, n) in b.iter().enumerate() {
+        for (i, ns) in b.iter().enumerate() {
             let dev = format!("b{}", i + 1);
-            link(n, "eth0", rb, &dev);
-            addr(n, "eth0", &[&format!("10.2{}.0.2/24", i + 1)]);
+            link(ns, "eth0", rb, &dev);
+            addr(ns, "eth0", &[&format!("10.2{}.0.2/24", i + 1)]);
             addr(rb, &dev, &[&format!("10.2{}.0.1/24", i + 1)]);
-            n.ip(&[
+            ns.ip(&[
                 "route",
                 "add",
                 "default",
@@ -203,34 +204,28 @@ impl Lab {
             rb.ip(&["addr", "add", &format!("10.2.0.{x}/32"), "dev", "lo"]);
         }
         serve_echo(rb.listen(SocketAddr::from(([0, 0, 0, 0], PORT))));
+        serve_sink(rb.listen(SocketAddr::from(([0, 0, 0, 0], SINK_PORT))));
 
         let dir = tempfile::tempdir().expect("tempdir");
         // FRR runs as its own user: it reads its configs from here.
         frr::set_mode(dir.path(), 0o755);
-        let fp_a = [
-            common::keygen(dir.path(), "a1"),
-            common::keygen(dir.path(), "a2"),
-        ];
-        let fp_b = [
-            common::keygen(dir.path(), "b1"),
-            common::keygen(dir.path(), "b2"),
-        ];
+        let fp_a: Vec<String> = (1..=n)
+            .map(|i| common::keygen(dir.path(), &format!("a{i}")))
+            .collect();
+        let fp_b: Vec<String> = (1..=n)
+            .map(|i| common::keygen(dir.path(), &format!("b{i}")))
+            .collect();
+        let neighbors: Vec<String> = (1..=n).map(|i| format!("10.1{i}.0.2")).collect();
+        let neighbors: Vec<&str> = neighbors.iter().map(String::as_str).collect();
         let mut frrs = vec![Frr::start(
             ra,
             dir.path(),
             "zebra work-queue 0\n",
-            &frr::router_bgpd(
-                65000,
-                "10.64.0.1",
-                65001,
-                &["10.11.0.2", "10.12.0.2"],
-                SVC,
-                2,
-            ),
+            &frr::router_bgpd(65000, "10.64.0.1", 65001, &neighbors, SVC, n),
         )];
-        for (i, n) in a.iter().enumerate() {
+        for (i, ns) in a.iter().enumerate() {
             frrs.push(Frr::start(
-                n,
+                ns,
                 dir.path(),
                 &frr::appliance_zebra(ANNOUNCE_TABLE),
                 &frr::appliance_bgpd(
@@ -243,18 +238,17 @@ impl Lab {
                 ),
             ));
         }
-        let far = [
-            Daemon::start(&b[0], &far_config(dir.path(), 0, &fp_a)),
-            Daemon::start(&b[1], &far_config(dir.path(), 1, &fp_a)),
-        ];
-        let configs = [
-            near_config(dir.path(), 0, &fp_b),
-            near_config(dir.path(), 1, &fp_b),
-        ];
-        let near = [
-            Some(Daemon::start(&a[0], &configs[0])),
-            Some(Daemon::start(&a[1], &configs[1])),
-        ];
+        let far = b
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| Daemon::start(ns, &far_config(dir.path(), i, &fp_a)))
+            .collect();
+        let configs: Vec<PathBuf> = (0..n).map(|i| near_config(dir.path(), i, &fp_b)).collect();
+        let near = a
+            .iter()
+            .zip(&configs)
+            .map(|(ns, cfg)| Some(Daemon::start(ns, cfg)))
+            .collect();
         Lab {
             near,
             far,
@@ -266,6 +260,28 @@ impl Lab {
             _dir: dir,
             configs,
         }
+    }
+
+    /// Waits until the site router has a path through every near appliance and every near
+    /// appliance reaches every far member.
+    fn wait_ready(&self) {
+        let want: Vec<String> = (1..=self.a.len()).map(|i| format!("10.1{i}.0.2")).collect();
+        let want: Vec<&str> = want.iter().map(String::as_str).collect();
+        assert!(
+            self.wait_paths(&want, Duration::from_secs(40)).is_some(),
+            "ra never learned {SVC} from every appliance: {:?}\n{}",
+            self.paths(),
+            self.logs()
+        );
+        let n = self.a.len();
+        let up = wait_until(Duration::from_secs(30), || {
+            (0..n).all(|i| self.members_up(i) == n)
+        });
+        assert!(
+            up.is_some(),
+            "the near appliances never reached every far member\n{}",
+            self.logs()
+        );
     }
 
     /// The next hops `ra` routes the service prefix through now.
@@ -336,13 +352,7 @@ impl Lab {
     fn connect(&self, dst: &str, sport: u16) -> std::io::Result<TcpStream> {
         let to: SocketAddr = format!("{dst}:{PORT}").parse().expect("addr");
         let from = SocketAddr::from(([10, 1, 0, 2], sport));
-        self.c.run(move || {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            s.bind(&from.into())?;
-            s.connect_timeout(&to.into(), Duration::from_secs(5))?;
-            Ok(TcpStream::from(s))
-        })
+        self.c.run(move || connect_from(from, to))
     }
 
     /// One checked echo flow; which near appliance carried it (accelerated), if one did.
@@ -365,27 +375,127 @@ fn payload(seed: u64, n: usize) -> Vec<u8> {
     common::payload(seed, n)
 }
 
+/// Upload sink: reads each connection to its end, then answers with the byte count (8 bytes).
+fn serve_sink(l: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = std::io::Write::write_all(&mut s, &n.to_be_bytes());
+            });
+        }
+    });
+}
+
+/// One pass of the benchmark: `data.len()` concurrent uploads from source ports `port0..`, each to
+/// its own server; returns (seconds, WAN bytes the near appliances sent).
+fn upload_pass(lab: &Lab, data: &[Vec<u8>], port0: u16) -> (f64, u64) {
+    let wan0: u64 = (0..lab.a.len()).map(|i| lab.wan_sent(i)).sum();
+    let t = Instant::now();
+    std::thread::scope(|scope| {
+        let uploads: Vec<_> = data
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let to: SocketAddr = format!("10.2.0.{}:{SINK_PORT}", k + 1)
+                    .parse()
+                    .expect("addr");
+                let from = SocketAddr::from(([10, 1, 0, 2], port0 + k as u16));
+                let d = d.clone();
+                scope.spawn(move || lab.c.run(move || upload(from, to, &d)))
+            })
+            .collect();
+        for u in uploads {
+            u.join().expect("upload thread").expect("upload");
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    // Counters are read after every flow ended.
+    let wan: u64 = (0..lab.a.len()).map(|i| lab.wan_sent(i)).sum();
+    (secs, wan - wan0)
+}
+
+/// A connection to `to` from the chosen source address and port (ECMP hashes on it).
+fn connect_from(from: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&from.into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    Ok(TcpStream::from(s))
+}
+
+/// Uploads `data` from `from` to `to` (from inside the client's namespace); checks the sink's count.
+fn upload(from: SocketAddr, to: SocketAddr, data: &[u8]) -> std::io::Result<()> {
+    let mut s = connect_from(from, to)?;
+    std::io::Write::write_all(&mut s, data)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n)?;
+    if u64::from_be_bytes(n) != data.len() as u64 {
+        return Err(std::io::Error::other("the sink counted other bytes"));
+    }
+    Ok(())
+}
+
+/// The scale-out benchmark (release build: `cargo test --release --test scale_out -- --ignored
+/// --nocapture`): aggregate upload throughput of 8 concurrent flows with 1 and 2 appliances per
+/// site, with no link limit and on an emulated 1 Gbit/s link, and the WAN bytes of the same
+/// uploads repeated (through whichever near appliance ECMP picks this time) against a single pair.
+#[test]
+#[ignore]
+fn scale_out_benchmark() {
+    if skip() {
+        return;
+    }
+    const FLOWS: usize = 8;
+    const EACH: usize = 32 << 20;
+    let data: Vec<Vec<u8>> = (0..FLOWS).map(|k| payload(7000 + k as u64, EACH)).collect();
+    let total = (FLOWS * EACH) as f64;
+    println!("| link | appliances per site | pass 1 Mbit/s | pass 1 WAN MB | repeat Mbit/s | repeat WAN MB | repeat / pass 1 |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (name, link) in [
+        ("no limit, 1 ms", &["--delay", "1ms"][..]),
+        (
+            "1 Gbit/s, 10 ms",
+            &["--rate", "1gbit", "--delay", "10ms"][..],
+        ),
+    ] {
+        for n in [1, 2] {
+            let lab = Lab::new(n, link);
+            lab.wait_ready();
+            let (t1, w1) = upload_pass(&lab, &data, 50_000);
+            // The far stores' summaries reach every near appliance (at most 2 s after a change).
+            std::thread::sleep(Duration::from_secs(4));
+            let (t2, w2) = upload_pass(&lab, &data, 51_000);
+            println!(
+                "| {name} | {n} | {:.0} | {:.1} | {:.0} | {:.2} | {:.4} |",
+                total * 8.0 / t1 / 1e6,
+                w1 as f64 / 1e6,
+                total * 8.0 / t2 / 1e6,
+                w2 as f64 / 1e6,
+                w2 as f64 / w1 as f64
+            );
+        }
+    }
+}
+
 #[test]
 fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
     if skip() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = Lab::new(2, &["--rate", "500mbit", "--delay", "5ms"]);
     let both = ["10.11.0.2", "10.12.0.2"];
-    assert!(
-        lab.wait_paths(&both, Duration::from_secs(40)).is_some(),
-        "ra never learned {SVC} from both appliances: {:?}\n{}",
-        lab.paths(),
-        lab.logs()
-    );
-    let members = wait_until(Duration::from_secs(30), || {
-        lab.members_up(0) == 2 && lab.members_up(1) == 2
-    });
-    assert!(
-        members.is_some(),
-        "the near appliances never reached both far members\n{}",
-        lab.logs()
-    );
+    lab.wait_ready();
 
     // 1. Flows spread over both near appliances, every byte checked, all accelerated.
     let mut via = [Vec::new(), Vec::new()];
