@@ -104,10 +104,8 @@ enum Route {
 impl PeerSet {
     /// The route of a flow to `dest` sent to the peer or group called `name`.
     fn route(&self, name: &str, dest: &str) -> Route {
-        match self.carrier(name).map(|c| c.pick(dest)) {
-            Some(Some(p)) => Route::Peer(p),
-            // A group with no member reachable: as a lone peer that is down.
-            Some(None) => Route::Pass(reason::PEER_DOWN),
+        match self.carrier(name).and_then(|c| c.pick(dest)) {
+            Some(p) => Route::Peer(p),
             None => Route::Pass(reason::NO_PEER),
         }
     }

@@ -78,16 +78,19 @@ impl PeerGroup {
     }
 
     /// The member that carries a flow to `dest` ("host:port"): the highest-ranked reachable one.
-    /// `None` when no member is reachable (the flow passes through). A member whose tunnel is
-    /// merely busy stays the home: moving the destination would scatter its data.
+    /// A member whose tunnel is merely busy stays the home: moving the destination would scatter
+    /// its data. With no member reachable, the home itself, whose state then says why the flow
+    /// passes through (`peer-down`, `peer-unresponsive`, `version`). `None` only for no members.
     pub fn home(&self, dest: &str) -> Option<Arc<Peer>> {
         let keys: Vec<Fingerprint> = self.members.iter().map(|m| m.peer.fingerprint).collect();
         let ranked = rank(&keys, dest);
+        let first = &self.members[*ranked.first()?];
         let (i, m) = ranked
             .iter()
             .map(|&i| &self.members[i])
             .enumerate()
-            .find(|(_, m)| reachable(&m.peer))?;
+            .find(|(_, m)| reachable(&m.peer))
+            .unwrap_or((0, first));
         if i > 0 {
             self.moved.inc();
         }

@@ -60,8 +60,8 @@ pub enum Carrier<'a> {
 }
 
 impl Carrier<'_> {
-    /// The peer that carries a flow to `dest`, if one is reachable (a lone peer always is picked:
-    /// its flows wait or pass through as its own state says).
+    /// The peer that carries a flow to `dest` (see [`PeerGroup::home`]); its state decides whether
+    /// the flow is accelerated or passes through, and why. `None` for a group without members.
     pub fn pick(&self, dest: &str) -> Option<Arc<Peer>> {
         match self {
             Carrier::Peer(p) => Some((*p).clone()),

@@ -58,7 +58,8 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// A two-node pair on loopback, configured in one directory: site-b listens for the tunnel,
-/// site-a dials it and forwards `fwd` to a target through it.
+/// site-a dials it and forwards `fwd` to a target through it (through a group of one member, so
+/// every test of the pair also carries the group's path and metrics).
 pub struct PairConfig {
     pub cfg_a: PathBuf,
     pub cfg_b: PathBuf,
@@ -97,8 +98,8 @@ pub fn write_pair(
         format!(
             "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\n{a_node}\n\n\
              [tunnel]\n{a_tunnel}\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\n\
-             fingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\n\
-             target = \"{target}\"\n"
+             fingerprint = \"{fp_b}\"\n\n[[group]]\nname = \"site-b-group\"\nmembers = [\"site-b\"]\n\n\
+             [[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b-group\"\ntarget = \"{target}\"\n"
         ),
     )
     .expect("write config");
