@@ -90,16 +90,19 @@ fn render(v: &Status) -> String {
             }
         );
         if !i.announce.is_empty() {
-            let _ = writeln!(
-                o,
-                "  announcing {} to the site's routers{}",
-                i.announce.join(", "),
-                if i.rules_installed {
-                    ""
-                } else {
-                    " (WITHDRAWN)"
-                }
-            );
+            let _ = if i.announced {
+                writeln!(
+                    o,
+                    "  announcing {} to the site's routers",
+                    i.announce.join(", ")
+                )
+            } else {
+                writeln!(
+                    o,
+                    "  NOT announcing {} (waiting for a tunnel, or stopping)",
+                    i.announce.join(", ")
+                )
+            };
         }
     }
     let _ = writeln!(o, "peers:");
@@ -274,6 +277,7 @@ mod tests {
                 preserve_client: true,
                 routes: 2,
                 announce: vec!["10.2.0.0/24".into()],
+                announced: true,
             }),
         };
         let json = serde_json::to_string(&st).expect("serialize");

@@ -88,7 +88,7 @@ connect_timeout = "1s"
 mode = "tproxy"
 listen = "[::]:7070"
 interfaces = ["eth0"]
-ports = [{PORT}]
+ports = [{PORT}, {SINK_PORT}]
 announce = ["{SVC}"]
 announce_table = {ANNOUNCE_TABLE}
 
@@ -612,5 +612,50 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
         "a1 never announced again: {:?}\n{}",
         lab.paths(),
         lab.logs()
+    );
+
+    // 5. A graceful stop (SIGTERM) drains: a flow a1 carries goes on until its client ends it, and
+    // only then is the prefix withdrawn (withdrawn first, the flow's packets would go to a2).
+    let mut draining = None;
+    for sport in 49_000..49_016 {
+        let before = lab.homed(0);
+        let mut s = lab.connect("10.2.0.4", sport).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        assert!(
+            echo_round(&mut s, b"before the stop").expect("echo"),
+            "wrong echo"
+        );
+        if lab.homed(0) > before {
+            draining = Some(s);
+            break;
+        }
+    }
+    let mut draining = draining.expect("16 source ports, none through a1");
+    lab.near[0].as_ref().expect("a1").signal("TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        lab.paths(),
+        both,
+        "a1 withdrawn while a flow was still draining"
+    );
+    let more = payload(77, 200_000);
+    assert!(
+        echo_round(&mut draining, &more).expect("the draining flow"),
+        "wrong bytes from the draining flow"
+    );
+    drop(draining);
+    assert!(
+        lab.wait_paths(&["10.12.0.2"], Duration::from_secs(5))
+            .is_some(),
+        "a1 still announced after its drain: {:?}\n{}",
+        lab.paths(),
+        lab.logs()
+    );
+    let a1 = lab.near[0].as_mut().expect("a1");
+    assert!(
+        wait_until(Duration::from_secs(10), || a1.exited()).is_some(),
+        "a1 did not exit after its drain:\n{}",
+        a1.log()
     );
 }

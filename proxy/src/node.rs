@@ -69,6 +69,7 @@ pub struct Node {
     settings: Settings,
     intercept: Option<InterceptSpec>,
     rules_installed: Arc<AtomicBool>,
+    announced: Arc<Announced>,
     peers: Arc<PeerSet>,
     metrics: Metrics,
     life: Lifecycle,
@@ -187,6 +188,7 @@ impl Node {
         }
         let life = Lifecycle::default();
         let rules_installed = Arc::new(AtomicBool::new(spec.intercept.is_some()));
+        let announced = Arc::new(Announced::default());
         let links = Arc::new(LinkEnv {
             name: spec.name.clone(),
             identity: spec.identity.clone(),
@@ -224,10 +226,16 @@ impl Node {
             intercept: spec.intercept.clone(),
             routes: spec.routes.len(),
             rules_installed: rules_installed.clone(),
+            announced: announced.clone(),
             store_verify_seen: AtomicU64::new(0),
         });
         for p in &peers.list {
             life.tasks.spawn(p.clone().run_timer(life.kill.clone()));
+        }
+        if let Some(i) = spec.intercept.as_ref().filter(|i| !i.announce.is_empty()) {
+            let (i, peers, stop) = (i.clone(), peers.clone(), life.stop.clone());
+            life.tasks
+                .spawn(announce_when_ready(i, peers, announced.clone(), stop));
         }
         // Limits reached at the end of a burst are reported too, within a minute.
         let (limits, kill) = (metrics.limits.clone(), life.kill.clone());
@@ -286,6 +294,7 @@ impl Node {
             settings: spec.settings,
             intercept: spec.intercept,
             rules_installed,
+            announced,
             peers,
             metrics,
             life,
@@ -352,8 +361,11 @@ impl Node {
     pub async fn shutdown(self) {
         let life = &self.life;
         tracing::info!(node = %self.name, "shutting down: draining flows");
-        // New connections go straight to their destinations from now on.
-        remove_rules(&self);
+        // New connections go straight to their destinations from now on; the packets of open flows
+        // still reach them until the drain ends. So do the site's routers keep sending this
+        // appliance what they sent it: withdrawn now, the open flows' packets would be routed to
+        // the other appliances, which never saw them.
+        stop_diverting(&self);
         life.stop.cancel();
         for p in &self.peers.list {
             p.with(|s, _| s.go_away());
@@ -364,6 +376,19 @@ impl Node {
             .is_err()
         {
             tracing::warn!(node = %self.name, "drain timeout: resetting remaining flows");
+        }
+        if let Some(i) = &self.intercept {
+            let (names, announced) = (i.names.clone(), self.announced.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                announced.withdraw(&names);
+                match crate::rules::remove_interception(&names) {
+                    Ok(()) => tracing::info!(table = %names.table, "interception rules removed"),
+                    Err(e) => {
+                        tracing::error!(table = %names.table, "removing interception rules: {e}")
+                    }
+                }
+            })
+            .await;
         }
         // Streams still open are reset, and the RSTs get a moment to leave before the links close,
         // so the peer does not hold them for nothing.
@@ -379,13 +404,88 @@ impl Node {
     }
 }
 
-fn remove_rules(inner: &Node) {
+/// How long a starting node waits for a tunnel before it announces its prefixes anyway.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the node's prefixes are announced; set and cleared under its lock, with the routes.
+#[derive(Default)]
+pub(crate) struct Announced(std::sync::Mutex<AnnounceState>);
+
+#[derive(Default)]
+struct AnnounceState {
+    announced: bool,
+    /// Withdrawn for good (the node is stopping): never announced again.
+    done: bool,
+}
+
+impl Announced {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AnnounceState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_announced(&self) -> bool {
+        self.lock().announced
+    }
+
+    fn announce(&self, spec: &InterceptSpec) {
+        let mut st = self.lock();
+        if st.done {
+            return;
+        }
+        match crate::rules::announce(spec) {
+            Ok(()) => {
+                st.announced = true;
+                let prefixes: Vec<String> = spec.announce.iter().map(|n| n.to_string()).collect();
+                tracing::info!(
+                    table = spec.names.announce_table,
+                    "announcing {} to the site's routers",
+                    prefixes.join(", ")
+                );
+            }
+            Err(e) => tracing::error!(
+                table = spec.names.announce_table,
+                "announcing the prefixes failed, this appliance attracts no traffic: {e}"
+            ),
+        }
+    }
+
+    fn withdraw(&self, names: &crate::intercept::RuleNames) {
+        let mut st = self.lock();
+        st.done = true;
+        if std::mem::take(&mut st.announced) {
+            crate::rules::withdraw(names);
+            tracing::info!(table = names.announce_table, "announced prefixes withdrawn");
+        }
+    }
+}
+
+/// Announces the node's prefixes once a tunnel to some peer is up (or after [`ANNOUNCE_WAIT`]):
+/// an appliance that just started attracts flows only when it can accelerate them.
+async fn announce_when_ready(
+    spec: InterceptSpec,
+    peers: Arc<PeerSet>,
+    announced: Arc<Announced>,
+    stop: CancellationToken,
+) {
+    let deadline = tokio::time::Instant::now() + ANNOUNCE_WAIT;
+    while tokio::time::Instant::now() < deadline
+        && !peers.list.iter().any(|p| p.connection_count() > 0)
+    {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || announced.announce(&spec)).await;
+}
+
+fn stop_diverting(inner: &Node) {
     let Some(i) = &inner.intercept else { return };
     if !inner.rules_installed.swap(false, Ordering::SeqCst) {
         return;
     }
-    match crate::rules::remove(&i.names) {
-        Ok(()) => tracing::info!(table = %i.names.table, "interception rules removed"),
-        Err(e) => tracing::error!(table = %i.names.table, "removing interception rules: {e}"),
+    match crate::rules::stop_diverting(i) {
+        Ok(()) => tracing::info!(table = %i.names.table, "new connections no longer intercepted"),
+        Err(e) => tracing::error!(table = %i.names.table, "stopping interception: {e}"),
     }
 }

@@ -113,6 +113,12 @@ fn quote_list(items: &[String]) -> String {
 /// The nft script that atomically replaces ditto's tables with the ones `spec` needs.
 /// `mac` is the bridge's address (inline mode only).
 pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
+    render_with(spec, mac, true)
+}
+
+/// The ruleset, diverting new connections or not (`divert` false: a draining node keeps delivering
+/// the packets of the connections it holds, and lets every new one through untouched).
+fn render_with(spec: &InterceptSpec, mac: Option<&str>, divert: bool) -> String {
     let n = &spec.names;
     let t = &n.table;
     let mark = format!("{:#x}", n.fwmark);
@@ -184,12 +190,14 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
                 s,
                 "    meta l4proto tcp socket transparent 1 meta mark set {mark} accept"
             );
-            s.push_str(&iif);
-            s.push_str(&bypass);
-            let _ = writeln!(
-                s,
-                "    {syn}{dport} tproxy to :{port} meta mark set {mark} accept"
-            );
+            if divert {
+                s.push_str(&iif);
+                s.push_str(&bypass);
+                let _ = writeln!(
+                    s,
+                    "    {syn}{dport} tproxy to :{port} meta mark set {mark} accept"
+                );
+            }
         }
         Mode::Redirect => {
             let _ = writeln!(s, "    fib daddr type local accept");
@@ -200,11 +208,13 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
         }
         Mode::Inline => {
             let _ = writeln!(s, "    fib daddr type local accept");
-            s.push_str(&bypass);
-            let _ = writeln!(
-                s,
-                "    {syn}{dport} socket transparent 1 meta mark set {mark} accept"
-            );
+            if divert {
+                s.push_str(&bypass);
+                let _ = writeln!(
+                    s,
+                    "    {syn}{dport} socket transparent 1 meta mark set {mark} accept"
+                );
+            }
             // Two lookups, not one `socket transparent 1 socket wildcard 0` rule: `wildcard`
             // cannot be evaluated on a connection still in its handshake (a request socket), so
             // that rule would miss the handshake's last ACK and break every diverted connection.
@@ -216,7 +226,9 @@ pub fn render(spec: &InterceptSpec, mac: Option<&str>) -> String {
         }
     }
     let _ = writeln!(s, "  }}");
-    if spec.mode == Mode::Redirect {
+    // Connections already redirected keep their translation (it lives in conntrack): a draining
+    // node needs no nat chain.
+    if spec.mode == Mode::Redirect && divert {
         let port = spec.listen.port();
         let _ = writeln!(
             s,
@@ -343,29 +355,36 @@ fn parse_route_get(json: &[u8]) -> Option<Vec<String>> {
     Some(args)
 }
 
-/// Puts the announced prefixes into the announce table (routed the way the kernel routes them now,
-/// so a routing daemon that also installs what it imports changes nothing), or empties the table.
-fn announce(spec: &InterceptSpec, add: bool) -> Result<(), RulesError> {
+/// Puts the announced prefixes into the announce table, routed the way the kernel routes them now
+/// (a routing daemon that imports the table also installs what it imports: the same route changes
+/// nothing). Replaces what an earlier run left there.
+pub fn announce(spec: &InterceptSpec) -> Result<(), RulesError> {
+    withdraw(&spec.names);
     let table = spec.names.announce_table.to_string();
-    for fam in ["-4", "-6"] {
-        let _ = ip(&[fam, "route", "flush", "table", &table]);
-    }
-    if !add {
-        return Ok(());
-    }
     for net in &spec.announce {
         let via = path_to(net)?;
         let dest = net.to_string();
         let mut args = vec!["route", "replace", dest.as_str()];
         args.extend(via.iter().map(String::as_str));
         args.extend(["table", table.as_str()]);
-        ip(&args)?;
+        if let Err(e) = ip(&args) {
+            withdraw(&spec.names);
+            return Err(e);
+        }
     }
     Ok(())
 }
 
-/// Installs the tables and policy routing `spec` needs, replacing any left by an earlier run, and
-/// announces its prefixes last, once everything that serves them is in place.
+/// Empties the announce table: the site's routers stop sending this appliance new flows.
+pub fn withdraw(n: &RuleNames) {
+    let table = n.announce_table.to_string();
+    for fam in ["-4", "-6"] {
+        let _ = ip(&[fam, "route", "flush", "table", &table]);
+    }
+}
+
+/// Installs the tables and policy routing `spec` needs, replacing any left by an earlier run. The
+/// prefixes are announced separately ([`announce`]), once the node can serve them.
 pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
     let mac = match (spec.mode, &spec.bridge) {
         (Mode::Inline, Some(b)) => {
@@ -385,11 +404,17 @@ pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
         let _ = routing(&spec.names, false);
         return Err(e);
     }
-    if let Err(e) = announce(spec, true) {
-        let _ = remove(&spec.names);
-        return Err(e);
-    }
     Ok(())
+}
+
+/// Stops diverting new connections (they go straight to their destinations), while the packets of
+/// the connections the node holds are still delivered to it, so they can drain. One transaction.
+pub fn stop_diverting(spec: &InterceptSpec) -> Result<(), RulesError> {
+    let mac = match (spec.mode, &spec.bridge) {
+        (Mode::Inline, Some(b)) => Some(bridge_mac(b)?),
+        _ => None,
+    };
+    nft(&render_with(spec, mac.as_deref(), false))
 }
 
 /// Whether ditto's tables are in the kernel (one `nft list tables`).
@@ -405,13 +430,17 @@ pub fn installed(n: &RuleNames) -> bool {
         .any(|l| ours.iter().any(|o| l.trim() == o))
 }
 
-/// Withdraws the announced prefixes (empties the announce table), then removes ditto's tables and
-/// its policy routing; idempotent. The tables go in one transaction: that alone restores traffic.
+/// Withdraws the announced prefixes, then removes the interception ([`remove_interception`]);
+/// idempotent. What the guard and `ditto cleanup` do.
 pub fn remove(n: &RuleNames) -> Result<(), RulesError> {
-    let table = n.announce_table.to_string();
-    for fam in ["-4", "-6"] {
-        let _ = ip(&[fam, "route", "flush", "table", &table]);
-    }
+    withdraw(n);
+    remove_interception(n)
+}
+
+/// Removes ditto's tables, then its policy routing; idempotent. The tables go in one transaction:
+/// that alone restores traffic (and ends the intercepted connections still open: their packets are
+/// routed on, see [`stop_diverting`] for a drain).
+pub fn remove_interception(n: &RuleNames) -> Result<(), RulesError> {
     let t = &n.table;
     nft(&format!(
         "table inet {t}\ndelete table inet {t}\ntable bridge {t}\ndelete table bridge {t}\n"
@@ -491,6 +520,22 @@ mod tests {
         assert!(s.contains("ip daddr @bypass4 accept"), "{s}");
         assert!(!s.contains("bypass6"), "{s}");
         assert!(!s.contains("table bridge ditto {"), "{s}");
+    }
+
+    #[test]
+    fn a_draining_ruleset_diverts_nothing_new_and_keeps_delivering_held_connections() {
+        for mode in [Mode::Tproxy, Mode::Redirect, Mode::Inline] {
+            let s = render_with(&spec(mode), Some("02:00:00:00:00:01"), false);
+            assert!(!s.contains("tproxy to"), "{s}");
+            assert!(!s.contains("redirect to"), "{s}");
+            assert!(!s.contains("tcp flags & (syn | ack) == syn"), "{s}");
+            if mode != Mode::Redirect {
+                assert!(
+                    s.contains("meta l4proto tcp socket transparent 1 meta mark set 0x1d1 accept"),
+                    "{s}"
+                );
+            }
+        }
     }
 
     #[test]

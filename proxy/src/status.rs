@@ -22,6 +22,7 @@ pub struct StatusSource {
     pub routes: usize,
     /// Whether our nftables rules are in the kernel now.
     pub rules_installed: Arc<AtomicBool>,
+    pub(crate) announced: Arc<crate::node::Announced>,
     /// Store verify failures already added to the counter.
     pub store_verify_seen: AtomicU64,
 }
@@ -61,9 +62,12 @@ pub struct InterceptStatus {
     pub rules_installed: bool,
     pub preserve_client: bool,
     pub routes: usize,
-    /// Prefixes announced to the site's routers (while the rules are installed).
+    /// Prefixes this node announces to the site's routers (configured).
     #[serde(default)]
     pub announce: Vec<String>,
+    /// Whether they are announced now (from once a tunnel is up until the drain at a stop ends).
+    #[serde(default)]
+    pub announced: bool,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -174,6 +178,7 @@ impl StatusSource {
                 preserve_client: i.preserve_client,
                 routes: inner.routes,
                 announce: i.announce.iter().map(|n| n.to_string()).collect(),
+                announced: inner.announced.is_announced(),
             }),
             store_degraded: match &inner.engine {
                 Engine::Dedup { store, .. } => store.degraded().map(|d| {
