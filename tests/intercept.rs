@@ -51,6 +51,37 @@ fn assert_exact(from: &Ns, to: SocketAddr, seed: u64, len: usize) {
     }
 }
 
+/// SIGTERM to `a` while a flow through it from `from` to `to` is half sent: the flow completes,
+/// byte-exact (the stop diverts nothing new but still delivers the connections it holds), and `a`
+/// exits once it ended.
+fn stop_draining(from: &Ns, to: SocketAddr, a: &mut Daemon) {
+    use std::io::{Read, Write};
+    let mut s = from.connect(to, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let data = payload(31, 300_000);
+    s.write_all(&data[..150_000]).expect("first half");
+    a.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&data[150_000..])
+        .unwrap_or_else(|e| panic!("the flow open at the stop: {e}\n{}", a.log()));
+    s.shutdown(std::net::Shutdown::Write)
+        .unwrap_or_else(|e| panic!("the flow open at the stop: {e}\n{}", a.log()));
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)
+        .unwrap_or_else(|e| panic!("the flow open at the stop: {e}\n{}", a.log()));
+    back.reverse();
+    assert!(
+        back == data,
+        "the flow open at the stop got {} wrong bytes",
+        back.len()
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || a.exited()).is_some(),
+        "ditto did not exit after its drain:\n{}",
+        a.log()
+    );
+}
+
 /// Four hosts in a chain, client ─ A ─ B ─ server (links lan0/wan0 on the appliances, eth0 on
 /// the ends), and a key for each appliance. [`Lab::routed`] and [`Lab::bridged`] address them.
 struct Lab {
@@ -247,8 +278,9 @@ fn routed_mode(tag: &str, a_intercept: &str, a_reason: &str, preserve: bool) {
             );
         }
     }
-    // Graceful stop takes the rules with it, and tells the guard so (it stays quiet).
-    a.stop("TERM");
+    // Graceful stop drains the flows open then, takes the rules with it, and tells the guard so
+    // (it stays quiet).
+    stop_draining(&r.c, sa(&format!("{S4}:{PORT}")), &mut a);
     b.stop("TERM");
     std::thread::sleep(Duration::from_millis(200));
     for d in [&a, &b] {
@@ -428,7 +460,7 @@ fn inline_bridge_v4_v6_preserving_client_addresses() {
             "UDP to {server} not bridged"
         );
     }
-    a.stop("TERM");
+    stop_draining(&r.c, sa(&format!("{BS4}:{PORT}")), &mut a);
     b.stop("TERM");
     for ns in [&r.a, &r.b] {
         assert!(

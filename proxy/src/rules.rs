@@ -226,18 +226,18 @@ fn render_with(spec: &InterceptSpec, mac: Option<&str>, divert: bool) -> String 
         }
     }
     let _ = writeln!(s, "  }}");
-    // Connections already redirected keep their translation (it lives in conntrack): a draining
-    // node needs no nat chain.
-    if spec.mode == Mode::Redirect && divert {
+    if spec.mode == Mode::Redirect {
         let port = spec.listen.port();
         let _ = writeln!(
             s,
             "  chain nat_prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;"
         );
         let _ = writeln!(s, "    fib daddr type local accept");
-        s.push_str(&iif);
-        s.push_str(&bypass);
-        let _ = writeln!(s, "    {syn}{dport} redirect to :{port}");
+        if divert {
+            s.push_str(&iif);
+            s.push_str(&bypass);
+            let _ = writeln!(s, "    {syn}{dport} redirect to :{port}");
+        }
         let _ = writeln!(s, "  }}");
     }
     let _ = writeln!(s, "}}");
@@ -411,6 +411,15 @@ pub fn install(spec: &InterceptSpec) -> Result<(), RulesError> {
 /// the connections the node holds are still delivered to it, so they can drain. One transaction.
 pub fn stop_diverting(spec: &InterceptSpec) -> Result<(), RulesError> {
     let mac = match (spec.mode, &spec.bridge) {
+        // Redirected connections keep their translation only while the nat chain and its rules
+        // stay as they are (replacing the table, or even flushing the chain, cut them off, as
+        // measured): an `accept` at the head lets new connections pass untranslated.
+        (Mode::Redirect, _) => {
+            return nft(&format!(
+                "insert rule inet {} nat_prerouting accept\n",
+                spec.names.table
+            ))
+        }
         (Mode::Inline, Some(b)) => Some(bridge_mac(b)?),
         _ => None,
     };
