@@ -51,10 +51,11 @@ struct Lab {
     _frr: Vec<Frr>,
     c: Ns,
     a: Vec<Ns>,
-    _b: Vec<Ns>,
+    b: Vec<Ns>,
     wan: Wan,
     _dir: tempfile::TempDir,
     configs: Vec<PathBuf>,
+    far_configs: Vec<PathBuf>,
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -238,10 +239,11 @@ impl Lab {
                 ),
             ));
         }
+        let far_configs: Vec<PathBuf> = (0..n).map(|i| far_config(dir.path(), i, &fp_a)).collect();
         let far = b
             .iter()
-            .enumerate()
-            .map(|(i, ns)| Daemon::start(ns, &far_config(dir.path(), i, &fp_a)))
+            .zip(&far_configs)
+            .map(|(ns, cfg)| Daemon::start(ns, cfg))
             .collect();
         let configs: Vec<PathBuf> = (0..n).map(|i| near_config(dir.path(), i, &fp_b)).collect();
         let near = a
@@ -255,10 +257,11 @@ impl Lab {
             _frr: frrs,
             c,
             a,
-            _b: b,
+            b,
             wan,
             _dir: dir,
             configs,
+            far_configs,
         }
     }
 
@@ -322,6 +325,39 @@ impl Lab {
                 m.iter().map(|m| m["flows"].as_u64().unwrap_or(0)).sum()
             })
         })
+    }
+
+    /// Flows all near appliances homed on far member `j` (0-based), and flows they moved.
+    fn member_flows(&self, j: usize) -> (u64, u64) {
+        let name = format!("b{}", j + 1);
+        let mut t = (0, 0);
+        for ns in &self.a {
+            if let Some(s) = status(ns) {
+                let g = &s["groups"][0];
+                t.1 += g["moved"].as_u64().unwrap_or(0);
+                if let Some(m) = g["members"].as_array() {
+                    t.0 += m
+                        .iter()
+                        .filter(|m| m["peer"] == Value::String(name.clone()))
+                        .map(|m| m["flows"].as_u64().unwrap_or(0))
+                        .sum::<u64>();
+                }
+            }
+        }
+        t
+    }
+
+    /// One checked flow to each of the 20 servers from source ports `port0..`; all accelerated.
+    fn each_server(&self, port0: u16, seed: u64) {
+        for x in 0..20u16 {
+            let dst = format!("10.2.0.{}", x + 1);
+            let got = self.flow(&dst, port0 + x, &payload(seed + u64::from(x), 5_000));
+            assert!(
+                got.is_some(),
+                "flow to {dst} not accelerated\n{}",
+                self.logs()
+            );
+        }
     }
 
     fn members_up(&self, i: usize) -> usize {
@@ -557,7 +593,44 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
         "not warm through the other appliance: {warm} of {cold}"
     );
 
-    // 3. kill -9 of a1 while it carries a flow.
+    // 3. A far member goes away: only its destinations move, to the other member, and come back
+    // when it returns; every flow accelerated and byte-exact throughout.
+    let (b1_0, moved0) = lab.member_flows(0);
+    let (b2_0, _) = lab.member_flows(1);
+    lab.far[0].kill();
+    let gone = wait_until(Duration::from_secs(10), || {
+        lab.members_up(0) == 1 && lab.members_up(1) == 1
+    });
+    assert!(gone.is_some(), "b1's death never seen\n{}", lab.logs());
+    lab.each_server(46_000, 3000);
+    let (b1_1, moved1) = lab.member_flows(0);
+    let (b2_1, _) = lab.member_flows(1);
+    let moved = moved1 - moved0;
+    assert_eq!(
+        (b1_1 - b1_0, b2_1 - b2_0),
+        (0, 20),
+        "with b1 gone, b2 carries all"
+    );
+    assert!(
+        (1..20).contains(&moved),
+        "{moved} of 20 destinations moved: b1 was home to some, not all"
+    );
+    lab.far[0] = Daemon::start(&lab.b[0], &lab.far_configs[0]);
+    let back = wait_until(Duration::from_secs(30), || {
+        lab.members_up(0) == 2 && lab.members_up(1) == 2
+    });
+    assert!(back.is_some(), "b1 never came back\n{}", lab.logs());
+    lab.each_server(46_100, 3100);
+    let (b1_2, moved2) = lab.member_flows(0);
+    assert_eq!(moved2, moved1, "flows moved with every member up");
+    assert_eq!(
+        b1_2 - b1_1,
+        moved,
+        "b1 got back exactly the destinations that had moved"
+    );
+    eprintln!("b1 away: {moved} of 20 destinations moved to b2, and back when it returned");
+
+    // 4. kill -9 of a1 while it carries a flow.
     let mut held = None;
     for sport in 47_000..47_016 {
         let before = lab.homed(0);
@@ -605,7 +678,7 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
         t0.elapsed()
     );
 
-    // 4. a1 returns and is announced again.
+    // 5. a1 returns and is announced again.
     lab.near[0] = Some(Daemon::start(&lab.a[0], &lab.configs[0]));
     assert!(
         lab.wait_paths(&both, Duration::from_secs(30)).is_some(),
@@ -614,7 +687,7 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
         lab.logs()
     );
 
-    // 5. A graceful stop (SIGTERM) drains: a flow a1 carries goes on until its client ends it, and
+    // 6. A graceful stop (SIGTERM) drains: a flow a1 carries goes on until its client ends it, and
     // only then is the prefix withdrawn (withdrawn first, the flow's packets would go to a2).
     let mut draining = None;
     for sport in 49_000..49_016 {
