@@ -347,6 +347,22 @@ impl Lab {
         t
     }
 
+    /// An open echo connection to `dst` that near appliance `i` carries: source ports from `port0`
+    /// are tried (ECMP picks the appliance by them) until one goes through it, at most 16.
+    fn open_through(&self, i: usize, dst: &str, port0: u16) -> TcpStream {
+        for sport in port0..port0 + 16 {
+            let before = self.homed(i);
+            let mut s = self.connect(dst, sport).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            assert!(echo_round(&mut s, b"hello").expect("echo"), "wrong echo");
+            if self.homed(i) > before {
+                return s;
+            }
+        }
+        panic!("16 source ports, none through a{}", i + 1);
+    }
+
     /// One checked flow to each of the 20 servers from source ports `port0..`; all accelerated.
     fn each_server(&self, port0: u16, seed: u64) {
         for x in 0..20u16 {
@@ -631,22 +647,7 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
     eprintln!("b1 away: {moved} of 20 destinations moved to b2, and back when it returned");
 
     // 4. kill -9 of a1 while it carries a flow.
-    let mut held = None;
-    for sport in 47_000..47_016 {
-        let before = lab.homed(0);
-        let mut s = lab.connect("10.2.0.3", sport).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        assert!(
-            echo_round(&mut s, b"first half").expect("echo"),
-            "wrong echo"
-        );
-        if lab.homed(0) > before {
-            held = Some(s);
-            break;
-        }
-    }
-    let mut held = held.expect("16 source ports, none through a1");
+    let mut held = lab.open_through(0, "10.2.0.3", 47_000);
     let t0 = Instant::now();
     lab.near[0].as_mut().expect("a1").kill();
     // The flow a1 carried ends in a reset: never an orderly end of a stream cut short. (Only a
@@ -689,22 +690,7 @@ fn near_appliances_share_flows_by_ecmp_and_fail_over_by_bgp() {
 
     // 6. A graceful stop (SIGTERM) drains: a flow a1 carries goes on until its client ends it, and
     // only then is the prefix withdrawn (withdrawn first, the flow's packets would go to a2).
-    let mut draining = None;
-    for sport in 49_000..49_016 {
-        let before = lab.homed(0);
-        let mut s = lab.connect("10.2.0.4", sport).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        assert!(
-            echo_round(&mut s, b"before the stop").expect("echo"),
-            "wrong echo"
-        );
-        if lab.homed(0) > before {
-            draining = Some(s);
-            break;
-        }
-    }
-    let mut draining = draining.expect("16 source ports, none through a1");
+    let mut draining = lab.open_through(0, "10.2.0.4", 49_000);
     lab.near[0].as_ref().expect("a1").signal("TERM");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

@@ -108,19 +108,9 @@ pub fn appliance_bgpd(
     prefix: &str,
     table: u32,
 ) -> String {
+    let head = bgp_head(asn, id, prefix, "ANNOUNCE");
     format!(
-        "ip prefix-list SVC seq 5 permit {prefix} le 32
-route-map ANNOUNCE permit 10
- match ip address prefix-list SVC
-exit
-route-map DENY-ALL deny 10
-exit
-bgp route-map delay-timer 0
-router bgp {asn}
- bgp router-id {id}
- timers bgp 1 3
- coalesce-time 0
- neighbor {router} remote-as {router_asn}
+        "{head} neighbor {router} remote-as {router_asn}
  neighbor {router} timers connect 1
  neighbor {router} advertisement-interval 0
  address-family ipv4 unicast
@@ -130,6 +120,26 @@ router bgp {asn}
   neighbor {router} route-map ANNOUNCE out
  exit-address-family
 exit
+"
+    )
+}
+
+/// What both ends' bgpd start with: a route-map `permit` passing only `prefix` (and longer), one
+/// denying everything, defined before `router bgp` so they hold from the first update, and short
+/// timers without batching delays.
+fn bgp_head(asn: u32, id: &str, prefix: &str, permit: &str) -> String {
+    format!(
+        "ip prefix-list SVC seq 5 permit {prefix} le 32
+route-map {permit} permit 10
+ match ip address prefix-list SVC
+exit
+route-map DENY-ALL deny 10
+exit
+bgp route-map delay-timer 0
+router bgp {asn}
+ bgp router-id {id}
+ timers bgp 1 3
+ coalesce-time 0
 "
     )
 }
@@ -149,19 +159,9 @@ pub fn router_bgpd(
     prefix: &str,
     paths: usize,
 ) -> String {
+    let head = bgp_head(asn, id, prefix, "FROM-APPL");
     let mut s = format!(
-        "ip prefix-list SVC seq 5 permit {prefix} le 32
-route-map FROM-APPL permit 10
- match ip address prefix-list SVC
-exit
-route-map DENY-ALL deny 10
-exit
-bgp route-map delay-timer 0
-router bgp {asn}
- bgp router-id {id}
- timers bgp 1 3
- coalesce-time 0
- neighbor APPL peer-group
+        "{head} neighbor APPL peer-group
  neighbor APPL remote-as {appl_asn}
  neighbor APPL timers connect 1
  neighbor APPL advertisement-interval 0
