@@ -23,7 +23,9 @@
 mod common;
 
 use common::frr::{self, Frr};
-use common::netns::{addr, echo_round, link, serve_echo, status, unique, wait_until, Daemon, Ns};
+use common::netns::{
+    addr, admin_get, echo_round, link, serve_echo, status, unique, wait_until, Daemon, Ns,
+};
 use common::wan::Wan;
 use serde_json::Value;
 use std::io::Read;
@@ -395,6 +397,15 @@ impl Lab {
         })
     }
 
+    /// A counter without labels, summed over the near (or far) appliances' /metrics.
+    fn near_metric(&self, name: &str) -> u64 {
+        self.a.iter().map(|ns| metric(ns, name)).sum()
+    }
+
+    fn far_metric(&self, name: &str) -> u64 {
+        self.b.iter().map(|ns| metric(ns, name)).sum()
+    }
+
     /// WAN bytes near appliance `i` sent, all peers.
     fn wan_sent(&self, i: usize) -> u64 {
         status(&self.a[i]).map_or(0, |s| s["wan_bytes_sent"].as_u64().unwrap_or(0))
@@ -421,6 +432,12 @@ impl Lab {
         let after = [self.homed(0), self.homed(1)];
         (0..2).find(|&i| after[i] > before[i])
     }
+}
+
+/// A counter without labels from the admin endpoint in `ns` (0 when absent).
+fn metric(ns: &Ns, name: &str) -> u64 {
+    let m = admin_get(ns, "/metrics").unwrap_or_default();
+    common::series_value(&m, name).map_or(0, |v| v as u64)
 }
 
 fn payload(seed: u64, n: usize) -> Vec<u8> {
@@ -527,7 +544,14 @@ fn scale_out_benchmark() {
             let (t1, w1) = upload_pass(&lab, &data, 50_000);
             // The far stores' summaries reach every near appliance (at most 2 s after a change).
             std::thread::sleep(Duration::from_secs(4));
+            let needs0 = lab.near_metric("ditto_dedup_needs_total");
             let (t2, w2) = upload_pass(&lab, &data, 51_000);
+            eprintln!(
+                "  ({name}, {n} per site: repeat asked back {} references; far stores skipped {} \
+                 writes in all)",
+                lab.near_metric("ditto_dedup_needs_total") - needs0,
+                lab.far_metric("ditto_store_writes_skipped_total"),
+            );
             println!(
                 "| {name} | {n} | {:.0} | {:.1} | {:.0} | {:.2} | {:.4} |",
                 total * 8.0 / t1 / 1e6,
