@@ -5,7 +5,8 @@
 //! open by themselves (tproxy, inline); redirect does not, and no rule notices a hang. So `ditto run`
 //! starts `ditto guard` with a pipe: the daemon's event loop writes a heartbeat byte at a quarter of
 //! the timeout. The guard removes the rules when the pipe closes without a goodbye (the daemon died,
-//! however: SIGKILL, crash, OOM) or when no heartbeat came for the timeout (hung, SIGSTOP); a hung
+//! however: SIGKILL, crash, OOM) or when, once the heartbeats began, none came for the timeout (hung,
+//! SIGSTOP); a hung
 //! daemon is then killed, so connections it held end with a reset instead of hanging (a supervisor
 //! such as systemd restarts it). The guard is its own process group, so a terminal's ^C reaches
 //! only the daemon, which stops gracefully and says goodbye.
@@ -123,9 +124,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
             }
         }
     });
+    // Silence counts as a hang only once the daemon's event loop has beaten: a start that takes
+    // longer than the timeout (a slow machine, a first boot making its keys) is not a hang. A start
+    // that never ends is the supervisor's to catch (systemd's start timeout: READY=1 never comes);
+    // a daemon that dies while starting closes the pipe like any other.
+    let mut beating = false;
     let hung = loop {
-        match rx.recv_timeout(timeout) {
-            Ok(Event::Beat) => continue,
+        let ev = if beating {
+            rx.recv_timeout(timeout)
+        } else {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        };
+        match ev {
+            Ok(Event::Beat) => beating = true,
             Ok(Event::Bye) => return Ok(ExitCode::SUCCESS),
             Ok(Event::Closed) | Err(mpsc::RecvTimeoutError::Disconnected) => break false,
             Err(mpsc::RecvTimeoutError::Timeout) => break true,
