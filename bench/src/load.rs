@@ -144,6 +144,9 @@ pub struct FlowsReport {
     pub anon_after_ratio: (f64, f64),
     pub fds_before: (usize, usize),
     pub fds_after: (usize, usize),
+    /// CPU (user + system) each daemon spent from the wave's start until `settle_s` after its
+    /// close, per flow, in milliseconds.
+    pub cpu_ms_per_flow: (f64, f64),
 }
 
 #[derive(Serialize, Default, Debug)]
@@ -461,10 +464,25 @@ fn latency(mut v: Vec<f64>) -> Latency {
     }
 }
 
+/// `net.core.somaxconn` (0 if unreadable).
+fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Echo server and bulk server (sends `bulk` bytes, then closes).
 async fn servers(bulk: u64) -> Result<(SocketAddr, SocketAddr)> {
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let bulk_l = TcpListener::bind("127.0.0.1:0").await?;
+    // A backlog as deep as the kernel allows: the far appliance opens a whole burst's connections
+    // to these at once, and a SYN dropped here would be counted against the pair (1 s retransmit).
+    let listen = || -> std::io::Result<TcpListener> {
+        let s = TcpSocket::new_v4()?;
+        s.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+        s.listen(somaxconn().max(128))
+    };
+    let echo = listen()?;
+    let bulk_l = listen()?;
     let (ea, ba) = (echo.local_addr()?, bulk_l.local_addr()?);
     tokio::spawn(async move {
         loop {
@@ -884,10 +902,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     eprintln!("pair up (logs in {})", dir.display());
     let mut report = LoadReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        somaxconn: std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0),
+        somaxconn: somaxconn(),
         nofile,
         ..Default::default()
     };
@@ -985,6 +1000,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         }
         let before = Rss::of(&pair);
         let fds_before = (fds(pids.0), fds(pids.1));
+        let cpu_before = (cpu_s(pids.0), cpu_s(pids.1));
         let mut open = Rss::default();
         let w = wave(&rt, args, pair.fwd, args.flows, args.hold_s, || {
             open = Rss::of(&pair);
@@ -993,6 +1009,11 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         std::thread::sleep(Duration::from_secs(args.settle_s));
         let after = Rss::of(&pair);
         let fds_after = (fds(pids.0), fds(pids.1));
+        let per_flow = |cpu: f64, before: f64| (cpu - before) * 1000.0 / args.flows as f64;
+        let cpu_ms_per_flow = (
+            per_flow(cpu_s(pids.0), cpu_before.0),
+            per_flow(cpu_s(pids.1), cpu_before.1),
+        );
         let mut failures = BTreeMap::new();
         let (mut conn, mut first) = (Vec::new(), Vec::new());
         for r in w.results {
@@ -1038,6 +1059,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             anon_after_ratio: ratio(after.anon, before.anon),
             fds_before,
             fds_after,
+            cpu_ms_per_flow,
         });
     }
     stop_sampling.store(true, Relaxed);
@@ -1082,7 +1104,8 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
              | RSS per idle flow, both ends | {:.0} bytes ({:.1} KiB) |\n\
              | RSS A, B {} s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
              | anonymous RSS A, B {} s after close | {} / {} KiB ({:.2}x / {:.2}x of before) |\n\
-             | open files A, B before / after | {} / {} -> {} / {} |\n\n",
+             | open files A, B before / after | {} / {} -> {} / {} |\n\
+             | CPU per flow, A / B (wave and settling) | {:.3} / {:.3} ms |\n\n",
             f.flows,
             f.kind,
             if f.rate > 0 {
@@ -1132,6 +1155,8 @@ fn markdown(r: &LoadReport, args: &LoadArgs) -> String {
             f.fds_before.1,
             f.fds_after.0,
             f.fds_after.1,
+            f.cpu_ms_per_flow.0,
+            f.cpu_ms_per_flow.1,
         );
     }
     if let Some(f) = &r.flows {

@@ -1420,6 +1420,7 @@ pub fn run(args: &ModesArgs) -> Result<()> {
         data,
         ditto_mode: DittoMode::Forward,
         ditto_tunnel: String::new(),
+        appliance_cpus: None,
     };
     match topology {
         Topology::Routed => ctx.topo.up()?,

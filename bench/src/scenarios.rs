@@ -64,6 +64,13 @@ pub struct ScenarioArgs {
     /// settings in one run.
     #[arg(long, default_value = "")]
     pub ditto_tunnel: String,
+    /// CPUs for the appliances (both sites' processes: ditto, or the ssh tunnel, or the zstd
+    /// pipe), e.g. "1"; clients, servers, the emulated WAN and this bench run on the other CPUs.
+    /// Appliances are boxes of their own: on a machine too small to give every host its own
+    /// cores, this keeps an appliance's work from taking CPU from the endpoints and the link (and
+    /// theirs from it), the same for every contender. Default: everything shares every CPU.
+    #[arg(long)]
+    pub appliance_cpus: Option<String>,
     /// Where to write results (default: the crate's results/ directory).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
@@ -402,6 +409,8 @@ pub(crate) struct Ctx {
     pub(crate) ditto_mode: DittoMode,
     /// Extra `[tunnel]` lines of both ditto sites.
     pub(crate) ditto_tunnel: String,
+    /// CPUs of the appliances' processes (None: not pinned).
+    pub(crate) appliance_cpus: Option<Vec<usize>>,
 }
 
 /// The processes of a started contender.
@@ -507,9 +516,11 @@ impl Ctx {
         let file = dir.join(format!("{tag}-{n}.json"));
         let _ = std::fs::remove_file(&file);
         let log = std::fs::File::create(dir.join(format!("{tag}.log")))?;
-        let child = self
-            .topo
-            .cmd(role, &self.bench)
+        let mut cmd = self.topo.cmd(role, &self.bench);
+        if let (Some(cpus), Role::SiteA | Role::SiteB) = (&self.appliance_cpus, role) {
+            crate::sys::pin_child(&mut cmd, cpus.clone());
+        }
+        let child = cmd
             .arg("rusage")
             .arg("--out")
             .arg(&file)
@@ -1565,6 +1576,29 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         None => Topo::unique("dsc")?,
     };
     Topo::reap_stale(&["dsc", "dlt", "dts"]);
+    let all_cpus = crate::sys::allowed_cpus().context("reading this process's CPUs")?;
+    let mut layout = String::new();
+    let appliance_cpus = match &args.appliance_cpus {
+        None => None,
+        Some(list) => {
+            let mine = crate::sys::parse_cpu_list(list).map_err(anyhow::Error::msg)?;
+            if let Some(c) = mine.iter().find(|c| !all_cpus.contains(c)) {
+                bail!("--appliance-cpus: CPU {c} is not one this process may use ({all_cpus:?})");
+            }
+            let world: Vec<usize> = all_cpus
+                .iter()
+                .copied()
+                .filter(|c| !mine.contains(c))
+                .collect();
+            if world.is_empty() {
+                bail!("--appliance-cpus leaves no CPU for the clients, servers and the link");
+            }
+            // Before the emulator and any endpoint starts: they inherit it.
+            crate::sys::set_cpus(&world).context("pinning the bench to the other CPUs")?;
+            layout = format!("; appliances on CPUs {mine:?}, endpoints and the link on {world:?}");
+            Some(mine)
+        }
+    };
     let ctx = Ctx {
         topo: TopoGuard(topo),
         bench,
@@ -1573,6 +1607,7 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         data,
         ditto_mode: DittoMode::parse(&args.ditto_mode)?,
         ditto_tunnel: args.ditto_tunnel.replace("\\n", "\n"),
+        appliance_cpus,
     };
     ctx.topo.up()?;
     let started = std::time::SystemTime::now()
@@ -1658,10 +1693,8 @@ pub fn run(args: &ScenarioArgs) -> Result<()> {
         date: civil_date(started),
         started_unix: started,
         machine: format!(
-            "{} cores, {}",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
+            "{} cores, {}{layout}",
+            all_cpus.len(),
             std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .unwrap_or_default()
                 .trim()

@@ -224,3 +224,85 @@ pub fn raise_nofile() -> libc::rlim_t {
     }
     r.rlim_cur
 }
+
+/// Parses a CPU list such as "1", "0,2" or "2-3".
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |x: &str| {
+            x.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("bad CPU number {x:?} in {s:?}"))
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if lo > hi || hi >= libc::CPU_SETSIZE as usize {
+            return Err(format!("bad CPU range {part:?} in {s:?}"));
+        }
+        v.extend(lo..=hi);
+    }
+    v.sort_unstable();
+    v.dedup();
+    if v.is_empty() {
+        return Err(format!("no CPU in {s:?}"));
+    }
+    Ok(v)
+}
+
+/// The CPUs the calling thread may run on.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set in bounds (i < CPU_SETSIZE).
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect())
+}
+
+/// Restricts the calling thread (and what it later starts) to `cpus`. Async-signal-safe: usable
+/// between fork and exec.
+pub fn set_cpus(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET is given in-bounds indices only.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: the set is initialised and its size is passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes the process `cmd` starts (and what it starts) run on `cpus` only.
+pub fn pin_child(cmd: &mut std::process::Command, cpus: Vec<usize>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the child between fork and exec; it only builds a set on the stack
+    // from the captured, already allocated list and calls sched_setaffinity: no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || set_cpus(&cpus));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("1"), Ok(vec![1]));
+        assert_eq!(parse_cpu_list("3,0-1, 1"), Ok(vec![0, 1, 3]));
+        assert!(parse_cpu_list("").is_err());
+        assert!(parse_cpu_list("2-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("0-99999").is_err());
+    }
+}
