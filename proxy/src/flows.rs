@@ -375,20 +375,28 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
         let connect = connect(&dest, source, allow, inner2.settings.connect_timeout);
         let r = tokio::select! {
             r = connect => r,
-            _ = inner2.life.kill.cancelled() => Err(ResetReason::Shutdown),
+            _ = inner2.life.kill.cancelled() => Err(ConnectError::new(ResetReason::Shutdown)),
         };
         let lan = match r {
             Ok(s) => s,
-            Err(ResetReason::Denied) => {
+            Err(e) if e.reason == ResetReason::Denied => {
                 peer.allow.refused(&peer.name, &dest);
                 inner2.metrics.flow("failed", ResetReason::Denied.as_str());
                 h.reset(ResetReason::Denied);
                 return;
             }
-            Err(reason) => {
-                tracing::info!(peer = %peer.name, %dest, "destination connect failed: {}", reason.as_str());
-                inner2.metrics.flow("failed", reason.as_str());
-                h.reset(reason);
+            Err(e) => {
+                if e.out_of_ports() {
+                    // A burst to one destination: one rate-limited line, not one per flow.
+                    inner2
+                        .metrics
+                        .limits
+                        .hit(crate::limits::LOCAL_PORTS, sock::local_port_range());
+                } else {
+                    tracing::info!(peer = %peer.name, %dest, "destination connect failed: {e}");
+                }
+                inner2.metrics.flow("failed", e.reason.as_str());
+                h.reset(e.reason);
                 return;
             }
         };
@@ -400,6 +408,50 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
     });
 }
 
+/// Why a connect to a destination failed: the reason reported to the peer, and the OS error.
+#[derive(Debug)]
+struct ConnectError {
+    reason: ResetReason,
+    error: Option<std::io::Error>,
+}
+
+impl ConnectError {
+    fn new(reason: ResetReason) -> Self {
+        ConnectError {
+            reason,
+            error: None,
+        }
+    }
+
+    fn io(e: std::io::Error) -> Self {
+        let reason = match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => ResetReason::Refused,
+            _ => ResetReason::Unreachable,
+        };
+        ConnectError {
+            reason,
+            error: Some(e),
+        }
+    }
+
+    /// No local port was free for another connection to that address and port.
+    fn out_of_ports(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrNotAvailable)
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason.as_str())?;
+        match &self.error {
+            Some(e) => write!(f, " ({e})"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Connects to "host:port" (from `source`'s address when given), mapping failures to the reason
 /// reported to the peer. With `allow`, only to addresses it permits (each resolved address is
 /// checked): `Denied` if there is none.
@@ -408,26 +460,22 @@ async fn connect(
     source: Option<IpAddr>,
     allow: Option<&AllowList>,
     timeout: Duration,
-) -> Result<TcpStream, ResetReason> {
+) -> Result<TcpStream, ConnectError> {
     let permits = |a: SocketAddr| allow.is_none_or(|l| l.permits(a));
-    let reason = |e: &std::io::Error| match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => ResetReason::Refused,
-        _ => ResetReason::Unreachable,
-    };
     let s = match (source, dest.parse::<SocketAddr>()) {
-        (Some(_), Ok(dst)) if !permits(dst) => return Err(ResetReason::Denied),
+        (Some(_), Ok(dst)) if !permits(dst) => return Err(ConnectError::new(ResetReason::Denied)),
         (Some(src), Ok(dst)) => intercept::connect_from(dst, src, timeout)
             .await
             .map_err(|e| {
                 tracing::debug!(%dst, %src, "transparent connect: {e}");
-                reason(&e)
+                ConnectError::io(e)
             })?,
         _ => {
             let attempt = async {
-                let mut last = ResetReason::Unreachable;
+                let mut last = ConnectError::new(ResetReason::Unreachable);
                 let addrs = tokio::net::lookup_host(dest)
                     .await
-                    .map_err(|_| ResetReason::Unreachable)?;
+                    .map_err(ConnectError::io)?;
                 let (mut tried, mut denied) = (false, false);
                 for a in addrs {
                     if !permits(a) {
@@ -437,18 +485,18 @@ async fn connect(
                     tried = true;
                     match TcpStream::connect(a).await {
                         Ok(s) => return Ok(s),
-                        Err(e) => last = reason(&e),
+                        Err(e) => last = ConnectError::io(e),
                     }
                 }
                 Err(if denied && !tried {
-                    ResetReason::Denied
+                    ConnectError::new(ResetReason::Denied)
                 } else {
                     last
                 })
             };
             tokio::time::timeout(timeout, attempt)
                 .await
-                .map_err(|_| ResetReason::Unreachable)??
+                .map_err(|_| ConnectError::new(ResetReason::Unreachable))??
         }
     };
     sock::tune_lan(&s);
@@ -474,12 +522,18 @@ async fn passthrough_with(
     tracing::debug!(%target, reason = why, "pass-through flow");
     let server = tokio::select! {
         r = connect(target, plan.source(), None, inner.settings.connect_timeout) => r,
-        _ = inner.life.kill.cancelled() => Err(ResetReason::Shutdown),
+        _ = inner.life.kill.cancelled() => Err(ConnectError::new(ResetReason::Shutdown)),
     };
     let mut server = match server {
         Ok(s) => s,
-        Err(r) => {
-            tracing::debug!(%target, "pass-through connect failed: {}", r.as_str());
+        Err(e) => {
+            if e.out_of_ports() {
+                inner
+                    .metrics
+                    .limits
+                    .hit(crate::limits::LOCAL_PORTS, sock::local_port_range());
+            }
+            tracing::debug!(%target, "pass-through connect failed: {e}");
             sock::reset(lan);
             return;
         }

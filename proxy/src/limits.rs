@@ -83,6 +83,15 @@ pub const ADMIN_CONNECTIONS: Limit = Limit {
     effect: "oldest connections of the busiest address closed",
 };
 
+/// Local ports for connections to one destination (connecting from our own address, each
+/// connection to the same address and port needs a port of its own, and closed ones keep theirs
+/// in TIME_WAIT for a minute). Its value is the size of the ephemeral port range.
+pub const LOCAL_PORTS: Limit = Limit {
+    name: "local ports to one destination",
+    key: "net.ipv4.ip_local_port_range (more ports), net.ipv4.tcp_tw_reuse (ports in TIME_WAIT)",
+    effect: "connections to that destination failed (streams reset: unreachable)",
+};
+
 /// Not a limit: tunnel handshakes refused (not TLS, unknown key, bad hello). Each is logged with
 /// its address at debug level only, so a flood of them cannot flood the log.
 pub const REFUSED_HANDSHAKES: Limit = Limit {

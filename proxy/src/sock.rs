@@ -120,6 +120,18 @@ const DEFAULT_BACKLOG: u32 = 4096;
 
 /// The listen backlog: the kernel's own maximum (`net.core.somaxconn`), so a burst of connections
 /// waits in the accept queue instead of being reset when it overflows.
+/// Ports of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`; 0 if unreadable).
+pub fn local_port_range() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return 0;
+    };
+    let mut it = s.split_whitespace().filter_map(|v| v.parse::<u64>().ok());
+    match (it.next(), it.next()) {
+        (Some(lo), Some(hi)) if hi >= lo => hi - lo + 1,
+        _ => 0,
+    }
+}
+
 pub fn listen_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
