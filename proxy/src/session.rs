@@ -50,6 +50,8 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 const END_RESEND: Duration = Duration::from_secs(2);
 /// Ended streams remembered to answer a peer that resumes one of them.
 const TOMBSTONES: usize = 65_536;
+/// RSTs we sent, remembered with their link: those on a link that dies are sent again.
+const RSTS_REMEMBERED: usize = 16_384;
 /// Largest credit a peer may grant beyond what it acknowledged.
 const MAX_CREDIT: u64 = 2 * crate::hello::MAX_WINDOW as u64;
 
@@ -452,6 +454,8 @@ pub struct Session {
     streams: HashMap<u32, Stream>,
     tombstones: HashMap<u32, bool>,
     tomb_order: VecDeque<u32>,
+    /// The latest RSTs we sent of our own accord (stream, link, reason), oldest first.
+    rsts_sent: VecDeque<(u32, LinkId, ResetReason)>,
     links: HashMap<LinkId, Link>,
     next_link: u64,
     /// Sendable streams with no healthy link to go to.
@@ -488,6 +492,7 @@ impl Session {
             streams: HashMap::new(),
             tombstones: HashMap::new(),
             tomb_order: VecDeque::new(),
+            rsts_sent: VecDeque::new(),
             links: HashMap::new(),
             next_link: 1,
             waiting: VecDeque::new(),
@@ -552,6 +557,33 @@ impl Session {
         }
         self.dirty.remove(&link);
         self.unbind(|l| l == link);
+        // Frames about streams bound to other links may have gone with it too: each side binds a
+        // stream to a link of its own choosing, so an RST the peer sent on this link can belong
+        // to a stream we keep on another, which would then wait for ever. Every live stream
+        // acknowledges again; the peer answers one it reset or forgot with an RST.
+        let live: Vec<u32> = self
+            .streams
+            .iter_mut()
+            .filter(|(_, s)| s.reset.is_none())
+            .map(|(id, s)| {
+                s.ack_due = true;
+                *id
+            })
+            .collect();
+        for id in live {
+            self.make_ready(id);
+        }
+        // Our RSTs on it may be lost; sent again, they are ignored by a peer that had them.
+        let lost: Vec<(u32, ResetReason)> = self
+            .rsts_sent
+            .iter()
+            .filter(|(_, l, _)| *l == link)
+            .map(|(id, _, reason)| (*id, *reason))
+            .collect();
+        self.rsts_sent.retain(|(_, l, _)| *l != link);
+        for (id, reason) in lost {
+            self.send_rst(None, id, reason);
+        }
         self.check_reachable(now);
         self.rebind_waiting();
     }
@@ -785,7 +817,18 @@ impl Session {
         };
         let link = s.link;
         self.kill_stream(id, reason);
-        self.send_control(link, &Frame::Rst { stream: id, reason });
+        self.send_rst(link, id, reason);
+    }
+
+    /// Sends an RST of our own and remembers on which link: if that link dies, it is sent again
+    /// (it may have died with it, and nothing else would tell the peer).
+    fn send_rst(&mut self, prefer: Option<LinkId>, id: u32, reason: ResetReason) {
+        if let Some(l) = self.send_control(prefer, &Frame::Rst { stream: id, reason }) {
+            if self.rsts_sent.len() >= RSTS_REMEMBERED {
+                self.rsts_sent.pop_front();
+            }
+            self.rsts_sent.push_back((id, l, reason));
+        }
     }
 
     /// The owner is gone. A stream that finished both ways lingers until the peer acknowledged
@@ -1005,7 +1048,8 @@ impl Session {
 
     /// Sends a control frame on `prefer`, or on any link (healthy ones first), or not at all: a
     /// peer that resumes the stream later is answered from the tombstone.
-    fn send_control(&mut self, prefer: Option<LinkId>, f: &Frame) {
+    /// Queues a control frame on `prefer`, or on the best link there is; returns the link.
+    fn send_control(&mut self, prefer: Option<LinkId>, f: &Frame) -> Option<LinkId> {
         let link = prefer.filter(|l| self.links.contains_key(l)).or_else(|| {
             self.links
                 .iter()
@@ -1015,6 +1059,7 @@ impl Session {
         if let Some(l) = link {
             self.push_control(l, f);
         }
+        link
     }
 
     /// Handles one frame from `link`. `Err` is a protocol violation: close the link.
@@ -1236,8 +1281,14 @@ impl Session {
         feedback: (u64, bool),
     ) -> Result<(), String> {
         let Some(s) = self.live_mut(id) else {
-            if !self.streams.contains_key(&id) {
-                self.answer_unknown(link, id);
+            match self.streams.get(&id) {
+                None => self.answer_unknown(link, id),
+                // Reset here, and the peer still acknowledges: our RST was lost (with a link).
+                Some(s) => {
+                    if let Some(reason) = s.reset {
+                        self.push_control(link, &Frame::Rst { stream: id, reason });
+                    }
+                }
             }
             return Ok(());
         };
