@@ -89,6 +89,18 @@ pub struct LoadArgs {
     /// 3600).
     #[arg(long, default_value_t = 0)]
     pub soak_s: u64,
+    /// Echo servers (each on a port of its own, reached through a forward listener of its own)
+    /// the flows are spread over. Connecting from its own address, the far appliance can hold
+    /// only as many connections to one address and port as the kernel finds local ports for
+    /// (`net.ipv4.ip_local_port_range`: about 17,000 of its 28,232 on this machine): bursts
+    /// beyond that need several destinations, as real ones have.
+    #[arg(long, default_value_t = 1)]
+    pub destinations: usize,
+    /// Run only the echo and bulk servers, print their addresses and wait for standard input to
+    /// close (what this bench starts as a process of its own: a process may hold only its open
+    /// file limit of sockets, and a burst's client and server ends together are two per flow).
+    #[arg(long, hide = true)]
+    pub serve_only: bool,
 }
 
 #[derive(Serialize, Default, Clone, Copy, Debug)]
@@ -209,7 +221,9 @@ struct Pair {
     admin_a: SocketAddr,
     admin_b: SocketAddr,
     tunnel: SocketAddr,
+    /// The forward listener of the first target, and of each.
     fwd: SocketAddr,
+    fwd_all: Vec<SocketAddr>,
     starts: u32,
 }
 
@@ -286,14 +300,22 @@ impl Pair {
     fn start(
         ditto: &Path,
         dir: &Path,
-        target: SocketAddr,
+        targets: &[SocketAddr],
         tunnel_extra: &str,
         stores: bool,
     ) -> Result<Pair> {
         let fp_a = keygen(ditto, dir, "a")?;
         let fp_b = keygen(ditto, dir, "b")?;
-        let (tunnel, admin_a, admin_b, fwd) =
-            (free_port()?, free_port()?, free_port()?, free_port()?);
+        let (tunnel, admin_a, admin_b) = (free_port()?, free_port()?, free_port()?);
+        let mut fwd_all = Vec::new();
+        let mut forwards = String::new();
+        for t in targets {
+            let l = free_port()?;
+            fwd_all.push(l);
+            forwards +=
+                &format!("\n[[forward]]\nlisten = \"{l}\"\npeer = \"site-b\"\ntarget = \"{t}\"\n");
+        }
+        let fwd = *fwd_all.first().context("no target")?;
         let extra = tunnel_extra.replace(';', "\n");
         let store = |site: &str| {
             if stores {
@@ -319,8 +341,7 @@ impl Pair {
             format!(
                 "[node]\nname = \"site-a\"\nkey = \"a.key\"\nadmin = \"{admin_a}\"\n{store_a}\n\
                  [tunnel]\n{extra}\n\n[[peer]]\nname = \"site-b\"\naddress = \"{tunnel}\"\n\
-                 fingerprint = \"{fp_b}\"\n\n[[forward]]\nlisten = \"{fwd}\"\npeer = \"site-b\"\n\
-                 target = \"{target}\"\n"
+                 fingerprint = \"{fp_b}\"\n{forwards}"
             ),
         )?;
         let b = spawn(ditto, &dir.join("b.toml"), &dir.join("b.log"))?;
@@ -333,6 +354,7 @@ impl Pair {
             admin_b,
             tunnel,
             fwd,
+            fwd_all,
             starts: 0,
         };
         p.start_a()?;
@@ -464,6 +486,34 @@ fn latency(mut v: Vec<f64>) -> Latency {
     }
 }
 
+/// Starts `ditto-bench load --serve-only` and reads the echo and bulk servers' addresses. The
+/// process ends when the returned handle is dropped.
+fn servers_process(echo: usize, bulk_bytes: u64) -> Result<(Daemon, Vec<SocketAddr>, SocketAddr)> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["load", "--serve-only", "--destinations"])
+        .arg(echo.to_string())
+        .arg("--bulk-bytes")
+        .arg(bulk_bytes.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the servers' process")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+    }
+    let proc = Daemon { child };
+    let parsed: Result<Vec<SocketAddr>, _> = line.split_whitespace().map(str::parse).collect();
+    match parsed {
+        Ok(mut v) if v.len() >= 2 => {
+            let bulk = v.pop().context("bulk address")?;
+            Ok((proc, v, bulk))
+        }
+        _ => bail!("the servers' process said {line:?}, not its servers' addresses"),
+    }
+}
+
 /// `net.core.somaxconn` (0 if unreadable).
 fn somaxconn() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
@@ -472,8 +522,8 @@ fn somaxconn() -> u32 {
         .unwrap_or(0)
 }
 
-/// Echo server and bulk server (sends `bulk` bytes, then closes).
-async fn servers(bulk: u64) -> Result<(SocketAddr, SocketAddr)> {
+/// `echo` echo servers and a bulk server (sends `bulk` bytes, then closes).
+async fn servers(echo: usize, bulk: u64) -> Result<(Vec<SocketAddr>, SocketAddr)> {
     // A backlog as deep as the kernel allows: the far appliance opens a whole burst's connections
     // to these at once, and a SYN dropped here would be counted against the pair (1 s retransmit).
     let listen = || -> std::io::Result<TcpListener> {
@@ -481,22 +531,26 @@ async fn servers(bulk: u64) -> Result<(SocketAddr, SocketAddr)> {
         s.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
         s.listen(somaxconn().max(128))
     };
-    let echo = listen()?;
+    let mut echo_addrs = Vec::new();
+    for _ in 0..echo.max(1) {
+        let echo = listen()?;
+        echo_addrs.push(echo.local_addr()?);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = echo.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+    }
     let bulk_l = listen()?;
-    let (ea, ba) = (echo.local_addr()?, bulk_l.local_addr()?);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = echo.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let ba = bulk_l.local_addr()?;
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = bulk_l.accept().await else {
@@ -517,7 +571,7 @@ async fn servers(bulk: u64) -> Result<(SocketAddr, SocketAddr)> {
             });
         }
     });
-    Ok((ea, ba))
+    Ok((echo_addrs, ba))
 }
 
 async fn connect_from(src: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -556,7 +610,7 @@ struct Wave {
 fn wave(
     rt: &tokio::runtime::Runtime,
     args: &LoadArgs,
-    fwd: SocketAddr,
+    fwd: &[SocketAddr],
     n: usize,
     hold_s: u64,
     all_open: impl FnOnce(),
@@ -573,7 +627,8 @@ fn wave(
             }
         }
         let (a, all, release) = (args.clone(), all.clone(), release.clone());
-        tasks.push(rt.spawn(async move { one_flow(i, &a, fwd, all, release).await }));
+        let to = fwd[i % fwd.len()];
+        tasks.push(rt.spawn(async move { one_flow(i, &a, to, all, release).await }));
     }
     // Wait until every flow has its answer (or failed), bounded.
     let answered = rt.block_on(async {
@@ -888,17 +943,36 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if args.serve_only {
+        let (echo, bulk) = rt.block_on(servers(args.destinations, args.bulk_bytes))?;
+        for e in echo {
+            print!("{e} ");
+        }
+        println!("{bulk}");
+        std::io::stdout().flush()?;
+        // Until the bench that started us closes our standard input (or dies).
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        return Ok(());
+    }
     let dir = std::env::temp_dir().join(format!("ditto-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (echo, bulk) = rt.block_on(servers(args.bulk_bytes))?;
-    let target = if args.soak_s > 0 {
-        rt.block_on(crate::soak::server())?
+    // Client ends here, server ends in a process of their own: each within the open file limit.
+    if args.flows as u64 + 200 > nofile {
+        bail!(
+            "{} flows need more than this process's open file limit of {nofile} \
+             (the client ends of the flows are held here)",
+            args.flows
+        );
+    }
+    let (_servers, echo, bulk) = servers_process(args.destinations, args.bulk_bytes)?;
+    let targets = if args.soak_s > 0 {
+        vec![rt.block_on(crate::soak::server())?]
     } else if args.kind == "bulk" {
-        bulk
+        vec![bulk]
     } else {
         echo
     };
-    let mut pair = Pair::start(&ditto, &dir, target, &args.tunnel, args.soak_s > 0)?;
+    let mut pair = Pair::start(&ditto, &dir, &targets, &args.tunnel, args.soak_s > 0)?;
     eprintln!("pair up (logs in {})", dir.display());
     let mut report = LoadReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -957,7 +1031,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
             rounds: Vec::new(),
         };
         for _ in 0..3 {
-            let (direct, f1) = chatty_wave(&rt, args, target);
+            let (direct, f1) = chatty_wave(&rt, args, targets[0]);
             let (through, f2) = chatty_wave(&rt, args, pair.fwd);
             eprintln!(
                 "chatty: direct p50 {:.3} ms, through the pair p50 {:.3} ms",
@@ -991,7 +1065,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         let cold = Rss::of(&pair);
         let warmup = args.warmup.min(args.flows);
         if warmup > 0 {
-            let w = wave(&rt, args, pair.fwd, warmup, 0, || ());
+            let w = wave(&rt, args, &pair.fwd_all, warmup, 0, || ());
             eprintln!(
                 "warm-up: {} of {warmup} flows succeeded",
                 w.results.iter().filter(|r| r.is_ok()).count()
@@ -1002,7 +1076,7 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         let fds_before = (fds(pids.0), fds(pids.1));
         let cpu_before = (cpu_s(pids.0), cpu_s(pids.1));
         let mut open = Rss::default();
-        let w = wave(&rt, args, pair.fwd, args.flows, args.hold_s, || {
+        let w = wave(&rt, args, &pair.fwd_all, args.flows, args.hold_s, || {
             open = Rss::of(&pair);
             eprintln!("RSS all open {:?} KiB", open.total);
         });
@@ -1074,7 +1148,18 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         eprintln!("wrote {}.json, .md and .svg", out.display());
     }
     drop(pair);
-    let _ = std::fs::remove_dir_all(&dir);
+    if report
+        .flows
+        .as_ref()
+        .is_some_and(|f| !f.failures.is_empty())
+    {
+        eprintln!(
+            "flows failed: the daemons' logs are kept in {}",
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
