@@ -506,67 +506,13 @@ fn a_stream_moves_to_a_new_link_after_its_link_dies_mid_transfer() {
     assert_eq!(st.held, 0, "nothing is held once a link answers");
 }
 
-#[test]
-fn a_reset_lost_with_a_link_still_reaches_the_peer() {
-    // The far side resets streams (its connects to their destination failed), and the link its
-    // RSTs went on dies with them. Each side binds a stream to a link of its own choosing, so the
-    // near side's half of a stream may sit on the surviving link, where nothing else would tell
-    // it: it must still learn of the reset, or its client (which sent its request and waits for
-    // the answer) waits for ever.
+/// Two links; A opens 20 streams and sends a request on each without ending them (clients
+/// waiting for their answers), and B takes them all. Returns the world and the stream ids.
+fn requests_taken(seed: u64) -> (World, Vec<u32>) {
     let mut w = World::new();
     w.add_link();
-    let mut ids = Vec::new();
-    for seed in 0..20 {
-        w.open(true, 1000 + seed, 10, 0);
-    }
-    for &(_, id) in &w.opened {
-        ids.push(id);
-        w.a.s.send(id, false, Bytes::from_static(b"request"));
-    }
-    for _ in 0..50 {
-        w.pump(usize::MAX);
-        if w.b.owners.len() == ids.len() {
-            break;
-        }
-    }
-    assert_eq!(
-        w.b.owners.len(),
-        ids.len(),
-        "the far side took every stream"
-    );
-    for id in &ids {
-        w.b.s
-            .reset(*id, ditto_proxy::frame::ResetReason::Unreachable);
-    }
-    // The far side's writers take the RSTs; the first link's die with it before A reads them.
-    for c in &mut w.conns {
-        let mut out = Vec::new();
-        w.b.s.poll_transmit(c.b, &mut out);
-        c.ba.extend_from_slice(&out);
-    }
-    w.kill(0);
-    for _ in 0..300 {
-        w.pump(usize::MAX);
-        w.advance(10);
-    }
-    let waiting: Vec<u32> = ids
-        .iter()
-        .copied()
-        .filter(|id| w.a.s.reset_reason(*id).is_none())
-        .collect();
-    assert!(waiting.is_empty(), "never told of their reset: {waiting:?}");
-}
-
-#[test]
-fn a_reset_sent_on_a_link_the_peer_already_closed_still_reaches_it() {
-    // A link dies; the near side notices first and asks again about its streams, which are
-    // live. Then the far side resets them (their connects failed), its RSTs going out on the
-    // link it has not yet found dead: they are lost, and the near side asked too early to be
-    // answered. The far side must send them again once it finds the link dead.
-    let mut w = World::new();
-    w.add_link();
-    for seed in 0..20 {
-        w.open(true, 2000 + seed, 10, 0);
+    for i in 0..20 {
+        w.open(true, seed + i, 10, 0);
     }
     let ids: Vec<u32> = w.opened.iter().map(|&(_, id)| id).collect();
     for &id in &ids {
@@ -583,16 +529,11 @@ fn a_reset_sent_on_a_link_the_peer_already_closed_still_reaches_it() {
         ids.len(),
         "the far side took every stream"
     );
-    let c = w.conns.remove(0);
-    w.a.s.link_closed(c.a, w.now);
-    w.pump(usize::MAX);
-    for id in &ids {
-        w.b.s
-            .reset(*id, ditto_proxy::frame::ResetReason::Unreachable);
-    }
-    let mut lost = Vec::new();
-    w.b.s.poll_transmit(c.b, &mut lost);
-    w.b.s.link_closed(c.b, w.now);
+    (w, ids)
+}
+
+/// Three seconds of working links: by then every one of `ids` must know it was reset.
+fn assert_all_reset(w: &mut World, ids: &[u32]) {
     for _ in 0..300 {
         w.pump(usize::MAX);
         w.advance(10);
@@ -603,6 +544,48 @@ fn a_reset_sent_on_a_link_the_peer_already_closed_still_reaches_it() {
         .filter(|id| w.a.s.reset_reason(*id).is_none())
         .collect();
     assert!(waiting.is_empty(), "never told of their reset: {waiting:?}");
+}
+
+#[test]
+fn a_reset_lost_with_a_link_still_reaches_the_peer() {
+    // The far side resets streams (its connects to their destination failed), and the link its
+    // RSTs went on dies with them. Each side binds a stream to a link of its own choosing, so the
+    // near side's half of a stream may sit on the surviving link, where nothing else would tell
+    // it: it must still learn of the reset, or its client (which sent its request and waits for
+    // the answer) waits for ever.
+    let (mut w, ids) = requests_taken(1000);
+    for id in &ids {
+        w.b.s
+            .reset(*id, ditto_proxy::frame::ResetReason::Unreachable);
+    }
+    // The far side's writers take the RSTs; the first link's die with it before A reads them.
+    for c in &mut w.conns {
+        let mut out = Vec::new();
+        w.b.s.poll_transmit(c.b, &mut out);
+        c.ba.extend_from_slice(&out);
+    }
+    w.kill(0);
+    assert_all_reset(&mut w, &ids);
+}
+
+#[test]
+fn a_reset_sent_on_a_link_the_peer_already_closed_still_reaches_it() {
+    // A link dies; the near side notices first and asks again about its streams, which are
+    // live. Then the far side resets them (their connects failed), its RSTs going out on the
+    // link it has not yet found dead: they are lost, and the near side asked too early to be
+    // answered. The far side must send them again once it finds the link dead.
+    let (mut w, ids) = requests_taken(2000);
+    let c = w.conns.remove(0);
+    w.a.s.link_closed(c.a, w.now);
+    w.pump(usize::MAX);
+    for id in &ids {
+        w.b.s
+            .reset(*id, ditto_proxy::frame::ResetReason::Unreachable);
+    }
+    let mut lost = Vec::new();
+    w.b.s.poll_transmit(c.b, &mut lost);
+    w.b.s.link_closed(c.b, w.now);
+    assert_all_reset(&mut w, &ids);
 }
 
 #[test]
