@@ -9,29 +9,10 @@
 mod common;
 
 use common::netns::{self, Ns};
-use common::{daemon_log, write_pair, Proc};
+use common::{daemon_log, start_daemon_with, write_pair};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// `ditto run --config CONFIG` inside `ns`, its log next to the config.
-fn start_in(ns: &Ns, config: &Path) -> Proc {
-    let log = std::fs::File::create(config.with_extension("log")).expect("log file");
-    Proc(
-        ns.cmd(env!("CARGO_BIN_EXE_ditto"))
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn ditto run"),
-    )
-}
 
 /// Echoes what each connection sends, and holds it open until the client closes.
 fn serve_echo(l: std::net::TcpListener) {
@@ -103,8 +84,8 @@ fn far_side_out_of_local_ports_resets_flows_and_names_the_limit() {
     serve_echo(ns.listen(server));
     let dir = tempfile::tempdir().expect("tempdir");
     let p = write_pair(dir.path(), server, "", "", "");
-    let _b = start_in(&ns, &p.cfg_b);
-    let _a = start_in(&ns, &p.cfg_a);
+    let _b = start_daemon_with(ns.cmd(env!("CARGO_BIN_EXE_ditto")), &p.cfg_b);
+    let _a = start_daemon_with(ns.cmd(env!("CARGO_BIN_EXE_ditto")), &p.cfg_a);
     // Both tunnel connections up before the first flow: a flow that came earlier would pass
     // through, from the near side's own address, and take ports of its own.
     let t0 = Instant::now();

@@ -386,13 +386,9 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
                 return;
             }
             Err(e) => {
-                if e.out_of_ports() {
-                    // A burst to one destination: one rate-limited line, not one per flow.
-                    inner2
-                        .metrics
-                        .limits
-                        .hit(crate::limits::LOCAL_PORTS, sock::local_port_range());
-                } else {
+                // Out of ports (a burst to one destination): one rate-limited line, not one
+                // per flow.
+                if !e.count_limit(&inner2.metrics.limits) {
                     tracing::info!(peer = %peer.name, %dest, "destination connect failed: {e}");
                 }
                 inner2.metrics.flow("failed", e.reason.as_str());
@@ -434,11 +430,17 @@ impl ConnectError {
         }
     }
 
-    /// No local port was free for another connection to that address and port.
-    fn out_of_ports(&self) -> bool {
-        self.error
+    /// If no local port was free for another connection to that address and port, counts the
+    /// limit (which logs it, rate-limited) and returns true.
+    fn count_limit(&self, limits: &crate::limits::LimitLog) -> bool {
+        let out_of_ports = self
+            .error
             .as_ref()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrNotAvailable)
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrNotAvailable);
+        if out_of_ports {
+            limits.hit(crate::limits::LOCAL_PORTS, sock::local_port_range());
+        }
+        out_of_ports
     }
 }
 
@@ -527,12 +529,7 @@ async fn passthrough_with(
     let mut server = match server {
         Ok(s) => s,
         Err(e) => {
-            if e.out_of_ports() {
-                inner
-                    .metrics
-                    .limits
-                    .hit(crate::limits::LOCAL_PORTS, sock::local_port_range());
-            }
+            e.count_limit(&inner.metrics.limits);
             tracing::debug!(%target, "pass-through connect failed: {e}");
             sock::reset(lan);
             return;

@@ -574,14 +574,11 @@ impl Session {
             self.make_ready(id);
         }
         // Our RSTs on it may be lost; sent again, they are ignored by a peer that had them.
-        let lost: Vec<(u32, ResetReason)> = self
-            .rsts_sent
-            .iter()
-            .filter(|(_, l, _)| *l == link)
-            .map(|(id, _, reason)| (*id, *reason))
-            .collect();
-        self.rsts_sent.retain(|(_, l, _)| *l != link);
-        for (id, reason) in lost {
+        let (lost, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.rsts_sent)
+            .into_iter()
+            .partition(|(_, l, _)| *l == link);
+        self.rsts_sent = kept;
+        for (id, _, reason) in lost {
             self.send_rst(None, id, reason);
         }
         self.check_reachable(now);
@@ -1047,8 +1044,7 @@ impl Session {
     }
 
     /// Sends a control frame on `prefer`, or on any link (healthy ones first), or not at all: a
-    /// peer that resumes the stream later is answered from the tombstone.
-    /// Queues a control frame on `prefer`, or on the best link there is; returns the link.
+    /// peer that resumes the stream later is answered from the tombstone. Returns the link.
     fn send_control(&mut self, prefer: Option<LinkId>, f: &Frame) -> Option<LinkId> {
         let link = prefer.filter(|l| self.links.contains_key(l)).or_else(|| {
             self.links

@@ -118,8 +118,6 @@ pub fn is_reset(e: &std::io::Error) -> bool {
 /// Backlog when the kernel's limit cannot be read.
 const DEFAULT_BACKLOG: u32 = 4096;
 
-/// The listen backlog: the kernel's own maximum (`net.core.somaxconn`), so a burst of connections
-/// waits in the accept queue instead of being reset when it overflows.
 /// Ports of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`; 0 if unreadable).
 pub fn local_port_range() -> u64 {
     let Ok(s) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
@@ -132,6 +130,8 @@ pub fn local_port_range() -> u64 {
     }
 }
 
+/// The listen backlog: the kernel's own maximum (`net.core.somaxconn`), so a burst of connections
+/// waits in the accept queue instead of being reset when it overflows.
 pub fn listen_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()

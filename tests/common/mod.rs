@@ -191,10 +191,14 @@ impl Drop for Proc {
 
 /// `ditto run --config CONFIG`, its log (stderr) in CONFIG with the extension `log`.
 pub fn start_daemon(config: &Path) -> Proc {
+    start_daemon_with(ditto(), config)
+}
+
+/// [`start_daemon`] with `ditto` run by `cmd` (e.g. inside a network namespace).
+pub fn start_daemon_with(mut cmd: Command, config: &Path) -> Proc {
     let log = std::fs::File::create(config.with_extension("log")).expect("log file");
     Proc(
-        ditto()
-            .arg("run")
+        cmd.arg("run")
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", "info")
