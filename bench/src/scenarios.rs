@@ -17,7 +17,8 @@ use std::time::Instant;
 /// Options of `scenarios`.
 #[derive(Args, Debug, Clone)]
 pub struct ScenarioArgs {
-    /// Scenarios to run (default: all but the outages). Known: legacy-window, lossy, warm-restart,
+    /// Scenarios to run (default: all but the outages). Known: legacy-window, long-fat-100m,
+    /// long-fat-1g, lossy, warm-restart,
     /// cross-peer, warm-repeat,
     /// warm-repeat-db, cold-compressible, interactive, many-flows, no-link-limit, and the outages
     /// outage-10s, outage-60s, outage-300s (`outages` = all three; they take minutes, so they only
@@ -29,6 +30,9 @@ pub struct ScenarioArgs {
     /// Size of the synthetic incompressible transfers (legacy-window).
     #[arg(long, default_value = "16MiB")]
     pub bulk_size: String,
+    /// Size of the long-fat-100m transfer (long-fat-1g sends 4x this).
+    #[arg(long, default_value = "64MiB")]
+    pub long_fat_size: String,
     /// Size of the lossy-link transfer.
     #[arg(long, default_value = "4MiB")]
     pub lossy_size: String,
@@ -277,6 +281,23 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
         },
     );
     legacy.client_rcvbuf = Some("64KiB".into());
+    let long_fat = size(&args.long_fat_size)?;
+    let long_fat_100m = sc(
+        "long-fat-100m",
+        "one stream of incompressible data on a long fat pipe, default buffers",
+        "100mbit",
+        "100ms",
+        Workload::Rand { bytes: long_fat },
+    );
+    let long_fat_1g = sc(
+        "long-fat-1g",
+        "one stream of incompressible data on a long fat pipe, default buffers",
+        "1gbit",
+        "50ms",
+        Workload::Rand {
+            bytes: long_fat.saturating_mul(4),
+        },
+    );
     let mut lossy = sc(
         "lossy",
         "1% random loss each way, CUBIC, incompressible data",
@@ -330,6 +351,8 @@ fn scenarios(args: &ScenarioArgs) -> Result<Vec<Scenario>> {
     cross_peer.cross_peer = true;
     Ok(vec![
         legacy,
+        long_fat_100m,
+        long_fat_1g,
         lossy,
         warm_restart,
         cross_peer,
