@@ -333,6 +333,9 @@ pub struct TunnelSection {
     /// TCP congestion control for tunnel sockets ("bbr" by default; "" keeps the system default).
     pub congestion: Option<String>,
     pub notsent_lowat: Option<Spanned<ByteSize>>,
+    /// Cap a tunnel connection's pacing rate at the bottleneck's when its queue overflows (off by
+    /// default).
+    pub pacing: Option<bool>,
     pub keepalive: Option<Spanned<Dur>>,
     /// A tunnel connection silent this long is suspect: new flows avoid it (or pass through).
     pub suspect_after: Option<Spanned<Dur>>,
@@ -976,6 +979,9 @@ impl Loaded {
         if let Some(l) = &t.notsent_lowat {
             s.wan.notsent_lowat = Some(u32::try_from(l.get_ref().0).unwrap_or(u32::MAX));
         }
+        if let Some(p) = t.pacing {
+            s.wan.pacing = p;
+        }
         if let Some(k) = &t.keepalive {
             s.ping_interval = k.get_ref().0;
             s.dead_after = (k.get_ref().0 * 6).max(Duration::from_secs(2));
@@ -1173,6 +1179,20 @@ mod tests {
             let e = parse(&format!("{base}{bad}\n")).expect_err(bad).to_string();
             assert!(e.starts_with("test.toml:5:") && e.contains(line), "{e}");
         }
+    }
+
+    #[test]
+    fn pacing_is_off_unless_asked_for() {
+        let base = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\n";
+        let off = Loaded::from_source(base.to_owned(), Path::new("test.toml")).expect("valid");
+        assert!(!off.settings().wan.pacing);
+        let on = Loaded::from_source(format!("{base}pacing = true\n"), Path::new("test.toml"))
+            .expect("valid");
+        assert!(on.settings().wan.pacing);
+        let e = parse(&format!("{base}pacing = \"yes\"\n"))
+            .expect_err("not a boolean")
+            .to_string();
+        assert!(e.contains("expected a boolean"), "{e}");
     }
 
     #[test]

@@ -54,6 +54,16 @@ const TRANSFER_LIMIT: Duration = Duration::from_secs(200);
 
 /// True (after saying why) when the test cannot run here: it needs root for namespaces and TUN
 /// devices (no nftables: forward mode installs no rules).
+/// Held by the tests that load both cores for long (1,000 held flows; a 100 Mbit/s transfer), so
+/// that they never run beside each other: each must be able to fail on its own account only.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn skip() -> bool {
     common::require::skip_without(is_root(), "root (network namespaces, TUN devices)")
 }
@@ -235,14 +245,19 @@ fn tunnel_extra() -> String {
 
 impl Lab {
     fn new(tag: &str) -> Lab {
+        Lab::with(tag, &LINK, "")
+    }
+
+    /// A lab on a `link` of its own whose two sites have `lines` in their `[tunnel]` sections.
+    fn with(tag: &str, link: &[&str], lines: &str) -> Lab {
         ditto_bench::sys::raise_nofile();
-        let wan = Wan::new(tag, &LINK);
+        let wan = Wan::new(tag, link);
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let fp_a = common::keygen(d, "a");
         let fp_b = common::keygen(d, "b");
         let extra = format!(
-            "retain_budget = \"{}MiB\"\n{}",
+            "retain_budget = \"{}MiB\"\n{lines}\n{}",
             RETAINED_BUDGET >> 20,
             tunnel_extra()
         );
@@ -712,6 +727,7 @@ fn hold_through_60s_wan_outage_bulk_both_ways_and_1000_flows() {
     /// budget holds, so that a site that keeps more than it may shows in its memory. (It all has
     /// to cross the WAN afterwards, both ways: about 30 s at 20 Mbit/s.)
     const DURING: u64 = 64 << 10;
+    let _heavy = heavy();
     let lab = Lab::new("dso");
     let t0 = Instant::now();
     let mut failures = Vec::new();
@@ -1050,6 +1066,73 @@ fn resume_after_tunnel_connection_killed() {
         ));
     }
     finish(&lab, "tunnel connection killed", failures);
+}
+
+/// A bulk download through the emulator's one-BDP drop-tail queue on a long fat pipe (100 Mbit/s,
+/// 100 ms), `tunnel.pacing` on. Without pacing, BBR (held in STARTUP while the connection is
+/// application-limited) overflows the queue for the whole transfer (about 9% of its packets
+/// dropped); with it, the tunnel connection's pacing is capped at the bottleneck once the queue
+/// overflows, and the queue stops dropping.
+#[test]
+fn bulk_through_a_one_bdp_queue_is_paced_to_the_bottleneck() {
+    if skip() {
+        return;
+    }
+    let _heavy = heavy();
+    let link = ["--rate", "100mbit", "--delay", "50ms"];
+    let lab = Lab::with("dpc", &link, "pacing = true");
+    let mut failures = Vec::new();
+    const CAP: &str = "ditto_tunnel_pacing_cap_bytes_per_second{peer=\"site-a\"}";
+    // 100 Mbit/s of IP packets.
+    const LINK_BYTES_PER_S: f64 = 12.5e6;
+    // The cap takes a few ticks to come down to the bottleneck once engaged.
+    const SETTLE: Duration = Duration::from_secs(2);
+    let counts = || {
+        let s = lab.wan.stats();
+        (s.ba.drop_queue_packets, s.ba.rx_packets)
+    };
+    let t = download(&lab.wan.a, 31, 2 * BULK);
+    let t0 = Instant::now();
+    let (mut engaged, mut settled, mut max_cap) = (None, None, 0.0f64);
+    while !t.thread.is_finished() && t0.elapsed() < TRANSFER_LIMIT {
+        let cap = lab.metric(&lab.wan.b, CAP).unwrap_or(0.0);
+        max_cap = max_cap.max(cap);
+        if cap > 0.0 && engaged.is_none() {
+            engaged = Some(t0.elapsed());
+        }
+        let from = engaged.unwrap_or(Duration::from_secs(1)) + SETTLE;
+        if settled.is_none() && t0.elapsed() >= from {
+            settled = Some(counts());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let end = counts();
+    let done = [t.join()];
+    check_complete(&lab, &done, &mut failures);
+    let (drops0, packets0) = settled.unwrap_or((0, 0));
+    let (drops, packets) = (end.0 - drops0, end.1 - packets0);
+    eprintln!(
+        "cap engaged at {engaged:?}, at most {:.2} MB/s; after it settled: {drops} of {packets} \
+         packets dropped at the queue ({} in the whole transfer)",
+        max_cap / 1e6,
+        end.0
+    );
+    if engaged.is_none() {
+        failures.push("the pacing cap never engaged".into());
+    }
+    if max_cap > 1.5 * LINK_BYTES_PER_S {
+        failures.push(format!("a cap of {max_cap} B/s is far above the link's"));
+    }
+    if packets < 1000 {
+        failures.push(format!(
+            "only {packets} packets after the cap settled: too few to judge"
+        ));
+    } else if drops * 100 > packets {
+        failures.push(format!(
+            "{drops} of {packets} packets dropped at the queue after the cap settled (over 1%)"
+        ));
+    }
+    finish(&lab, "paced bulk", failures);
 }
 
 /// Issue test 4: site B is killed (SIGKILL) and restarted in the middle of transfers, while the WAN

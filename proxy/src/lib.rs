@@ -16,8 +16,11 @@
 //!   [`rules`] owns the nftables tables and policy routing that divert them.
 //! * [`tls`] and [`identity`] do the pinned-key authentication; [`hello`] the version handshake.
 //! * [`emu`] is a small WAN emulator (delay + rate) for the demo and tests.
+//! * [`pacing`] samples tunnel connections (`TCP_INFO`) to pace them to the bottleneck and size
+//!   their send buffers; its socket calls (`TCP_INFO`, `SO_MAX_PACING_RATE`, `SO_SNDBUFFORCE`)
+//!   are the crate's only unsafe code.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod allow;
@@ -35,6 +38,7 @@ pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod pacing;
 pub mod peer;
 pub mod preauth;
 pub mod rules;

@@ -11,6 +11,7 @@ use crate::hello::{self, Hello, HelloError, VERSIONS};
 use crate::identity::Identity;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::pacing;
 use crate::peer::{LinkCtl, Peer, PeerSet};
 use crate::session::BATCH_BYTES;
 use crate::settings::Settings;
@@ -19,6 +20,7 @@ use crate::tls;
 use bytes::BytesMut;
 use prometheus::IntCounter;
 use rustls::pki_types::ServerName;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -548,11 +550,31 @@ fn attach(env: &LinkEnv, peer: &Arc<Peer>, hello: &Hello) -> Result<Arc<LinkCtl>
 
 /// Moves frames between the socket and the session until the link closes, then detaches it.
 async fn serve(env: &LinkEnv, peer: &Arc<Peer>, tls: Tls, ctl: Arc<LinkCtl>) {
+    // The sampler's own handle on the socket (a duplicate descriptor): it outlives nothing.
+    let wan = &env.settings.wan;
+    let size_buffer = wan.pacing && wan.buffer.is_none();
+    let pace_fd = wan
+        .pacing
+        .then(|| tls.get_ref().0.inner.as_fd().try_clone_to_owned().ok())
+        .flatten();
+    let pace = async {
+        match pace_fd {
+            Some(fd) => {
+                let what = pacing::Sizing {
+                    buffer: size_buffer,
+                    pace: wan.pacing,
+                };
+                pacing::run(fd, what, peer.m.pacing.clone(), &peer.name, ctl.id.0).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     let (rd, wr) = tokio::io::split(tls);
     let kill = env.life.kill.clone();
     let why = tokio::select! {
         why = reader(env, peer, &ctl, rd) => why,
         why = writer(peer, &ctl, wr) => why,
+        () = pace => "pacing ended".into(),
         _ = ctl.close.cancelled() => ctl.why().unwrap_or_else(|| "closed".into()),
         _ = kill.cancelled() => "node stopped".into(),
     };

@@ -64,6 +64,7 @@ pub struct Metrics {
     pub tunnel_up: IntGaugeVec,
     pub tunnel_connections: IntGaugeVec,
     pub tunnel_rtt: GaugeVec,
+    pub tunnel_pacing: IntGaugeVec,
     pub tunnel_reconnects: IntCounterVec,
     /// Flows homed on each member of a peer group, by `group` and `peer`.
     pub group_flows: IntCounterVec,
@@ -250,6 +251,12 @@ impl Metrics {
                     &["peer"],
                 )
                 .expect(BAD),
+            ),
+            tunnel_pacing: gv(
+                "ditto_tunnel_pacing_cap_bytes_per_second",
+                "Sum of the pacing caps of the tunnel connections to the peer whose bottleneck \
+                 queue overflowed (0: every connection paces itself).",
+                &["peer"],
             ),
             tunnel_reconnects: cv(
                 "ditto_tunnel_reconnects_total",

@@ -19,6 +19,9 @@ pub struct WanTuning {
     /// without an ICMP "fragmentation needed"): tunnel sockets clamp their segment size to fit.
     /// The clamped MSS is also what we advertise, so the peer's segments fit too.
     pub mtu: Option<u32>,
+    /// Cap a connection's pacing rate at the bottleneck's when its queue overflows
+    /// ([`crate::pacing`]). Off by default: see there.
+    pub pacing: bool,
 }
 
 impl Default for WanTuning {
@@ -28,6 +31,7 @@ impl Default for WanTuning {
             buffer: None,
             notsent_lowat: Some(128 * 1024),
             mtu: None,
+            pacing: false,
         }
     }
 }
