@@ -333,8 +333,8 @@ pub struct TunnelSection {
     /// TCP congestion control for tunnel sockets ("bbr" by default; "" keeps the system default).
     pub congestion: Option<String>,
     pub notsent_lowat: Option<Spanned<ByteSize>>,
-    /// Cap a tunnel connection's pacing rate at the bottleneck's when its queue overflows (off by
-    /// default).
+    /// Cap a tunnel connection's pacing rate at the bottleneck's when its queue overflows, and size
+    /// its send buffer from the measured bandwidth-delay product (on by default).
     pub pacing: Option<bool>,
     pub keepalive: Option<Spanned<Dur>>,
     /// A tunnel connection silent this long is suspect: new flows avoid it (or pass through).
@@ -1182,13 +1182,13 @@ mod tests {
     }
 
     #[test]
-    fn pacing_is_off_unless_asked_for() {
+    fn pacing_is_on_unless_turned_off() {
         let base = "[node]\nname = \"a\"\nkey = \"k\"\n[tunnel]\n";
-        let off = Loaded::from_source(base.to_owned(), Path::new("test.toml")).expect("valid");
-        assert!(!off.settings().wan.pacing);
-        let on = Loaded::from_source(format!("{base}pacing = true\n"), Path::new("test.toml"))
-            .expect("valid");
+        let on = Loaded::from_source(base.to_owned(), Path::new("test.toml")).expect("valid");
         assert!(on.settings().wan.pacing);
+        let off = Loaded::from_source(format!("{base}pacing = false\n"), Path::new("test.toml"))
+            .expect("valid");
+        assert!(!off.settings().wan.pacing);
         let e = parse(&format!("{base}pacing = \"yes\"\n"))
             .expect_err("not a boolean")
             .to_string();

@@ -48,7 +48,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             connections: 2,
-            window: 4 << 20,
+            window: 16 << 20,
             // 25,000 concurrent flows and more must not degrade silently: an idle accelerated
             // flow costs a few KiB at each end (BENCHMARKS.md, "Load").
             max_streams: 32_768,

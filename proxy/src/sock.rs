@@ -20,7 +20,7 @@ pub struct WanTuning {
     /// The clamped MSS is also what we advertise, so the peer's segments fit too.
     pub mtu: Option<u32>,
     /// Cap a connection's pacing rate at the bottleneck's when its queue overflows
-    /// ([`crate::pacing`]). Off by default: see there.
+    /// ([`crate::pacing`]), and size its send buffer from the measured bandwidth-delay product.
     pub pacing: bool,
 }
 
@@ -31,7 +31,7 @@ impl Default for WanTuning {
             buffer: None,
             notsent_lowat: Some(128 * 1024),
             mtu: None,
-            pacing: false,
+            pacing: true,
         }
     }
 }
