@@ -550,9 +550,8 @@ fn attach(env: &LinkEnv, peer: &Arc<Peer>, hello: &Hello) -> Result<Arc<LinkCtl>
 
 /// Moves frames between the socket and the session until the link closes, then detaches it.
 async fn serve(env: &LinkEnv, peer: &Arc<Peer>, tls: Tls, ctl: Arc<LinkCtl>) {
-    // The sampler's own handle on the socket (a duplicate descriptor): it outlives nothing.
+    // The pacer's own handle on the socket (a duplicate descriptor): it outlives nothing.
     let wan = &env.settings.wan;
-    let size_buffer = wan.pacing && wan.buffer.is_none();
     let pace_fd = wan
         .pacing
         .then(|| tls.get_ref().0.inner.as_fd().try_clone_to_owned().ok())
@@ -560,11 +559,9 @@ async fn serve(env: &LinkEnv, peer: &Arc<Peer>, tls: Tls, ctl: Arc<LinkCtl>) {
     let pace = async {
         match pace_fd {
             Some(fd) => {
-                let what = pacing::Sizing {
-                    buffer: size_buffer,
-                    pace: wan.pacing,
-                };
-                pacing::run(fd, what, peer.m.pacing.clone(), &peer.name, ctl.id.0).await
+                // A fixed `tunnel.socket_buffer` stays as the operator set it.
+                let size_buffer = wan.buffer.is_none();
+                pacing::run(fd, size_buffer, peer.m.pacing.clone(), &peer.name, ctl.id.0).await
             }
             None => std::future::pending().await,
         }

@@ -313,33 +313,25 @@ fn autotune_max() -> u64 {
         .unwrap_or(4 << 20)
 }
 
-/// What [`run`] does to a connection.
-#[derive(Clone, Copy, Debug)]
-pub struct Sizing {
-    /// Size its send buffer from the bandwidth-delay product.
-    pub buffer: bool,
-    /// Cap its pacing rate when the bottleneck queue overflows.
-    pub pace: bool,
-}
-
-/// Samples the connection behind `fd` until the future is dropped: sizes its send buffer and
-/// paces it as `what` says, keeping `gauge` (the sum of a peer's caps) in step. Never returns; a
+/// Samples the connection behind `fd` until the future is dropped: paces it, and sizes its send
+/// buffer if `size_buffer`, keeping `gauge` (the sum of a peer's caps) in step. Never returns; a
 /// socket the calls fail on is left to the kernel.
 pub async fn run(
     fd: std::os::fd::OwnedFd,
-    what: Sizing,
+    size_buffer: bool,
     gauge: prometheus::IntGauge,
     peer: &str,
     link: u64,
 ) {
     use std::os::fd::AsFd;
-    struct Counted(prometheus::IntGauge, i64);
-    impl Drop for Counted {
+    /// This connection's cap in the peer's gauge, taken out again when the connection ends.
+    struct Share(prometheus::IntGauge, i64);
+    impl Drop for Share {
         fn drop(&mut self) {
             self.0.sub(self.1);
         }
     }
-    let mut counted = Counted(gauge, 0);
+    let mut share = Share(gauge, 0);
     let origin = tokio::time::Instant::now();
     let mut pacer = Pacer::new();
     let autotune_max = autotune_max();
@@ -355,7 +347,7 @@ pub async fn run(
             }
         };
         let change = pacer.on_sample(s);
-        if let Some(want) = pacer.send_buffer(autotune_max).filter(|_| what.buffer) {
+        if let Some(want) = pacer.send_buffer(autotune_max).filter(|_| size_buffer) {
             // Grow only, by a quarter at least.
             match sys::send_buffer(fd.as_fd()) {
                 Ok(have) if want > have + have / 4 => {
@@ -366,7 +358,7 @@ pub async fn run(
                 _ => {}
             }
         }
-        let Some(cap) = change.filter(|_| what.pace) else {
+        let Some(cap) = change else {
             continue;
         };
         if let Err(e) = sys::set_max_pacing_rate(fd.as_fd(), cap.unwrap_or(u64::MAX)) {
@@ -374,8 +366,8 @@ pub async fn run(
             return std::future::pending().await;
         }
         let now = cap.map_or(0, |c| i64::try_from(c).unwrap_or(i64::MAX));
-        counted.0.add(now - counted.1);
-        counted.1 = now;
+        share.0.add(now - share.1);
+        share.1 = now;
         match cap {
             Some(c) => tracing::trace!(peer, link, rate = c, "pacing capped"),
             None => tracing::trace!(peer, link, "pacing cap lifted"),
