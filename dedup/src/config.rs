@@ -17,6 +17,10 @@ pub struct EngineConfig {
     pub max_run: u32,
     /// The decoder stops producing output while this many decoded bytes wait to be read.
     pub max_output_buffer: usize,
+    /// Send edited chunks as TDELTA ops (trimmed to the bytes between the first and the last edit)
+    /// rather than whole-chunk DELTAs. Only for a peer whose decoder knows TDELTA: every decoder
+    /// of this version does; the tunnel turns it off for a peer older than tunnel protocol 5.
+    pub trimmed_deltas: bool,
 }
 
 impl Default for EngineConfig {
@@ -28,6 +32,7 @@ impl Default for EngineConfig {
             batch_stream_bytes: 4 << 20,
             max_run: 1024,
             max_output_buffer: 4 << 20,
+            trimmed_deltas: true,
         }
     }
 }

@@ -11,7 +11,7 @@
 //! `max_output_buffer` bytes wait to be read, and queued input is bounded by the caller's flow control
 //! (and by `max_queued_bytes` as a backstop).
 
-use crate::compress::{delta_decompress, get_literals};
+use crate::compress::{delta_apply, get_literals};
 use crate::config::EngineConfig;
 use crate::fingerprint::{ChunkId, CHUNK_ID_LEN};
 use crate::peer::PeerView;
@@ -49,10 +49,13 @@ enum Op {
         digest: [u8; CHUNK_ID_LEN],
     },
     Cut(u32),
-    /// A new chunk as a zstd delta against `base`; the payload is `deltas[start..start + len]`.
+    /// A new chunk as a zstd delta against `base`, keeping the base's first `head` and last `tail`
+    /// bytes (both 0 for a DELTA); the payload is `deltas[start..start + len]`.
     Delta {
         base: ChunkId,
         raw_len: u32,
+        head: u32,
+        tail: u32,
         start: u32,
         len: u32,
     },
@@ -279,15 +282,23 @@ impl Decoder {
                     }
                 }
                 wire::OP_CUT => Op::Cut(r.bounded("cut length", wire::MAX_CHUNK as u64)? as u32),
-                wire::OP_DELTA => {
+                wire::OP_DELTA | wire::OP_TDELTA => {
                     let base = r.id()?;
-                    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)? as u32;
+                    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)?;
+                    let (head, tail) = if tag == wire::OP_TDELTA {
+                        let head = r.bounded("delta head", raw_len)?;
+                        (head, r.bounded("delta tail", raw_len - head)?)
+                    } else {
+                        (0, 0)
+                    };
                     let len = r.bounded("delta payload length", wire::MAX_CHUNK as u64)? as usize;
                     let start = deltas.len() as u32;
                     deltas.extend_from_slice(r.bytes(len, "delta payload")?);
                     Op::Delta {
                         base,
-                        raw_len,
+                        raw_len: raw_len as u32,
+                        head: head as u32,
+                        tail: tail as u32,
                         start,
                         len: len as u32,
                     }
@@ -579,6 +590,8 @@ impl Decoder {
             Op::Delta {
                 base,
                 raw_len,
+                head,
+                tail,
                 start,
                 len,
             } => {
@@ -593,7 +606,13 @@ impl Decoder {
                             return Ok(Step::Stalled);
                         }
                         let payload = &batch.deltas[start as usize..(start + len) as usize];
-                        delta_decompress(&base_bytes, payload, raw_len as usize)?
+                        delta_apply(
+                            &base_bytes,
+                            head as usize,
+                            tail as usize,
+                            payload,
+                            raw_len as usize,
+                        )?
                     }
                 };
                 self.output.extend_from_slice(&chunk);

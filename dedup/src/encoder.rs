@@ -10,7 +10,7 @@
 //! of what the two stores hold.
 
 use crate::chunker::Chunker;
-use crate::compress::{delta_compress, put_literals};
+use crate::compress::{delta_compress, put_literals, trimmed_delta_compress, TrimmedDelta};
 use crate::config::EngineConfig;
 use crate::fingerprint::ChunkId;
 use crate::peer::PeerView;
@@ -53,6 +53,12 @@ pub struct EncoderStats {
 /// a batch before all of it arrived, so a small first batch is a stream's first bytes early (see
 /// [`Encoder::first_unit`]).
 const SECOND_BATCH_LITERALS: usize = 8 * 1024;
+
+/// Least zstd level of a delta. An edited chunk is long matches into its base with short edits
+/// between them, and level 3's match finder misses many of the matches right after an edit that
+/// level 6's lazy search finds (BENCHMARKS.md, "Edited chunks"); higher levels found almost
+/// nothing more.
+const DELTA_MIN_LEVEL: i32 = 6;
 
 /// What one op of a retained batch stands for.
 #[derive(Clone, Copy, Debug)]
@@ -343,10 +349,24 @@ impl State {
                 self.ops.push(wire::OP_REF);
                 self.ops.extend_from_slice(id.as_bytes());
                 self.push_op(wire::OP_REF, start, id);
-            } else if let Some((base, payload)) = self.try_delta(chunk, &id) {
-                self.ops.push(wire::OP_DELTA);
+            } else if let Some((base, delta)) = self.try_delta(chunk, &id) {
+                let TrimmedDelta {
+                    head,
+                    tail,
+                    payload,
+                } = delta;
+                let trimmed = self.cfg.trimmed_deltas;
+                self.ops.push(if trimmed {
+                    wire::OP_TDELTA
+                } else {
+                    wire::OP_DELTA
+                });
                 self.ops.extend_from_slice(base.as_bytes());
                 put_varint(&mut self.ops, chunk.len() as u64);
+                if trimmed {
+                    put_varint(&mut self.ops, head as u64);
+                    put_varint(&mut self.ops, tail as u64);
+                }
                 put_varint(&mut self.ops, payload.len() as u64);
                 self.ops.extend_from_slice(&payload);
                 self.stats.delta_chunks += 1;
@@ -375,8 +395,9 @@ impl State {
 
     /// A new chunk is often an edited copy of the chunk that stood at its place in an earlier stream:
     /// the successor of the previous chunk's counterpart. If the peer holds that chunk, send the new one
-    /// as a zstd delta against it when that is much smaller.
-    fn try_delta(&mut self, chunk: &[u8], id: &ChunkId) -> Option<(ChunkId, Vec<u8>)> {
+    /// as a zstd delta against it when that is much smaller: trimmed to the bytes between the first
+    /// and the last edit when the peer knows TDELTA, else whole (head and tail 0).
+    fn try_delta(&mut self, chunk: &[u8], id: &ChunkId) -> Option<(ChunkId, TrimmedDelta)> {
         if self.sent_prefix != 0 || self.cfg.zstd_level == 0 {
             return None;
         }
@@ -389,8 +410,17 @@ impl State {
         if !self.store.get_into(&base, &mut self.scratch) {
             return None;
         }
-        let payload = delta_compress(&self.scratch, chunk, self.cfg.zstd_level)?;
-        (payload.len() < chunk.len() / 4).then_some((base, payload))
+        let level = self.cfg.zstd_level.max(DELTA_MIN_LEVEL);
+        let delta = if self.cfg.trimmed_deltas {
+            trimmed_delta_compress(&self.scratch, chunk, level)?
+        } else {
+            TrimmedDelta {
+                head: 0,
+                tail: 0,
+                payload: delta_compress(&self.scratch, chunk, level)?,
+            }
+        };
+        (delta.payload.len() < chunk.len() / 4).then_some((base, delta))
     }
 
     /// The peer stores every chunk it completes from bytes we sent: store it too, and remember that the

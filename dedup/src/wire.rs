@@ -31,6 +31,9 @@ pub const OP_PARTREF: u8 = 0x03;
 pub const OP_RUN: u8 = 0x04;
 pub const OP_CUT: u8 = 0x05;
 pub const OP_DELTA: u8 = 0x06;
+/// A delta that keeps the chunk's first and last bytes from its base (tunnel protocol 5 and later;
+/// see [`crate::EngineConfig::trimmed_deltas`]).
+pub const OP_TDELTA: u8 = 0x07;
 
 /// Literal payload codecs.
 pub const CODEC_RAW: u8 = 0;

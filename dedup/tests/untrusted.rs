@@ -184,6 +184,77 @@ fn oversized_fields_are_refused() {
     );
 }
 
+/// A batch of one TDELTA against `base`, rebuilding `data` (ends computed as an encoder does)
+/// unless `ends` overrides them.
+fn tdelta(base: &[u8], data: &[u8], ends: Option<(u64, u64)>) -> Vec<u8> {
+    // As docs/protocol.md says: the common ends kept, the middle a zstd frame against the base's.
+    let head = base.iter().zip(data).take_while(|(a, b)| a == b).count();
+    let room = base.len().min(data.len()) - head;
+    let tail = (base.iter().rev().zip(data.iter().rev()))
+        .take(room)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut cctx = zstd::zstd_safe::CCtx::create();
+    cctx.ref_prefix(&base[head..base.len() - tail])
+        .expect("prefix");
+    let mid = &data[head..data.len() - tail];
+    let mut payload = Vec::with_capacity(zstd::zstd_safe::compress_bound(mid.len()));
+    cctx.compress2(&mut payload, mid).expect("compress");
+    let (head, tail) = ends.unwrap_or((head as u64, tail as u64));
+    let mut ops = vec![wire::OP_TDELTA];
+    ops.extend_from_slice(ditto_dedup::ChunkId::of(base).as_bytes());
+    put_varint(&mut ops, data.len() as u64);
+    put_varint(&mut ops, head);
+    put_varint(&mut ops, tail);
+    put_varint(&mut ops, payload.len() as u64);
+    ops.extend_from_slice(&payload);
+    let mut lits = vec![wire::CODEC_RAW];
+    put_varint(&mut lits, 0);
+    batch(&ops, 1, &lits)
+}
+
+#[test]
+fn trimmed_delta_ends_that_do_not_fit_are_refused() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let base = random_bytes(&mut rng, 1_000);
+    let mut data = base.clone();
+    data[400] ^= 1;
+    data.splice(700..700, *b"inserted");
+    let with_base = || {
+        let s = ram_store(1 << 20);
+        s.insert(&ditto_dedup::ChunkId::of(&base), &base)
+            .expect("insert");
+        let v = Arc::new(PeerView::new(s.identity()));
+        Decoder::new(s, v, EngineConfig::default())
+    };
+    // The encoder's own ends: the chunk, byte for byte.
+    assert_eq!(
+        decode_all(&mut with_base(), &tdelta(&base, &data, None)),
+        Ok(data.clone())
+    );
+    // Ends longer than the chunk: refused as the op is read, before any base is looked up.
+    let n = data.len() as u64;
+    for ends in [(n + 1, 0), (n, 1), (u64::MAX >> 1, 0)] {
+        assert!(
+            matches!(
+                decode_all(&mut decoder(), &tdelta(&base, &data, Some(ends))),
+                Err(WireError::TooLarge { .. })
+            ),
+            "ends {ends:?}"
+        );
+    }
+    // Ends that fit the chunk but not the base (1,000 bytes), or that disagree with the payload:
+    // errors when applied, and nothing of the chunk is output.
+    for ends in [(600, 450), (1_000, 1), (399, 292)] {
+        let mut dec = with_base();
+        let got = dec.receive(&tdelta(&base, &data, Some(ends)));
+        let mut out = Vec::new();
+        let got = got.and_then(|_| dec.read(&mut out));
+        assert!(got.is_err(), "ends {ends:?} accepted");
+        assert!(out.is_empty(), "ends {ends:?}: {} bytes output", out.len());
+    }
+}
+
 #[test]
 fn decompression_bomb_is_refused() {
     // Ops claim 1000 literal bytes; the zstd payload expands to 64 MiB.
@@ -343,6 +414,15 @@ fn write_corpus_seeds() {
     enc.write(&data, &mut out);
     enc.finish(&mut out);
     std::fs::write(root.join("decoder/seed-refs"), &out).expect("write");
+    // TDELTAs against a chunk the fuzz target's store holds (4,096 zero bytes).
+    let zeros = vec![0u8; 4096];
+    for (i, at) in [0usize, 100, 2_000, 4_090].iter().enumerate() {
+        let mut edited = zeros.clone();
+        edited.splice(at..at, *b"an edit");
+        let mut s = vec![(i * 50) as u8];
+        s.extend_from_slice(&tdelta(&zeros, &edited, None));
+        std::fs::write(root.join(format!("decoder/seed-tdelta-{i}")), &s).expect("write");
+    }
     let mut fb = Vec::new();
     wire::put_header(&mut fb, wire::KIND_FEEDBACK);
     let mut body = Vec::new();

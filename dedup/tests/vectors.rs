@@ -86,8 +86,12 @@ fn differ(got: &[u8], want: &[u8]) -> String {
 
 fn config_line(cfg: &EngineConfig) -> String {
     format!(
-        "config chunk_min={} chunk_avg={} chunk_max={} zstd_level={}",
-        cfg.chunking.min_size, cfg.chunking.avg_size, cfg.chunking.max_size, cfg.zstd_level
+        "config chunk_min={} chunk_avg={} chunk_max={} zstd_level={} trimmed_deltas={}",
+        cfg.chunking.min_size,
+        cfg.chunking.avg_size,
+        cfg.chunking.max_size,
+        cfg.zstd_level,
+        u8::from(cfg.trimmed_deltas)
     )
 }
 
@@ -114,6 +118,7 @@ fn parse(text: &str) -> Result<Vec<Step>, String> {
                         "chunk_avg" => cfg.chunking.avg_size = u?,
                         "chunk_max" => cfg.chunking.max_size = u?,
                         "zstd_level" => cfg.zstd_level = v as i32,
+                        "trimmed_deltas" => cfg.trimmed_deltas = v != 0,
                         _ => return Err(at(format!("unknown setting {k}"))),
                     }
                 }
@@ -315,16 +320,16 @@ fn vectors_replay_against_decoder_and_encoder() {
 
 #[derive(Default, Clone)]
 struct Coverage {
-    ops: [bool; 7],
+    ops: [bool; 8],
     codecs: [bool; 2],
-    fills: [bool; 7],
+    fills: [bool; 8],
     ack: bool,
     need: bool,
 }
 
 impl Coverage {
     fn merge(&mut self, o: &Coverage) {
-        for i in 0..7 {
+        for i in 0..8 {
             self.ops[i] |= o.ops[i];
             self.fills[i] |= o.fills[i];
         }
@@ -338,7 +343,7 @@ impl Coverage {
         for (i, name) in OP_NAMES.iter().enumerate() {
             assert!(self.ops[i], "no vector has a {name} op");
         }
-        for i in [2, 3, 4, 6] {
+        for i in [2, 3, 4, 6, 7] {
             assert!(self.fills[i], "no vector has a FILL of a {}", OP_NAMES[i]);
         }
         assert!(self.codecs[0] && self.codecs[1], "raw and zstd literals");
@@ -346,7 +351,9 @@ impl Coverage {
     }
 }
 
-const OP_NAMES: [&str; 7] = ["LIT", "PART", "REF", "PARTREF", "RUN", "CUT", "DELTA"];
+const OP_NAMES: [&str; 8] = [
+    "LIT", "PART", "REF", "PARTREF", "RUN", "CUT", "DELTA", "TDELTA",
+];
 
 /// Splits stream bytes into fields, each with what it means. Streams arrive in whole messages in
 /// the vectors (the encoder and the decoder emit whole messages), so each call parses whole messages.
@@ -547,6 +554,20 @@ impl Annotator {
                     c.take(
                         plen as usize,
                         format!("  DELTA payload: one zstd frame with the base as prefix ({plen} bytes)"),
+                    )?;
+                }
+                7 => {
+                    c.id("  TDELTA base")?;
+                    c.varint("  TDELTA raw_len: bytes of the new chunk")?;
+                    c.varint("  TDELTA head: the chunk's first bytes are the base's")?;
+                    c.varint("  TDELTA tail: the chunk's last bytes are the base's")?;
+                    let plen = c.varint("  TDELTA plen")?;
+                    c.take(
+                        plen as usize,
+                        format!(
+                            "  TDELTA payload: one zstd frame of the chunk's middle, with the \
+                             base's middle as prefix ({plen} bytes)"
+                        ),
                     )?;
                 }
                 _ => return Err(format!("op tag {tag}")),
@@ -841,13 +862,45 @@ fn write_vectors() {
     );
     std::fs::write(dir.join("dedup-3-need-fill.txt"), v).expect("write");
 
-    // DELTA and zstd literals: a chunk edited in place is sent as a delta against its old version;
-    // then, on a decoder that lost its store, the delta is requested and filled.
-    let cfg = small_chunks(3);
+    // DELTA (as builds before tunnel protocol 5 send it) and TDELTA, with zstd literals.
+    std::fs::write(dir.join("dedup-4-delta.txt"), delta_vector(false)).expect("write");
+    std::fs::write(dir.join("dedup-5-tdelta.txt"), delta_vector(true)).expect("write");
+}
+
+/// A chunk edited in place is sent as a delta against its old version (a TDELTA when `trimmed`,
+/// else a whole-chunk DELTA); then, on a decoder that lost its store, the delta is requested and
+/// filled.
+fn delta_vector(trimmed: bool) -> String {
+    let (op, title, about) = if trimmed {
+        (
+            "0x07 TDELTA",
+            "trimmed delta",
+            "Three streams, zstd level 3 (literal sections are zstd frames). The first sends new\n\
+             text. The second sends it again with 3 bytes of one chunk changed: that chunk goes as a\n\
+             TDELTA against the chunk at its place last time (its bytes before the first and after\n\
+             the last change are the base's), the others as references. Then the decoder's side\n\
+             loses its store, and a third stream with one more byte changed in the same chunk is\n\
+             requested (NEED) and filled (FILL), the TDELTA included.",
+        )
+    } else {
+        (
+            "0x06 DELTA",
+            "delta",
+            "Three streams, zstd level 3 (literal sections are zstd frames), from an encoder for a\n\
+             peer older than tunnel protocol 5. The first sends new text. The second sends it again\n\
+             with 3 bytes of one chunk changed: that chunk goes as a DELTA against the chunk at its\n\
+             place last time, the others as references. Then the decoder's side loses its store, and\n\
+             a third stream with one more byte changed in the same chunk is requested (NEED) and\n\
+             filled (FILL), the DELTA included.",
+        )
+    };
+    let cfg = EngineConfig {
+        trimmed_deltas: trimmed,
+        ..small_chunks(3)
+    };
     let data = text(4, 2600);
     let c = chunks_of(&cfg, &data);
-    let mut made = None;
-    'search: for victim in 1..c.len() - 2 {
+    for victim in 1..c.len() - 2 {
         for at in [c[victim].len() / 3, c[victim].len() / 2] {
             let mut edited = c[victim].clone();
             edited[at..at + 3].copy_from_slice(b"XYZ");
@@ -868,25 +921,14 @@ fn write_vectors() {
                 Act::Write(third),
                 Act::Finish,
             ];
-            let v = generate(
-                "delta",
-                "Three streams, zstd level 3 (literal sections are zstd frames). The first sends new\n\
-                 text. The second sends it again with 3 bytes of one chunk changed: that chunk goes as a\n\
-                 DELTA against the chunk at its place last time, the others as references. Then the\n\
-                 decoder's side loses its store, and a third stream with one more byte changed in the\n\
-                 same chunk is requested (NEED) and filled (FILL), the DELTA included.",
-                cfg.clone(),
-                &acts,
-            );
-            let deltas = v.matches("0x06 DELTA").count();
-            if deltas >= 2 && v.contains("answers a DELTA") {
-                made = Some(v);
-                break 'search;
+            let v = generate(title, about, cfg.clone(), &acts);
+            let name = &op[5..];
+            if v.matches(op).count() >= 2 && v.contains(&format!("answers a {name} ")) {
+                return v;
             }
         }
     }
-    let v = made.expect("an edit that makes a DELTA");
-    std::fs::write(dir.join("dedup-4-delta.txt"), v).expect("write");
+    panic!("no edit makes a {op}");
 }
 
 #[test]

@@ -152,14 +152,15 @@ impl Engine {
         }
     }
 
-    /// An encoder/decoder pair for one stream.
-    pub fn pair(&self, view: &View) -> (Box<dyn SendCodec>, Box<dyn RecvCodec>) {
+    /// An encoder/decoder pair for one stream to a peer that speaks tunnel protocol
+    /// `peer_version` (the encoder sends only ops the peer's decoder knows).
+    pub fn pair(&self, view: &View, peer_version: u16) -> (Box<dyn SendCodec>, Box<dyn RecvCodec>) {
         match (self, view) {
             (Engine::Dedup { store, config }, View::Dedup(v)) => {
                 // The codecs run on async workers: a chunk read that must wait for the disk hands
                 // the worker's other tasks to another thread first (idempotent, first call wins).
                 store.set_blocking_section(off_worker);
-                self.dedup_pair(store, config, v)
+                self.dedup_pair(store, &config_for(config, peer_version), v)
             }
             // A raw view with a dedup engine cannot happen (views come from the same engine);
             // carrying bytes verbatim is the safe answer if it ever did.
@@ -186,6 +187,14 @@ impl Engine {
             ))),
         )
     }
+}
+
+/// The engine settings of a stream to a peer that speaks tunnel protocol `peer_version`: an
+/// older peer's decoder does not know TDELTA ops, so it gets whole-chunk DELTAs.
+fn config_for(config: &ditto_dedup::EngineConfig, peer_version: u16) -> ditto_dedup::EngineConfig {
+    let mut config = config.clone();
+    config.trimmed_deltas &= peer_version >= crate::hello::TRIMMED_DELTAS;
+    config
 }
 
 /// The chunk store's blocking section (see `ChunkStore::set_blocking_section`): on a worker of a
@@ -342,5 +351,26 @@ impl RecvCodec for DedupRecv {
             chunk_misses: s.needs_sent,
             verify_failures: s.run_mismatches,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_peers_get_whole_chunk_deltas() {
+        let cfg = ditto_dedup::EngineConfig::default();
+        assert!(cfg.trimmed_deltas);
+        for old in [3, 4] {
+            assert!(!config_for(&cfg, old).trimmed_deltas, "version {old}");
+        }
+        assert!(config_for(&cfg, crate::hello::TRIMMED_DELTAS).trimmed_deltas);
+        assert!(config_for(&cfg, crate::hello::PROTOCOL_VERSION).trimmed_deltas);
+        let off = ditto_dedup::EngineConfig {
+            trimmed_deltas: false,
+            ..cfg
+        };
+        assert!(!config_for(&off, crate::hello::PROTOCOL_VERSION).trimmed_deltas);
     }
 }

@@ -304,7 +304,7 @@ async fn near_flow(inner: Arc<FlowEnv>, lan: TcpStream, plan: Plan) {
             return passthrough_with(&inner, lan, &plan, why, initial, initial_eof).await;
         }
     };
-    let (mut enc, dec) = inner.engine.pair(&view);
+    let (mut enc, dec) = inner.engine.pair(&view, peer.version());
     let mut out = Vec::new();
     if !initial.is_empty() {
         enc.write(&initial, &mut out);
@@ -397,7 +397,7 @@ fn far_flow(inner: &Arc<FlowEnv>, inc: Incoming) {
             }
         };
         inner2.metrics.flow("accelerated", "from-peer");
-        let (enc, dec) = inner2.engine.pair(&view);
+        let (enc, dec) = inner2.engine.pair(&view, peer.version());
         let ctx = flow_ctx(&inner2, &peer);
         stream::bridge(lan, h, enc, dec, false, &ctx, None).await;
         drop(permit);

@@ -230,6 +230,8 @@ struct State {
     /// Incremented each time the session is replaced: handles of an older one are dead.
     gen: u64,
     peer_session: u128,
+    /// The tunnel protocol version used with the peer's current session (the highest both speak).
+    peer_version: u16,
     view: Option<(u128, View)>,
     streams: HashMap<u32, Arc<StreamWake>>,
     links: HashMap<LinkId, Arc<LinkCtl>>,
@@ -468,6 +470,12 @@ impl Peer {
             let old_links = std::mem::take(&mut st.links);
             st.gen += 1;
             st.peer_session = hello.session_id;
+            st.peer_version = crate::hello::VERSIONS
+                .iter()
+                .copied()
+                .filter(|v| hello.versions.contains(v))
+                .max()
+                .unwrap_or(0);
             st.resumed_seen = 0;
             st.held_seen = 0.0;
             st.session = Some(Session::new(
@@ -684,6 +692,13 @@ impl Peer {
     /// Our view of the peer's store, once a link told us which store it has.
     pub fn view(&self) -> Option<View> {
         self.lock().view.as_ref().map(|(_, v)| v.clone())
+    }
+
+    /// The tunnel protocol version used with the peer's current session: what its decoders
+    /// understand. (A stream opened in an earlier session is reset with it, so reading this after
+    /// the stream was opened always describes the decoder that stream reaches.)
+    pub fn version(&self) -> u16 {
+        self.lock().peer_version
     }
 
     /// The link's tasks ended: its streams continue on other links.

@@ -1,4 +1,4 @@
-//! Test vectors of the tunnel protocol (version 4): `docs/vectors/tunnel-v4-*.txt` (the format is
+//! Test vectors of the tunnel protocol (version 5): `docs/vectors/tunnel-v5-*.txt` (the format is
 //! described in `docs/tunnel.md`, "Test vectors"). They hold hellos and frames with every field
 //! annotated and their parsed meaning, malformed frames with the error each must produce, and a
 //! transcript of two sessions where a stream resumes on a new link after its link was lost.
@@ -18,8 +18,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const CODEC_FILE: &str = "tunnel-v4-codec.txt";
-const RESUME_FILE: &str = "tunnel-v4-resume.txt";
+const CODEC_FILE: &str = "tunnel-v5-codec.txt";
+const RESUME_FILE: &str = "tunnel-v5-resume.txt";
 
 fn vectors_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/vectors")
@@ -510,8 +510,8 @@ fn bad_hellos() -> Vec<(&'static str, Vec<u8>, String)> {
     let list = vec![
         ("a version 2 build (its body has no version list)", v2),
         (
-            "a build that speaks only version 5",
-            with(&|h| h.versions = vec![5]),
+            "a build that speaks only version 6",
+            with(&|h| h.versions = vec![6]),
         ),
         ("not a ditto hello (bad magic)", magic),
         ("window below 64 KiB", with(&|h| h.window = 65_535)),
