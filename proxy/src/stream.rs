@@ -387,6 +387,15 @@ async fn up_half(
                     h.send_fin();
                 }
                 report_send(enc.stats(), &mut last, ctx);
+                // A full pass encodes up to 1 MiB: milliseconds of this worker. The tunnel writer
+                // it just woke waits in this worker's LIFO slot, which no other worker may steal,
+                // until this task yields; a socket that is always readable never makes it yield,
+                // so a fast source's whole transfer was encoded before its first batch left
+                // (BENCHMARKS.md, "Encoding and sending in turn"). Short passes (a small flow, a
+                // request) end with the socket drained and leave the worker anyway.
+                if total >= READ_BUF {
+                    tokio::task::yield_now().await;
+                }
             }
         }
     };
