@@ -571,7 +571,7 @@ async fn serve(env: &LinkEnv, peer: &Arc<Peer>, tls: Tls, ctl: Arc<LinkCtl>) {
     let why = tokio::select! {
         why = reader(env, peer, &ctl, rd) => why,
         why = writer(peer, &ctl, wr) => why,
-        () = pace => "pacing ended".into(),
+        never = pace => match never {},
         _ = ctl.close.cancelled() => ctl.why().unwrap_or_else(|| "closed".into()),
         _ = kill.cancelled() => "node stopped".into(),
     };

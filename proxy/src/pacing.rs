@@ -322,7 +322,7 @@ pub async fn run(
     gauge: prometheus::IntGauge,
     peer: &str,
     link: u64,
-) {
+) -> std::convert::Infallible {
     use std::os::fd::AsFd;
     /// This connection's cap in the peer's gauge, taken out again when the connection ends.
     struct Share(prometheus::IntGauge, i64);

@@ -1007,6 +1007,53 @@ mod tests {
         assert!(ss.fit_recon((2, 8), &v, None), "a new peer store");
     }
 
+    /// A peer restarted as another build is spoken to in the version its new session speaks
+    /// (its decoders' ops follow it): down to 4 for a build without TDELTA, back up to 5.
+    #[test]
+    fn the_peer_version_follows_its_session() {
+        let engine = Engine::raw();
+        let metrics = Metrics::new();
+        let cfg = SessionConfig {
+            window: 1 << 20,
+            max_streams: 64,
+            ping_interval: Duration::from_secs(1),
+            suspect_after: Duration::from_secs(2),
+            dead_after: Duration::from_secs(30),
+            hold: Duration::from_secs(60),
+        };
+        let spec = PeerSpec {
+            name: "p".into(),
+            fingerprint: Fingerprint([1; 32]),
+            address: None,
+            allow: crate::allow::AllowList::default(),
+        };
+        let hello = |session_id, versions: &[u16]| Hello {
+            versions: versions.to_vec(),
+            store_id: 9,
+            session_id,
+            window: 1 << 20,
+            max_streams: 64,
+            codec: "raw".into(),
+            chunking: String::new(),
+            name: "p".into(),
+        };
+        let (tx, _rx) = mpsc::channel(1);
+        let peer = Arc::new(Peer::new(&spec, cfg, &metrics, tx));
+        assert_eq!(peer.version(), 0, "no session yet");
+        peer.attach(&hello(2, &[3, 4, 5]), 1, &engine)
+            .expect("attach");
+        assert_eq!(peer.version(), 5);
+        peer.attach(&hello(3, &[3, 4]), 1, &engine).expect("attach");
+        assert_eq!(peer.version(), 4, "restarted as an older build");
+        peer.attach(&hello(4, &[3, 4, 5, 6]), 1, &engine)
+            .expect("attach");
+        assert_eq!(
+            peer.version(),
+            5,
+            "a later build: the highest we both speak"
+        );
+    }
+
     /// Two links of a session attaching at once on two threads: waiters and the gauge see both,
     /// whatever the order in which the threads finish (a stale count published last once left
     /// `wait_links(2)` waiting forever with two links attached).
