@@ -142,6 +142,31 @@ impl Pair {
         s
     }
 
+    /// Both sides' flow, stream-reset, limit and link series: what a failed count is read against.
+    fn counters(&self) -> String {
+        let mut s = String::new();
+        for (side, admin) in [("a", self.admin_a), ("b", self.admin_b)] {
+            let m = common::http_get(admin, "/metrics")
+                .map(|r| r.1)
+                .unwrap_or_default();
+            s += &format!("--- site-{side} counters ---\n");
+            for l in m.lines().filter(|l| {
+                [
+                    "ditto_flows_total",
+                    "ditto_stream_resets_total",
+                    "ditto_limit",
+                    "ditto_tunnel_",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            }) {
+                s += l;
+                s.push('\n');
+            }
+        }
+        s
+    }
+
     fn metric(&self, admin: SocketAddr, series: &str) -> f64 {
         let m = common::http_get(admin, "/metrics")
             .map(|r| r.1)
@@ -569,6 +594,19 @@ fn flows_past_max_flows_pass_through_counted_and_logged() {
             assert_eq!(got, msg, "flow {i}");
             held.push(s);
         }
+        // Site-b's own flows still hold its limit: had one of them ended, a stream from site-a
+        // could have been taken, and the counts below would not say why.
+        for (i, s) in held.iter_mut().take(MAX).enumerate() {
+            s.write_all(b"live").await.expect("write");
+            let mut got = [0u8; 4];
+            let r = tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await;
+            assert!(
+                matches!(r, Ok(Ok(_))) && &got == b"live",
+                "site-b flow {i} died while held: {r:?}\n{}{}",
+                pair.counters(),
+                pair.logs()
+            );
+        }
     });
     let m = |o: &str, r: &str| pair.flows(o, r);
     assert_eq!(
@@ -652,7 +690,8 @@ fn flows_the_far_side_refuses_pass_through_with_their_bytes() {
         (m("accelerated", "forward"), m("passthrough", "peer-busy")),
         // Opened through the tunnel, refused there, carried on directly.
         (3.0, 3.0),
-        "{}",
+        "{}{}",
+        pair.counters(),
         pair.logs()
     );
     let resets = pair.metric(pair.admin_a, "ditto_stream_resets_total{reason=\"busy\"}");
