@@ -84,8 +84,11 @@ pub struct Chunker {
     mask_l: u64,
     /// Bytes since the last boundary (at most `max_size` once scanned).
     buf: Vec<u8>,
-    /// Length of `buf` at which the last scan found no boundary; below `min_size` nothing to scan.
-    scanned_len: usize,
+    /// Where the scan of `buf` stopped without finding a boundary, and the gear hash there: bytes
+    /// appended later are scanned from that point, not again from the chunk's start. (A chatty
+    /// flow appends a few dozen bytes at a time to a chunk of kilobytes.)
+    scan_pos: usize,
+    scan_hash: u64,
 }
 
 impl Chunker {
@@ -101,7 +104,8 @@ impl Chunker {
             mask_l,
             // Allocated on first use: a thousand idle streams should cost nothing here.
             buf: Vec::new(),
-            scanned_len: 0,
+            scan_pos: 0,
+            scan_hash: 0,
         }
     }
 
@@ -150,7 +154,7 @@ impl Chunker {
                 return;
             };
             emit(&self.buf[..cut]);
-            self.scanned_len = 0;
+            self.reset_scan();
             if cut >= old {
                 // The bytes after the cut are still in `data`: give them back and cut from there.
                 data = &data[cut - old..];
@@ -168,24 +172,57 @@ impl Chunker {
                     data = &data[cut..];
                 }
                 None => {
+                    // FastCDC found nothing here, but does not say where its hash stood: the next
+                    // push scans these bytes once more, and never again.
                     self.buf.extend_from_slice(data);
-                    self.scanned_len = self.buf.len();
+                    self.reset_scan();
                     return;
                 }
             }
         }
     }
 
-    /// Scans the open chunk unless it has not grown since a scan that found nothing.
+    /// Looks for a boundary in the open chunk, from where the last scan of it stopped.
+    ///
+    /// The same cut points as [`Self::find_boundary`] (FastCDC v2020): a gear hash from `min_size`
+    /// on, the harder mask before `avg_size` and the easier one after it, a cut where the masked hash
+    /// is zero, a forced cut at `max_size`. FastCDC rolls two bytes per step, with the table and mask
+    /// shifted left by one on the first of them; a one-byte gear hash checked against the unshifted
+    /// mask finds the same positions (the masks leave the top bit clear). A position's hash depends
+    /// only on the bytes up to it, so a cut found now is where FastCDC would find it later.
     fn scan_buf(&mut self) -> Option<usize> {
-        if self.buf.len() == self.scanned_len {
+        let min = self.params.min_size as usize;
+        let avg = self.params.avg_size as usize;
+        let max = self.params.max_size as usize;
+        let len = self.buf.len();
+        if len <= min {
             return None;
         }
-        let r = self.find_boundary(&self.buf);
-        if r.is_none() {
-            self.scanned_len = self.buf.len();
+        let end = len.min(max);
+        let gear = gear();
+        let mut pos = self.scan_pos.max(min);
+        let mut hash = self.scan_hash;
+        while pos < end {
+            hash = (hash << 1).wrapping_add(gear[self.buf[pos] as usize]);
+            let mask = if pos < avg { self.mask_s } else { self.mask_l };
+            if hash & mask == 0 {
+                self.reset_scan();
+                return Some(pos);
+            }
+            pos += 1;
         }
-        r
+        if len >= max {
+            self.reset_scan();
+            return Some(max);
+        }
+        self.scan_pos = pos;
+        self.scan_hash = hash;
+        None
+    }
+
+    fn reset_scan(&mut self) {
+        self.scan_pos = 0;
+        self.scan_hash = 0;
     }
 
     /// Ends the stream: the open chunk (if any) is returned as a final, possibly short, chunk.
@@ -195,9 +232,15 @@ impl Chunker {
         if !self.buf.is_empty() {
             emit(&self.buf);
             self.buf.clear();
-            self.scanned_len = 0;
+            self.reset_scan();
         }
     }
+}
+
+/// FastCDC's gear table (the crate's own, unseeded).
+fn gear() -> &'static [u64; 256] {
+    static GEAR: std::sync::OnceLock<Box<[u64; 256]>> = std::sync::OnceLock::new();
+    GEAR.get_or_init(|| v2020::get_gear_with_seed(0).0)
 }
 
 /// Cuts a whole buffer into chunks (the reference behaviour the streaming chunker must match).
@@ -293,6 +336,46 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// What the resumed one-byte scan of the open chunk relies on to match FastCDC's two-byte
+    /// steps: the shifted table is the table shifted, and no mask uses the top bit.
+    #[test]
+    fn one_byte_scan_assumptions_hold() {
+        let (gear, gear_ls) = v2020::get_gear_with_seed(0);
+        assert!(gear.iter().zip(gear_ls.iter()).all(|(g, ls)| g << 1 == *ls));
+        assert!(v2020::MASKS.iter().all(|m| m >> 63 == 0));
+    }
+
+    /// A chatty stream: pieces of a few dozen bytes, each one resuming the scan of the open chunk,
+    /// cut exactly where one pass over the whole stream cuts, for several chunk sizes and for data
+    /// that cuts early, late (text) and only at the maximum (zeros).
+    #[test]
+    fn small_pieces_cut_where_the_whole_stream_cuts() {
+        let mut data = random(5, 300_000);
+        data.extend(std::iter::repeat_n(0u8, 70_000));
+        data.extend(b"INSERT INTO t VALUES (1, 'a row of text');\n".repeat(3_000));
+        data.extend(random(6, 50_000));
+        let sizes = [(1024, 4096, 16384), (256, 1024, 4096), (2048, 8192, 65536)];
+        for (min_size, avg_size, max_size) in sizes {
+            let p = ChunkParams {
+                min_size,
+                avg_size,
+                max_size,
+            };
+            let whole = chunk_all(p, &data);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(avg_size));
+            let mut c = Chunker::new(p);
+            let mut lens = Vec::new();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=80usize.min(rest.len()));
+                c.push(&rest[..n], |ch| lens.push(ch.len()));
+                rest = &rest[n..];
+            }
+            c.finish(|ch| lens.push(ch.len()));
+            assert_eq!(whole, lens, "chunk sizes {min_size}/{avg_size}/{max_size}");
+        }
     }
 
     proptest! {
