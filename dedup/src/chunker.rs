@@ -188,8 +188,8 @@ impl Chunker {
     /// on, the harder mask before `avg_size` and the easier one after it, a cut where the masked hash
     /// is zero, a forced cut at `max_size`. FastCDC rolls two bytes per step, with the table and mask
     /// shifted left by one on the first of them; a one-byte gear hash checked against the unshifted
-    /// mask finds the same positions (the masks leave the top bit clear). A position's hash depends
-    /// only on the bytes up to it, so a cut found now is where FastCDC would find it later.
+    /// mask finds the same positions (the masks leave the top bit clear). Like FastCDC this scans
+    /// whole pairs only: the odd last byte of a stream is never a cut point.
     fn scan_buf(&mut self) -> Option<usize> {
         let min = self.params.min_size as usize;
         let avg = self.params.avg_size as usize;
@@ -198,7 +198,7 @@ impl Chunker {
         if len <= min {
             return None;
         }
-        let end = len.min(max);
+        let end = len.min(max) & !1;
         let gear = gear();
         let mut pos = self.scan_pos.max(min);
         let mut hash = self.scan_hash;
@@ -375,6 +375,27 @@ mod tests {
             }
             c.finish(|ch| lens.push(ch.len()));
             assert_eq!(whole, lens, "chunk sizes {min_size}/{avg_size}/{max_size}");
+        }
+        // Short streams at small sizes, each ending wherever it ends: FastCDC never cuts at the
+        // odd last byte of a stream, and neither may the resumed scan.
+        let p = ChunkParams {
+            min_size: 64,
+            avg_size: 256,
+            max_size: 1024,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        for len in (1..4000).step_by(3) {
+            let data = random(len as u64, len);
+            let mut c = Chunker::new(p);
+            let mut lens = Vec::new();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=16usize.min(rest.len()));
+                c.push(&rest[..n], |ch| lens.push(ch.len()));
+                rest = &rest[n..];
+            }
+            c.finish(|ch| lens.push(ch.len()));
+            assert_eq!(chunk_all(p, &data), lens, "a stream of {len} bytes");
         }
     }
 

@@ -225,3 +225,42 @@ pub fn summary_seeds() -> Vec<Vec<u8>> {
     torn.truncate(file.len() - 7);
     vec![exchange, file, torn]
 }
+
+/// The streaming chunker, fed `data` in pieces of 1 to 64 bytes (their sizes read from the data
+/// itself), cuts where one pass over all of it cuts, at small and at default chunk sizes. A
+/// difference panics: boundaries that depend on how a stream was read would be a bug.
+pub fn chunker(data: &[u8]) {
+    use crate::chunker::{chunk_all, ChunkParams, Chunker};
+    let small = ChunkParams {
+        min_size: 64,
+        avg_size: 256,
+        max_size: 1024,
+    };
+    for params in [small, ChunkParams::default()] {
+        let whole = chunk_all(params, data);
+        let mut c = Chunker::new(params);
+        let mut lens = Vec::new();
+        let mut rest = data;
+        while let Some(&b) = rest.first() {
+            let n = (1 + usize::from(b) % 64).min(rest.len());
+            c.push(&rest[..n], |ch| lens.push(ch.len()));
+            rest = &rest[n..];
+        }
+        c.finish(|ch| lens.push(ch.len()));
+        assert_eq!(whole, lens, "boundaries depend on the read sizes");
+    }
+}
+
+/// Seed inputs for [`chunker`]: noise, text and zeros, long enough for many cuts at small sizes.
+pub fn chunker_seeds() -> Vec<Vec<u8>> {
+    let mut noise = vec![0u8; 4000];
+    blake3::Hasher::new()
+        .update(b"chunker seed")
+        .finalize_xof()
+        .fill(&mut noise);
+    let text = b"COPY t (a, b) FROM stdin;\n1\thello\n2\tworld\n".repeat(90);
+    let mut mixed = noise[..1500].to_vec();
+    mixed.extend(std::iter::repeat_n(0u8, 1500));
+    mixed.extend_from_slice(&text[..1000]);
+    vec![noise, text, mixed]
+}

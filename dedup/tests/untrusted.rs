@@ -355,6 +355,7 @@ fn fuzz_corpus_replays_without_panic() {
         ("encoder_feedback", ditto_dedup::fuzzing::encoder_feedback),
         ("store_records", ditto_dedup::fuzzing::store_records),
         ("summary", ditto_dedup::fuzzing::summary),
+        ("chunker", ditto_dedup::fuzzing::chunker),
     ] {
         let dir = root.join(target);
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -384,6 +385,10 @@ fn write_corpus_seeds() {
     std::fs::create_dir_all(root.join("summary")).expect("mkdir");
     for (i, seed) in ditto_dedup::fuzzing::summary_seeds().iter().enumerate() {
         std::fs::write(root.join(format!("summary/seed-{i}")), seed).expect("write");
+    }
+    std::fs::create_dir_all(root.join("chunker")).expect("mkdir");
+    for (i, seed) in ditto_dedup::fuzzing::chunker_seeds().iter().enumerate() {
+        std::fs::write(root.join(format!("chunker/seed-{i}")), seed).expect("write");
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     for (i, (len, flush)) in [
