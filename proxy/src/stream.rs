@@ -15,6 +15,7 @@ use crate::frame::ResetReason;
 use crate::peer::StreamHandle;
 use crate::sock;
 use prometheus::IntCounter;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
@@ -245,8 +246,6 @@ async fn up_half(
     replay: &mut Option<Replay>,
     answered: &AtomicBool,
 ) -> Result<(), ResetReason> {
-    // Allocated while the flow is busy, released when it goes quiet: idle flows cost little.
-    let mut buf: Vec<u8> = Vec::new();
     let mut out = Vec::new();
     let mut eof = initial_eof;
     if eof {
@@ -301,10 +300,6 @@ async fn up_half(
             .update(&mut mine, h.retained() + enc.retained_bytes() + kept);
         let budget_spent = ctx.retained.spent();
         let can_read = !eof && queued < ctx.send_queue_limit && !budget_spent;
-        if !can_read && buf.capacity() > 0 {
-            // A flow that waits keeps no read buffer.
-            buf = Vec::new();
-        }
         tokio::select! {
             _ = h.up_wait() => {}
             _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {}
@@ -325,45 +320,16 @@ async fn up_half(
                 }
                 // Read what is there now, up to that; an empty socket means the client paused,
                 // which is when the encoder must let pending bytes go.
-                if buf.len() < READ_BUF.min(allowed) {
-                    buf.resize(READ_BUF.min(allowed), 0);
-                }
-                let mut total = 0usize;
-                let mut paused = false;
-                let mut err = None;
-                // Stop early once the output would overfill the send queue.
-                while total < allowed && queued + out.len() < ctx.send_queue_limit {
-                    let room = buf.len().min(allowed - total);
-                    match rd.try_read(&mut buf[..room]) {
-                        Ok(0) => {
-                            eof = true;
-                            if let Some(r) = replay.as_mut() {
-                                r.eof = true;
-                            }
-                            break;
-                        }
-                        Ok(n) => {
-                            total += n;
-                            if let Some(r) = replay.as_mut() {
-                                r.push(&buf[..n]);
-                            }
-                            enc.write(&buf[..n], &mut out);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            paused = true;
-                            break;
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            err = Some(e);
-                            break;
-                        }
+                let limit = ctx.send_queue_limit;
+                let pass = read_pass(&rd, allowed, queued, limit, enc.as_mut(), &mut out, replay);
+                let (total, paused, err) = (pass.total, pass.paused, pass.err);
+                if pass.eof {
+                    eof = true;
+                    if let Some(r) = replay.as_mut() {
+                        r.eof = true;
                     }
                 }
                 ctx.lan_sent.inc_by(total as u64);
-                if paused && total < READ_BUF {
-                    buf = Vec::new();
-                }
                 if let Some(e) = err {
                     tracing::debug!(stream = h.id, "LAN read error: {e}");
                     h.reset(ResetReason::Reset);
@@ -402,6 +368,87 @@ async fn up_half(
     report_send(enc.stats(), &mut last, ctx);
     ctx.retained.update(&mut mine, 0);
     result
+}
+
+thread_local! {
+    /// The runtime worker's read buffer. A pass reads into it and encodes what it read before it
+    /// awaits anything, so a flow needs no read buffer of its own: an idle flow holds none, and a
+    /// chatty one does not allocate and clear 64 KiB for every request.
+    static READ_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the worker's read buffer, `len` bytes of it.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_SCRATCH.with(|cell| {
+        // Nothing awaits while the buffer is borrowed, so it is always free here; a fresh one
+        // would do if it were not.
+        let mut own = Vec::new();
+        let mut scratch = cell.try_borrow_mut();
+        let buf = match scratch.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => &mut own,
+        };
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// What one pass over a readable LAN socket did.
+struct Pass {
+    total: usize,
+    /// The socket had nothing more (the client paused).
+    paused: bool,
+    eof: bool,
+    err: Option<std::io::Error>,
+}
+
+/// Reads what the LAN socket holds, up to `allowed` bytes and until the encoder's output would
+/// overfill the send queue, and encodes it into `out` (and the replay, while one is kept).
+fn read_pass(
+    rd: &ReadHalf<'_>,
+    allowed: usize,
+    queued: usize,
+    limit: usize,
+    enc: &mut dyn SendCodec,
+    out: &mut Vec<u8>,
+    replay: &mut Option<Replay>,
+) -> Pass {
+    with_scratch(READ_BUF, |buf| {
+        let mut pass = Pass {
+            total: 0,
+            paused: false,
+            eof: false,
+            err: None,
+        };
+        while pass.total < allowed && queued + out.len() < limit {
+            let room = buf.len().min(allowed - pass.total);
+            match rd.try_read(&mut buf[..room]) {
+                Ok(0) => {
+                    pass.eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    pass.total += n;
+                    if let Some(r) = replay.as_mut() {
+                        r.push(&buf[..n]);
+                    }
+                    enc.write(&buf[..n], out);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    pass.paused = true;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    pass.err = Some(e);
+                    break;
+                }
+            }
+        }
+        pass
+    })
 }
 
 /// Queues the encoder's output. Once the encoder's first unit is out, tells the stream its size
@@ -534,23 +581,19 @@ async fn write_lan(
 /// Reads what a newly accepted LAN client already sent, without waiting: it travels in the OPEN.
 /// Returns (bytes, eof).
 pub fn read_waiting(lan: &TcpStream, max: usize) -> std::io::Result<(Vec<u8>, bool)> {
-    let mut buf = vec![0u8; max];
-    let mut n = 0;
-    while n < max {
-        match lan.try_read(&mut buf[n..]) {
-            Ok(0) => {
-                buf.truncate(n);
-                buf.shrink_to_fit();
-                return Ok((buf, true));
+    // Read into the worker's buffer: usually a few bytes or none arrived, and only those are kept
+    // for the life of the flow.
+    with_scratch(max, |buf| {
+        let mut n = 0;
+        while n < max {
+            match lan.try_read(&mut buf[n..]) {
+                Ok(0) => return Ok((buf[..n].to_vec(), true)),
+                Ok(m) => n += m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            Ok(m) => n += m,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
         }
-    }
-    // Usually a few bytes or none: do not keep the whole buffer for the life of the flow.
-    buf.truncate(n);
-    buf.shrink_to_fit();
-    Ok((buf, false))
+        Ok((buf[..n].to_vec(), false))
+    })
 }
