@@ -27,6 +27,31 @@ fn data_of(key: &[u8], len: usize) -> Vec<u8> {
     v
 }
 
+/// Hands `wire` to the decoder and checks what it outputs against `data` from `received` on;
+/// returns the decoder's time. Its feedback is left in `fb`.
+fn deliver(
+    dec: &mut Decoder,
+    wire: &mut Vec<u8>,
+    fb: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+    data: &[u8],
+    received: &mut usize,
+) -> Duration {
+    let t = Instant::now();
+    dec.receive(wire).expect("receive");
+    dec.read(out).expect("read");
+    dec.feedback(fb);
+    let d = t.elapsed();
+    wire.clear();
+    assert!(
+        out[..] == data[*received..*received + out.len()],
+        "decoded bytes differ"
+    );
+    *received += out.len();
+    out.clear();
+    d
+}
+
 /// Sends `data` as one stream in 1 MiB reads; returns (wire bytes, encoder time, decoder time).
 fn transfer(enc: &mut Encoder, dec: &mut Decoder, data: &[u8]) -> (u64, Duration, Duration) {
     let (mut te, mut td) = (Duration::ZERO, Duration::ZERO);
@@ -35,14 +60,6 @@ fn transfer(enc: &mut Encoder, dec: &mut Decoder, data: &[u8]) -> (u64, Duration
     let mut out = Vec::new();
     let mut wire_bytes = 0u64;
     let mut received = 0usize;
-    let check = |out: &mut Vec<u8>, received: &mut usize| {
-        assert!(
-            out[..] == data[*received..*received + out.len()],
-            "decoded bytes differ"
-        );
-        *received += out.len();
-        out.clear();
-    };
     let reads: Vec<&[u8]> = data.chunks(1 << 20).collect();
     for (i, piece) in reads.iter().enumerate() {
         let t = Instant::now();
@@ -53,13 +70,7 @@ fn transfer(enc: &mut Encoder, dec: &mut Decoder, data: &[u8]) -> (u64, Duration
         te += t.elapsed();
         loop {
             wire_bytes += wire.len() as u64;
-            let t = Instant::now();
-            dec.receive(&wire).expect("receive");
-            dec.read(&mut out).expect("read");
-            dec.feedback(&mut fb);
-            td += t.elapsed();
-            wire.clear();
-            check(&mut out, &mut received);
+            td += deliver(dec, &mut wire, &mut fb, &mut out, data, &mut received);
             if fb.is_empty() {
                 break;
             }
@@ -164,18 +175,7 @@ fn main() {
             enc.write(m, &mut wire);
             enc.flush(&mut wire);
             te += t.elapsed();
-            let t = Instant::now();
-            dec.receive(&wire).expect("receive");
-            dec.read(&mut out).expect("read");
-            dec.feedback(&mut fb);
-            td += t.elapsed();
-            wire.clear();
-            assert!(
-                out[..] == msgs[received..received + out.len()],
-                "decoded bytes differ"
-            );
-            received += out.len();
-            out.clear();
+            td += deliver(&mut dec, &mut wire, &mut fb, &mut out, msgs, &mut received);
             if !fb.is_empty() {
                 let t = Instant::now();
                 enc.feedback(&fb, &mut wire).expect("feedback");

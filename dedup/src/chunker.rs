@@ -243,6 +243,25 @@ fn gear() -> &'static [u64; 256] {
     GEAR.get_or_init(|| v2020::get_gear_with_seed(0).0)
 }
 
+/// Cuts `data` fed to a streaming chunker in pieces, each as long as `piece` says given what is
+/// left (at least 1 byte, at most all of it): what must match [`chunk_all`] whatever the pieces.
+pub fn chunk_in_pieces(
+    params: ChunkParams,
+    data: &[u8],
+    mut piece: impl FnMut(&[u8]) -> usize,
+) -> Vec<usize> {
+    let mut c = Chunker::new(params);
+    let mut lens = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = piece(rest).clamp(1, rest.len());
+        c.push(&rest[..n], |ch| lens.push(ch.len()));
+        rest = &rest[n..];
+    }
+    c.finish(|ch| lens.push(ch.len()));
+    lens
+}
+
 /// Cuts a whole buffer into chunks (the reference behaviour the streaming chunker must match).
 pub fn chunk_all(params: ChunkParams, data: &[u8]) -> Vec<usize> {
     let mut c = Chunker::new(params);
@@ -363,18 +382,13 @@ mod tests {
                 avg_size,
                 max_size,
             };
-            let whole = chunk_all(p, &data);
             let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(avg_size));
-            let mut c = Chunker::new(p);
-            let mut lens = Vec::new();
-            let mut rest = &data[..];
-            while !rest.is_empty() {
-                let n = rng.gen_range(1..=80usize.min(rest.len()));
-                c.push(&rest[..n], |ch| lens.push(ch.len()));
-                rest = &rest[n..];
-            }
-            c.finish(|ch| lens.push(ch.len()));
-            assert_eq!(whole, lens, "chunk sizes {min_size}/{avg_size}/{max_size}");
+            let lens = chunk_in_pieces(p, &data, |_| rng.gen_range(1..=80));
+            assert_eq!(
+                chunk_all(p, &data),
+                lens,
+                "chunk sizes {min_size}/{avg_size}/{max_size}"
+            );
         }
         // Short streams at small sizes, each ending wherever it ends: FastCDC never cuts at the
         // odd last byte of a stream, and neither may the resumed scan.
@@ -386,15 +400,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(17);
         for len in (1..4000).step_by(3) {
             let data = random(len as u64, len);
-            let mut c = Chunker::new(p);
-            let mut lens = Vec::new();
-            let mut rest = &data[..];
-            while !rest.is_empty() {
-                let n = rng.gen_range(1..=16usize.min(rest.len()));
-                c.push(&rest[..n], |ch| lens.push(ch.len()));
-                rest = &rest[n..];
-            }
-            c.finish(|ch| lens.push(ch.len()));
+            let lens = chunk_in_pieces(p, &data, |_| rng.gen_range(1..=16));
             assert_eq!(chunk_all(p, &data), lens, "a stream of {len} bytes");
         }
     }
@@ -407,15 +413,7 @@ mod tests {
             let data = random(seed, len);
             let whole = chunk_all(p, &data);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-            let mut c = Chunker::new(p);
-            let mut lens = Vec::new();
-            let mut rest = &data[..];
-            while !rest.is_empty() {
-                let n = rng.gen_range(1..=max_read.min(rest.len()));
-                c.push(&rest[..n], |ch| lens.push(ch.len()));
-                rest = &rest[n..];
-            }
-            c.finish(|ch| lens.push(ch.len()));
+            let lens = chunk_in_pieces(p, &data, |_| rng.gen_range(1..=max_read));
             prop_assert_eq!(whole, lens);
         }
     }

@@ -230,24 +230,19 @@ pub fn summary_seeds() -> Vec<Vec<u8>> {
 /// itself), cuts where one pass over all of it cuts, at small and at default chunk sizes. A
 /// difference panics: boundaries that depend on how a stream was read would be a bug.
 pub fn chunker(data: &[u8]) {
-    use crate::chunker::{chunk_all, ChunkParams, Chunker};
+    use crate::chunker::{chunk_all, chunk_in_pieces, ChunkParams};
     let small = ChunkParams {
         min_size: 64,
         avg_size: 256,
         max_size: 1024,
     };
     for params in [small, ChunkParams::default()] {
-        let whole = chunk_all(params, data);
-        let mut c = Chunker::new(params);
-        let mut lens = Vec::new();
-        let mut rest = data;
-        while let Some(&b) = rest.first() {
-            let n = (1 + usize::from(b) % 64).min(rest.len());
-            c.push(&rest[..n], |ch| lens.push(ch.len()));
-            rest = &rest[n..];
-        }
-        c.finish(|ch| lens.push(ch.len()));
-        assert_eq!(whole, lens, "boundaries depend on the read sizes");
+        let lens = chunk_in_pieces(params, data, |rest| 1 + usize::from(rest[0]) % 64);
+        assert_eq!(
+            chunk_all(params, data),
+            lens,
+            "boundaries depend on the read sizes"
+        );
     }
 }
 
