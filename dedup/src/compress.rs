@@ -185,6 +185,10 @@ mod tests {
 /// `refPrefix` instead. (A prefix and a raw-content dictionary make and read the same frames.)
 const ZSTD_DICT_MAGIC: [u8; 4] = 0xEC30_A437u32.to_le_bytes();
 
+fn no_dctx() -> WireError {
+    WireError::Decompress("no decompression context".into())
+}
+
 fn zstd_error(code: usize) -> WireError {
     WireError::Decompress(get_error_name(code).to_string())
 }
@@ -225,8 +229,7 @@ pub fn delta_compress(base: &[u8], data: &[u8], level: i32) -> Option<Vec<u8>> {
 pub fn delta_decompress(base: &[u8], payload: &[u8], raw_len: usize) -> Result<Vec<u8>, WireError> {
     let mut dst = Vec::with_capacity(raw_len);
     if base.starts_with(&ZSTD_DICT_MAGIC) {
-        let mut dctx = DCtx::try_create()
-            .ok_or_else(|| WireError::Decompress("no decompression context".into()))?;
+        let mut dctx = DCtx::try_create().ok_or_else(no_dctx)?;
         dctx.ref_prefix(base).map_err(zstd_error)?;
         dctx.decompress(&mut dst, payload).map_err(zstd_error)?;
     } else {
@@ -235,14 +238,9 @@ pub fn delta_decompress(base: &[u8], payload: &[u8], raw_len: usize) -> Result<V
                 .try_borrow_mut()
                 .map_err(|_| WireError::Decompress("decompression context in use".into()))?;
             if slot.is_none() {
-                *slot = Some(
-                    DCtx::try_create()
-                        .ok_or_else(|| WireError::Decompress("no decompression context".into()))?,
-                );
+                *slot = Some(DCtx::try_create().ok_or_else(no_dctx)?);
             }
-            let Some(dctx) = slot.as_mut() else {
-                return Err(WireError::Decompress("no decompression context".into()));
-            };
+            let dctx = slot.as_mut().ok_or_else(no_dctx)?;
             dctx.reset(ResetDirective::SessionAndParameters)
                 .map_err(zstd_error)?;
             dctx.load_dictionary(base).map_err(zstd_error)?;

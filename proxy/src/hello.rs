@@ -176,12 +176,17 @@ impl Hello {
 
     /// The version both sides use: the highest both speak.
     pub fn common_version(&self, theirs: &Hello) -> Option<u16> {
-        self.versions
-            .iter()
-            .copied()
-            .filter(|v| theirs.versions.contains(v))
-            .max()
+        highest_common(&self.versions, &theirs.versions)
     }
+}
+
+/// The version this build uses with the peer that sent `theirs` (see [`Hello::common_version`]).
+pub fn version_with(theirs: &Hello) -> Option<u16> {
+    highest_common(VERSIONS, &theirs.versions)
+}
+
+fn highest_common(ours: &[u16], theirs: &[u16]) -> Option<u16> {
+    ours.iter().copied().filter(|v| theirs.contains(v)).max()
 }
 
 /// Sends our hello and reads the peer's. The caller bounds the whole exchange with a timeout.

@@ -470,12 +470,7 @@ impl Peer {
             let old_links = std::mem::take(&mut st.links);
             st.gen += 1;
             st.peer_session = hello.session_id;
-            st.peer_version = crate::hello::VERSIONS
-                .iter()
-                .copied()
-                .filter(|v| hello.versions.contains(v))
-                .max()
-                .unwrap_or(0);
+            st.peer_version = crate::hello::version_with(hello).unwrap_or(0);
             st.resumed_seen = 0;
             st.held_seen = 0.0;
             st.session = Some(Session::new(
@@ -1007,35 +1002,51 @@ mod tests {
         assert!(ss.fit_recon((2, 8), &v, None), "a new peer store");
     }
 
-    /// A peer restarted as another build is spoken to in the version its new session speaks
-    /// (its decoders' ops follow it): down to 4 for a build without TDELTA, back up to 5.
-    #[test]
-    fn the_peer_version_follows_its_session() {
-        let engine = Engine::raw();
-        let metrics = Metrics::new();
-        let cfg = SessionConfig {
+    fn test_session_config() -> SessionConfig {
+        SessionConfig {
             window: 1 << 20,
             max_streams: 64,
             ping_interval: Duration::from_secs(1),
             suspect_after: Duration::from_secs(2),
             dead_after: Duration::from_secs(30),
             hold: Duration::from_secs(60),
-        };
-        let spec = PeerSpec {
+        }
+    }
+
+    fn test_spec() -> PeerSpec {
+        PeerSpec {
             name: "p".into(),
             fingerprint: Fingerprint([1; 32]),
             address: None,
             allow: crate::allow::AllowList::default(),
-        };
-        let hello = |session_id, versions: &[u16]| Hello {
-            versions: versions.to_vec(),
+        }
+    }
+
+    /// Peer "p"'s hello: session 2, this build's protocol version, the raw codec.
+    fn test_hello() -> Hello {
+        Hello {
+            versions: vec![crate::hello::PROTOCOL_VERSION],
             store_id: 9,
-            session_id,
+            session_id: 2,
             window: 1 << 20,
             max_streams: 64,
             codec: "raw".into(),
             chunking: String::new(),
             name: "p".into(),
+        }
+    }
+
+    /// A peer restarted as another build is spoken to in the version its new session speaks
+    /// (its decoders' ops follow it): down to 4 for a build without TDELTA, back up to 5.
+    #[test]
+    fn the_peer_version_follows_its_session() {
+        let engine = Engine::raw();
+        let metrics = Metrics::new();
+        let (cfg, spec) = (test_session_config(), test_spec());
+        let hello = |session_id, versions: &[u16]| Hello {
+            versions: versions.to_vec(),
+            session_id,
+            ..test_hello()
         };
         let (tx, _rx) = mpsc::channel(1);
         let peer = Arc::new(Peer::new(&spec, cfg, &metrics, tx));
@@ -1061,30 +1072,8 @@ mod tests {
     fn links_attaching_at_once_are_all_counted() {
         let engine = Engine::raw();
         let metrics = Metrics::new();
-        let cfg = SessionConfig {
-            window: 1 << 20,
-            max_streams: 64,
-            ping_interval: Duration::from_secs(1),
-            suspect_after: Duration::from_secs(2),
-            dead_after: Duration::from_secs(30),
-            hold: Duration::from_secs(60),
-        };
-        let spec = PeerSpec {
-            name: "p".into(),
-            fingerprint: Fingerprint([1; 32]),
-            address: None,
-            allow: crate::allow::AllowList::default(),
-        };
-        let hello = Hello {
-            versions: vec![crate::hello::PROTOCOL_VERSION],
-            store_id: 9,
-            session_id: 2,
-            window: 1 << 20,
-            max_streams: 64,
-            codec: "raw".into(),
-            chunking: String::new(),
-            name: "p".into(),
-        };
+        let (cfg, spec) = (test_session_config(), test_spec());
+        let hello = test_hello();
         for round in 0..10_000 {
             let (tx, _rx) = mpsc::channel(1);
             let peer = Arc::new(Peer::new(&spec, cfg.clone(), &metrics, tx));
