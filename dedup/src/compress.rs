@@ -179,6 +179,10 @@ mod tests {
     }
 }
 
+/// The first four bytes of every zstd frame. An ERUN's edits leave them out (the decoder puts them
+/// back): 13 KB of a database dump's re-send.
+pub const ZSTD_FRAME_MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+
 /// zstd's dictionary magic number. A delta's base is raw content, a prefix in zstd's terms: the
 /// thread's reused contexts load it as a dictionary, which zstd would parse as a formatted
 /// dictionary if it began with these bytes, so such a base goes through a fresh context and

@@ -21,6 +21,12 @@ pub struct EngineConfig {
     /// rather than whole-chunk DELTAs. Only for a peer whose decoder knows TDELTA: every decoder
     /// of this version does; the tunnel turns it off for a peer older than tunnel protocol 5.
     pub trimmed_deltas: bool,
+    /// Let a run of successor-hinted chunks carry edited chunks as deltas against the chunks the
+    /// walk reaches (ERUN ops), instead of ending the run at each edit: a changed row costs its
+    /// delta and a few bytes, not a base id and a new run. Only for a peer whose decoder knows
+    /// ERUN: the tunnel turns it off for a peer older than tunnel protocol 6. Needs
+    /// `trimmed_deltas`.
+    pub edited_runs: bool,
 }
 
 impl Default for EngineConfig {
@@ -33,6 +39,7 @@ impl Default for EngineConfig {
             max_run: 1024,
             max_output_buffer: 4 << 20,
             trimmed_deltas: true,
+            edited_runs: true,
         }
     }
 }

@@ -11,7 +11,7 @@
 //! `max_output_buffer` bytes wait to be read, and queued input is bounded by the caller's flow control
 //! (and by `max_queued_bytes` as a backstop).
 
-use crate::compress::{delta_apply, get_literals};
+use crate::compress::{delta_apply, get_literals, ZSTD_FRAME_MAGIC};
 use crate::config::EngineConfig;
 use crate::fingerprint::{ChunkId, CHUNK_ID_LEN};
 use crate::peer::PeerView;
@@ -43,10 +43,14 @@ enum Op {
     Part(u32),
     Ref(ChunkId),
     PartRef(ChunkId, u32),
+    /// `count` chunks from `first` on, following successor hints, some of them replaced by the
+    /// edits `edits` of the batch's edit table (an ERUN; an empty range for a RUN). `digest` is
+    /// over the ids of the chunks output, edits included.
     Run {
         count: u32,
         first: ChunkId,
         digest: [u8; CHUNK_ID_LEN],
+        edits: (u32, u32),
     },
     Cut(u32),
     /// A new chunk as a zstd delta against `base`, keeping the base's first `head` and last `tail`
@@ -61,6 +65,18 @@ enum Op {
     },
 }
 
+/// An edited chunk of an ERUN: the run's `index`th chunk as a trimmed delta against the chunk the
+/// walk reaches there; the payload is `deltas[start..start + len]`.
+#[derive(Clone, Copy, Debug)]
+struct Edit {
+    index: u32,
+    raw_len: u32,
+    head: u32,
+    tail: u32,
+    start: u32,
+    len: u32,
+}
+
 /// Bytes resent by the encoder for one op.
 struct Fill {
     lens: Vec<u32>,
@@ -72,8 +88,10 @@ struct Batch {
     ops: Vec<Op>,
     /// The literal section, still compressed until the batch reaches the head of the queue.
     literals: Vec<u8>,
-    /// Payloads of the batch's delta ops.
+    /// Payloads of the batch's delta ops and edits.
     deltas: Vec<u8>,
+    /// The edits of the batch's ERUN ops.
+    edits: Vec<Edit>,
     decoded: Option<Vec<u8>>,
     lit_pos: usize,
     next_op: usize,
@@ -82,6 +100,8 @@ struct Batch {
     /// The chunk ids of the run at `next_op`, once its walk matched, and how many are output.
     run_ids: Option<Vec<ChunkId>>,
     run_done: usize,
+    /// The rebuilt edited chunks of that run not yet output, by index in the run.
+    run_edits: VecDeque<(u32, Vec<u8>)>,
     needed: BTreeSet<u32>,
     fills: HashMap<u32, Fill>,
     encoded_len: usize,
@@ -248,6 +268,7 @@ impl Decoder {
         }
         let mut ops = Vec::with_capacity(n);
         let mut deltas = Vec::new();
+        let mut edits = Vec::new();
         let mut lit_total: u64 = 0;
         for _ in 0..n {
             let tag = r.u8("op tag")?;
@@ -279,28 +300,80 @@ impl Decoder {
                         count: count as u32,
                         first,
                         digest,
+                        edits: (0, 0),
+                    }
+                }
+                wire::OP_ERUN => {
+                    let count = r.bounded("run length", wire::MAX_RUN)?;
+                    if count < 2 {
+                        return Err(WireError::Malformed("run of fewer than two chunks"));
+                    }
+                    let first = r.id()?;
+                    let mut digest = [0u8; CHUNK_ID_LEN];
+                    digest.copy_from_slice(r.bytes(CHUNK_ID_LEN, "run digest")?);
+                    let n = r.bounded("run edit count", count)?;
+                    if n == 0 {
+                        return Err(WireError::Malformed("edited run without edits"));
+                    }
+                    let from = edits.len() as u32;
+                    let mut index = 0u64;
+                    let mut edit_bytes = 0u64;
+                    for _ in 0..n {
+                        index += r.bounded("run edit gap", count)?;
+                        if index >= count {
+                            return Err(WireError::Malformed("run edit beyond the run"));
+                        }
+                        let (raw_len, head, tail, start, len) =
+                            read_edit(&mut r, &mut deltas, &ZSTD_FRAME_MAGIC)?;
+                        edit_bytes += u64::from(raw_len);
+                        if edit_bytes > wire::MAX_RUN_EDIT_BYTES {
+                            return Err(WireError::TooLarge {
+                                what: "edited chunks of a run",
+                                got: edit_bytes,
+                                limit: wire::MAX_RUN_EDIT_BYTES,
+                            });
+                        }
+                        edits.push(Edit {
+                            index: index as u32,
+                            raw_len,
+                            head,
+                            tail,
+                            start,
+                            len,
+                        });
+                        index += 1;
+                    }
+                    Op::Run {
+                        count: count as u32,
+                        first,
+                        digest,
+                        edits: (from, edits.len() as u32),
                     }
                 }
                 wire::OP_CUT => Op::Cut(r.bounded("cut length", wire::MAX_CHUNK as u64)? as u32),
-                wire::OP_DELTA | wire::OP_TDELTA => {
+                wire::OP_DELTA => {
                     let base = r.id()?;
-                    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)?;
-                    let (head, tail) = if tag == wire::OP_TDELTA {
-                        let head = r.bounded("delta head", raw_len)?;
-                        (head, r.bounded("delta tail", raw_len - head)?)
-                    } else {
-                        (0, 0)
-                    };
-                    let len = r.bounded("delta payload length", wire::MAX_CHUNK as u64)? as usize;
-                    let start = deltas.len() as u32;
-                    deltas.extend_from_slice(r.bytes(len, "delta payload")?);
+                    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)? as u32;
+                    let (start, len) = read_delta_payload(&mut r, &mut deltas, &[])?;
                     Op::Delta {
                         base,
-                        raw_len: raw_len as u32,
-                        head: head as u32,
-                        tail: tail as u32,
+                        raw_len,
+                        head: 0,
+                        tail: 0,
                         start,
-                        len: len as u32,
+                        len,
+                    }
+                }
+                wire::OP_TDELTA => {
+                    let base = r.id()?;
+                    let (raw_len, head, tail, start, len) = read_edit(&mut r, &mut deltas, &[])?;
+                    Op::Delta {
+                        base,
+                        raw_len,
+                        head,
+                        tail,
+                        start,
+                        len,
                     }
                 }
                 other => return Err(WireError::UnknownOp(other)),
@@ -335,12 +408,14 @@ impl Decoder {
             ops,
             literals,
             deltas,
+            edits,
             decoded: None,
             lit_pos: 0,
             next_op: 0,
             op_done: 0,
             run_ids: None,
             run_done: 0,
+            run_edits: VecDeque::new(),
             needed: BTreeSet::new(),
             fills: HashMap::new(),
             encoded_len,
@@ -418,7 +493,14 @@ impl Decoder {
                 count,
                 first,
                 digest,
+                edits,
             }) => {
+                // The first chunk is `first` itself unless the run's first chunk is an edit of it.
+                let first_edited = edits.0 < edits.1
+                    && batch
+                        .edits
+                        .get(edits.0 as usize)
+                        .is_some_and(|e| e.index == 0);
                 let mut hasher = blake3::Hasher::new();
                 let mut pos = 0usize;
                 let mut ids = 0u32;
@@ -430,7 +512,7 @@ impl Decoder {
                     pos += len as usize;
                     ids += 1;
                 }
-                first_ok
+                (first_ok || first_edited)
                     && ids == count
                     && hasher.finalize().as_bytes()[..CHUNK_ID_LEN] == digest[..]
             }
@@ -523,6 +605,7 @@ impl Decoder {
                         batch.op_done = 0;
                         batch.run_ids = None;
                         batch.run_done = 0;
+                        batch.run_edits.clear();
                         batch.fills.remove(&(i as u32));
                     }
                 }
@@ -678,6 +761,7 @@ impl Decoder {
                 count,
                 first,
                 digest,
+                edits,
             } => {
                 if !self.prefix.is_empty() {
                     return Err(WireError::Malformed("run inside an open chunk"));
@@ -687,18 +771,44 @@ impl Decoder {
                 }
                 let (ids, mut k) = match batch.run_ids.take() {
                     Some(ids) => (ids, batch.run_done),
-                    None => match walk_run(&self.store, first, count, &digest) {
-                        Some(ids) => (ids, 0),
-                        None => {
-                            self.stats.run_mismatches += 1;
-                            return Ok(Step::Stalled);
+                    None => {
+                        let edits = &batch.edits[edits.0 as usize..edits.1 as usize];
+                        let rebuilt = walk(&self.store, first, count).and_then(|mut ids| {
+                            let held = rebuild_edits(&self.store, &mut ids, edits, &batch.deltas)?;
+                            digest_matches(&ids, &digest).then_some((ids, held))
+                        });
+                        match rebuilt {
+                            Some((ids, held)) => {
+                                batch.run_edits = held;
+                                (ids, 0)
+                            }
+                            None => {
+                                self.stats.run_mismatches += 1;
+                                return Ok(Step::Stalled);
+                            }
                         }
-                    },
+                    }
                 };
                 while k < ids.len() {
                     let paused = self.output.len() >= self.cfg.max_output_buffer;
+                    let edit = match self.queue.front_mut() {
+                        Some(b)
+                            if !paused
+                                && b.run_edits.front().is_some_and(|e| e.0 as usize == k) =>
+                        {
+                            b.run_edits.pop_front().map(|e| e.1)
+                        }
+                        _ => None,
+                    };
                     let before = self.output.len();
-                    if paused || !self.store.get_into(&ids[k], &mut self.output) {
+                    let got = match &edit {
+                        Some(chunk) => {
+                            self.output.extend_from_slice(chunk);
+                            true
+                        }
+                        None => !paused && self.store.get_into(&ids[k], &mut self.output),
+                    };
+                    if !got {
                         if let Some(b) = self.queue.front_mut() {
                             b.run_ids = Some(ids);
                             b.run_done = k;
@@ -709,7 +819,7 @@ impl Decoder {
                     if let Some(b) = self.queue.front_mut() {
                         b.op_done += n;
                     }
-                    self.complete_chunk(ids[k], None);
+                    self.complete_chunk(ids[k], edit.as_deref());
                     k += 1;
                 }
                 Ok(Step::Done)
@@ -736,22 +846,85 @@ impl Decoder {
     }
 }
 
-/// Follows successor hints from `first` for `count` chunks; `Some(ids)` only if the ids' digest matches.
-fn walk_run(
-    store: &ChunkStore,
-    first: ChunkId,
-    count: u32,
-    digest: &[u8; CHUNK_ID_LEN],
-) -> Option<Vec<ChunkId>> {
+/// Reads a TDELTA's fields after its base (as an ERUN's edits carry them too): the chunk's length,
+/// its ends and its payload, which is appended to `deltas` after `frame_prefix` (the zstd magic
+/// number an ERUN's edits leave out). Returns the length, the ends and where the payload is in
+/// `deltas`.
+fn read_edit(
+    r: &mut Reader<'_>,
+    deltas: &mut Vec<u8>,
+    frame_prefix: &[u8],
+) -> Result<(u32, u32, u32, u32, u32), WireError> {
+    let raw_len = r.bounded("delta length", wire::MAX_CHUNK as u64)?;
+    let head = r.bounded("delta head", raw_len)?;
+    let tail = r.bounded("delta tail", raw_len - head)?;
+    let (start, len) = read_delta_payload(r, deltas, frame_prefix)?;
+    Ok((raw_len as u32, head as u32, tail as u32, start, len))
+}
+
+fn read_delta_payload(
+    r: &mut Reader<'_>,
+    deltas: &mut Vec<u8>,
+    frame_prefix: &[u8],
+) -> Result<(u32, u32), WireError> {
+    let len = r.bounded("delta payload length", wire::MAX_CHUNK as u64)? as usize;
+    let start = deltas.len() as u32;
+    deltas.extend_from_slice(frame_prefix);
+    deltas.extend_from_slice(r.bytes(len, "delta payload")?);
+    Ok((start, (frame_prefix.len() + len) as u32))
+}
+
+/// Follows successor hints from `first` for `count` chunks.
+fn walk(store: &ChunkStore, first: ChunkId, count: u32) -> Option<Vec<ChunkId>> {
     let mut ids = Vec::with_capacity(count as usize);
-    let mut hasher = blake3::Hasher::new();
     let mut cur = first;
     for k in 0..count {
         if k > 0 {
             cur = store.successor(&cur)?;
         }
-        hasher.update(cur.as_bytes());
         ids.push(cur);
     }
-    (hasher.finalize().as_bytes()[..CHUNK_ID_LEN] == digest[..]).then_some(ids)
+    Some(ids)
+}
+
+/// Rebuilds the edited chunks of a run whose walk reached `ids`: each edit's chunk replaces its
+/// base's id in `ids` by its own. `None` if a base is not in the store or an edit does not apply to
+/// it (hints that differ from the encoder's can lead the walk to another chunk: the run is then
+/// requested, as when its digest does not match).
+fn rebuild_edits(
+    store: &ChunkStore,
+    ids: &mut [ChunkId],
+    edits: &[Edit],
+    deltas: &[u8],
+) -> Option<VecDeque<(u32, Vec<u8>)>> {
+    let mut held = VecDeque::with_capacity(edits.len());
+    let mut base = Vec::new();
+    for e in edits {
+        let slot = ids.get_mut(e.index as usize)?;
+        base.clear();
+        if !store.get_into(slot, &mut base) {
+            return None;
+        }
+        let payload = deltas.get(e.start as usize..(e.start + e.len) as usize)?;
+        let chunk = delta_apply(
+            &base,
+            e.head as usize,
+            e.tail as usize,
+            payload,
+            e.raw_len as usize,
+        )
+        .ok()?;
+        *slot = ChunkId::of(&chunk);
+        held.push_back((e.index, chunk));
+    }
+    Some(held)
+}
+
+/// Whether `digest` is the run digest of `ids`: the first 16 bytes of BLAKE3 over them.
+fn digest_matches(ids: &[ChunkId], digest: &[u8; CHUNK_ID_LEN]) -> bool {
+    let mut hasher = blake3::Hasher::new();
+    for id in ids {
+        hasher.update(id.as_bytes());
+    }
+    hasher.finalize().as_bytes()[..CHUNK_ID_LEN] == digest[..]
 }

@@ -10,7 +10,9 @@
 //! of what the two stores hold.
 
 use crate::chunker::Chunker;
-use crate::compress::{delta_compress, put_literals, trimmed_delta_compress, TrimmedDelta};
+use crate::compress::{
+    delta_compress, put_literals, trimmed_delta_compress, TrimmedDelta, ZSTD_FRAME_MAGIC,
+};
 use crate::config::EngineConfig;
 use crate::fingerprint::ChunkId;
 use crate::peer::PeerView;
@@ -78,16 +80,27 @@ struct Retained {
     ops: Vec<OpSpan>,
 }
 
-/// A run being built: chunks each of which was the successor of the one before.
+/// A run being built: chunks each of which was the successor of the one before, or an edited copy
+/// of that successor (an edit, with `edited_runs`).
 struct Run {
+    /// The chunk the walk starts from (the base of an edit at index 0).
     first: ChunkId,
-    last: ChunkId,
-    /// The successor hint of `last`, read when `last` was looked up.
+    /// The successor hint of the last chunk walked (of an edit's base), read when it was looked up.
     next: Option<ChunkId>,
     count: u32,
-    /// The digest of the run's chunk ids (boxed: a hasher is 1.9 KiB, see `State::spare_digest`).
+    /// The digest of the ids of the chunks the run stands for (an edit's own id, not its base's;
+    /// boxed: a hasher is 1.9 KiB, see `State::spare_digest`).
     digest: Box<blake3::Hasher>,
     start: usize,
+    edits: Vec<Edit>,
+}
+
+/// An edited chunk inside a run: the `index`th chunk of the run as a trimmed delta against the
+/// chunk the walk reaches there.
+struct Edit {
+    index: u32,
+    raw_len: usize,
+    delta: TrimmedDelta,
 }
 
 /// Everything but the chunker (split so the chunker's callback can borrow it).
@@ -308,14 +321,14 @@ impl State {
             if extends {
                 if let Some(run) = &mut self.run {
                     run.count += 1;
-                    run.last = id;
                     run.next = successor;
                     run.digest.update(id.as_bytes());
                 }
                 self.raw.extend_from_slice(fresh);
                 if let Some(prev) = self.prev {
-                    // The successor hint already says exactly this.
-                    self.hints.record(&self.store, &prev, &id, true);
+                    // The successor hint already says exactly this, unless `prev` was an edit.
+                    let known_equal = self.prev_old == self.prev;
+                    self.hints.record(&self.store, &prev, &id, known_equal);
                 }
                 self.prev = Some(id);
                 self.prev_old = Some(id);
@@ -332,15 +345,37 @@ impl State {
                 digest.update(id.as_bytes());
                 self.run = Some(Run {
                     first: id,
-                    last: id,
                     next: successor,
                     count: 1,
                     digest,
                     start,
+                    edits: Vec::new(),
                 });
             }
             self.raw.extend_from_slice(fresh);
         } else {
+            let delta = if known {
+                None
+            } else {
+                self.try_delta(chunk, &id)
+            };
+            let delta = match delta {
+                Some((base, delta)) if self.cfg.edited_runs => {
+                    self.stats.delta_chunks += 1;
+                    self.stats.dedup_saved_bytes += (chunk.len() - delta.payload.len()) as u64;
+                    self.add_edit(base, id, chunk.len(), delta);
+                    self.raw.extend_from_slice(fresh);
+                    self.remember_sent(&id, chunk);
+                    if let Some(prev) = self.prev {
+                        self.hints.record(&self.store, &prev, &id, false);
+                    }
+                    self.prev = Some(id);
+                    self.prev_old = Some(base);
+                    self.maybe_emit(out);
+                    return;
+                }
+                other => other,
+            };
             self.close_run();
             self.raw.extend_from_slice(fresh);
             if known {
@@ -349,26 +384,17 @@ impl State {
                 self.ops.push(wire::OP_REF);
                 self.ops.extend_from_slice(id.as_bytes());
                 self.push_op(wire::OP_REF, start, id);
-            } else if let Some((base, delta)) = self.try_delta(chunk, &id) {
-                let TrimmedDelta {
-                    head,
-                    tail,
-                    payload,
-                } = delta;
-                let trimmed = self.cfg.trimmed_deltas;
-                self.ops.push(if trimmed {
-                    wire::OP_TDELTA
+            } else if let Some((base, delta)) = delta {
+                if self.cfg.trimmed_deltas {
+                    self.put_tdelta(&base, chunk.len(), &delta);
                 } else {
-                    wire::OP_DELTA
-                });
-                self.ops.extend_from_slice(base.as_bytes());
-                put_varint(&mut self.ops, chunk.len() as u64);
-                if trimmed {
-                    put_varint(&mut self.ops, head as u64);
-                    put_varint(&mut self.ops, tail as u64);
+                    self.ops.push(wire::OP_DELTA);
+                    self.ops.extend_from_slice(base.as_bytes());
+                    put_varint(&mut self.ops, chunk.len() as u64);
+                    put_varint(&mut self.ops, delta.payload.len() as u64);
+                    self.ops.extend_from_slice(&delta.payload);
                 }
-                put_varint(&mut self.ops, payload.len() as u64);
-                self.ops.extend_from_slice(&payload);
+                let payload = delta.payload;
                 self.stats.delta_chunks += 1;
                 self.stats.dedup_saved_bytes += (chunk.len() - payload.len()) as u64;
                 self.push_op(wire::OP_DELTA, start, base);
@@ -446,8 +472,47 @@ impl State {
         }
     }
 
+    /// Adds an edited chunk (`id`, a delta against `base`) to the open run if `base` is where the
+    /// run's walk goes next, else starts a run with it. (`edited_runs` only.)
+    fn add_edit(&mut self, base: ChunkId, id: ChunkId, raw_len: usize, delta: TrimmedDelta) {
+        let joins = match &self.run {
+            Some(run) => run.count < self.cfg.max_run && run.next == Some(base),
+            None => false,
+        };
+        if !joins {
+            self.close_run();
+            let mut digest = self
+                .spare_digest
+                .take()
+                .unwrap_or_else(|| Box::new(blake3::Hasher::new()));
+            digest.reset();
+            self.run = Some(Run {
+                first: base,
+                next: None,
+                count: 0,
+                digest,
+                start: self.raw.len(),
+                edits: Vec::new(),
+            });
+        }
+        let next = self.store.successor(&base);
+        if let Some(run) = &mut self.run {
+            run.edits.push(Edit {
+                index: run.count,
+                raw_len,
+                delta,
+            });
+            run.count += 1;
+            run.next = next;
+            run.digest.update(id.as_bytes());
+        }
+    }
+
     fn close_run(&mut self) {
         let Some(run) = self.run.take() else { return };
+        if !run.edits.is_empty() {
+            return self.close_edited_run(run);
+        }
         let len = (self.raw.len() - run.start) as u64;
         self.stats.dedup_saved_bytes += len;
         if run.count == 1 {
@@ -465,6 +530,55 @@ impl State {
             self.push_op(wire::OP_RUN, run.start, run.first);
         }
         self.spare_digest = Some(run.digest);
+    }
+
+    /// Writes a run with edits: a TDELTA if the run is that one edit, else an ERUN. (Its chunks were
+    /// counted as references or deltas as they were added.)
+    fn close_edited_run(&mut self, mut run: Run) {
+        let edited: usize = run.edits.iter().map(|e| e.raw_len).sum();
+        self.stats.dedup_saved_bytes += (self.raw.len() - run.start - edited) as u64;
+        if run.count == 1 {
+            if let Some(edit) = run.edits.pop() {
+                self.put_tdelta(&run.first, edit.raw_len, &edit.delta);
+                self.push_op(wire::OP_DELTA, run.start, run.first);
+            }
+        } else {
+            self.stats.run_ops += 1;
+            self.ops.push(wire::OP_ERUN);
+            put_varint(&mut self.ops, u64::from(run.count));
+            self.ops.extend_from_slice(run.first.as_bytes());
+            self.ops
+                .extend_from_slice(&run.digest.finalize().as_bytes()[..crate::CHUNK_ID_LEN]);
+            put_varint(&mut self.ops, run.edits.len() as u64);
+            let mut at = 0;
+            for edit in &run.edits {
+                put_varint(&mut self.ops, u64::from(edit.index - at));
+                at = edit.index + 1;
+                // Without the frame's magic number. (zstd always writes it; were it missing, the
+                // decoder's check of the run's digest would fail and the run be resent.)
+                let payload = &edit.delta.payload;
+                let frame = payload.strip_prefix(&ZSTD_FRAME_MAGIC).unwrap_or(payload);
+                self.put_edit(edit.raw_len, edit.delta.head, edit.delta.tail, frame);
+            }
+            self.push_op(wire::OP_RUN, run.start, run.first);
+        }
+        self.spare_digest = Some(run.digest);
+    }
+
+    /// A TDELTA op's fields after its base (an ERUN's edit's after its gap): the chunk's length,
+    /// its ends and the payload.
+    fn put_edit(&mut self, raw_len: usize, head: usize, tail: usize, payload: &[u8]) {
+        put_varint(&mut self.ops, raw_len as u64);
+        put_varint(&mut self.ops, head as u64);
+        put_varint(&mut self.ops, tail as u64);
+        put_varint(&mut self.ops, payload.len() as u64);
+        self.ops.extend_from_slice(payload);
+    }
+
+    fn put_tdelta(&mut self, base: &ChunkId, raw_len: usize, delta: &TrimmedDelta) {
+        self.ops.push(wire::OP_TDELTA);
+        self.ops.extend_from_slice(base.as_bytes());
+        self.put_edit(raw_len, delta.head, delta.tail, &delta.payload);
     }
 
     /// Sends the unsent tail of the open chunk as a partial op: a reference to the chunk that followed

@@ -23,8 +23,13 @@ fn pair() -> (Arc<ChunkStore>, Arc<PeerView>, EngineConfig) {
 /// reading output as it goes. Seeds a few chunks into the store so references can resolve.
 pub fn decoder(data: &[u8]) {
     let (store, view, cfg) = pair();
-    for seed in [&b"ditto"[..], &[0u8; 4096][..], &[1u8; 1024][..]] {
+    let seeds = [&b"ditto"[..], &[0u8; 4096][..], &[1u8; 1024][..]];
+    for seed in seeds {
         let _ = store.insert(&crate::ChunkId::of(seed), seed);
+    }
+    // Hints for runs to walk (and ERUNs to rebuild edits along): "ditto", zeros, ones.
+    for pair in seeds.windows(2) {
+        store.set_successor(&crate::ChunkId::of(pair[0]), &crate::ChunkId::of(pair[1]));
     }
     let mut dec = Decoder::new(store, view, cfg);
     let piece = data.first().map_or(1, |&b| usize::from(b) * 7 + 1);

@@ -34,6 +34,9 @@ pub const OP_DELTA: u8 = 0x06;
 /// A delta that keeps the chunk's first and last bytes from its base (tunnel protocol 5 and later;
 /// see [`crate::EngineConfig::trimmed_deltas`]).
 pub const OP_TDELTA: u8 = 0x07;
+/// A run some of whose chunks are edited copies of the chunks the walk reaches (tunnel protocol 6
+/// and later; see [`crate::EngineConfig::edited_runs`]).
+pub const OP_ERUN: u8 = 0x08;
 
 /// Literal payload codecs.
 pub const CODEC_RAW: u8 = 0;
@@ -47,6 +50,9 @@ pub const MAX_BATCH_DECODED: u64 = 64 << 20;
 pub const MAX_OPS: usize = 1 << 16;
 /// Most chunks in one run.
 pub const MAX_RUN: u64 = 4096;
+/// Most bytes the edited chunks of one ERUN may decode to (the decoder holds them until the run's
+/// digest is checked).
+pub const MAX_RUN_EDIT_BYTES: u64 = MAX_BATCH_DECODED / 2;
 /// Largest chunk a peer may send or reference.
 pub const MAX_CHUNK: usize = 1 << 20;
 

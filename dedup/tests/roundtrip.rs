@@ -49,6 +49,18 @@ fn edit(rng: &mut impl Rng, v: &[u8], edits: usize) -> Vec<u8> {
     out
 }
 
+/// Overwrites a few bytes in `tweaks` places: edited chunks that travel as deltas (inside runs).
+fn tweak(rng: &mut impl Rng, v: &mut [u8], tweaks: usize) {
+    for _ in 0..tweaks {
+        if v.len() < 8 {
+            return;
+        }
+        let len = rng.gen_range(1..=8);
+        let pos = rng.gen_range(0..=v.len() - len);
+        rng.fill(&mut v[pos..pos + len]);
+    }
+}
+
 /// The receiver's store before version 2.
 #[derive(Clone, Copy, Debug)]
 enum Receiver {
@@ -92,8 +104,12 @@ fn run_versions(
         random_bytes(&mut rng, len)
     };
     let (e2, e3) = (rng.gen_range(0..8), rng.gen_range(0..8));
-    let v2 = edit(&mut rng, &v1, e2);
-    let v3 = edit(&mut rng, &v2, e3);
+    let mut v2 = edit(&mut rng, &v1, e2);
+    let t2 = rng.gen_range(0..40);
+    tweak(&mut rng, &mut v2, t2);
+    let mut v3 = edit(&mut rng, &v2, e3);
+    let t3 = rng.gen_range(0..40);
+    tweak(&mut rng, &mut v3, t3);
     let ram = match receiver {
         Receiver::Tiny => 20_000,
         _ => 64 << 20,
@@ -267,12 +283,15 @@ fn small_edits_travel_as_deltas() {
         let row: Vec<u8> = v2.drain(from..from + 90).collect();
         v2.splice(from + 3_000..from + 3_000, row);
     }
-    // Whole-chunk DELTAs (for a peer older than tunnel protocol 5) and TDELTAs: each rebuilds
-    // the stream byte for byte. (Which costs fewer bytes depends on the data: on this text they
-    // are within 2% of each other; BENCHMARKS.md has a database dump.)
-    for trimmed in [false, true] {
+    // Whole-chunk DELTAs (for a peer older than tunnel protocol 5), TDELTAs (version 5) and
+    // edits inside runs (ERUNs, version 6): each rebuilds the stream byte for byte. (Whole and
+    // trimmed deltas cost within 2% of each other on this text; BENCHMARKS.md has a database
+    // dump.)
+    let mut wires = Vec::new();
+    for (trimmed, edited_runs) in [(false, false), (true, false), (true, true)] {
         let cfg = EngineConfig {
             trimmed_deltas: trimmed,
+            edited_runs,
             ..EngineConfig::default()
         };
         let (a, b, va, vb) = pair(64 << 20);
@@ -284,11 +303,23 @@ fn small_edits_travel_as_deltas() {
         let st = link.enc.stats();
         assert!(st.delta_chunks >= 20, "trimmed {trimmed}: {st:?}");
         assert!(wire < 8_000, "30 small edits cost {wire} wire bytes");
+        wires.push(wire);
         // The receiver that lost its store still gets the right bytes (deltas are requested back).
         let mut link = Link::new(&a, &ram_store(64 << 20), va, vb, cfg, 24);
         let mut v3 = v2.clone();
         v3[500_000] ^= 1;
         link.send(&v3, 65_536, 0.0, true);
         assert!(link.received == v3, "trimmed {trimmed}");
+        assert!(
+            link.dec.stats().needs_sent > 0,
+            "the wiped receiver asked for nothing"
+        );
     }
+    // An edit inside a run costs its delta and a few bytes, not a base id and a new run.
+    assert!(
+        wires[2] < wires[1],
+        "ERUNs cost {} bytes, TDELTAs {}",
+        wires[2],
+        wires[1]
+    );
 }

@@ -184,10 +184,9 @@ fn oversized_fields_are_refused() {
     );
 }
 
-/// A batch of one TDELTA against `base`, rebuilding `data` (ends computed as an encoder does)
-/// unless `ends` overrides them.
-fn tdelta(base: &[u8], data: &[u8], ends: Option<(u64, u64)>) -> Vec<u8> {
-    // As docs/protocol.md says: the common ends kept, the middle a zstd frame against the base's.
+/// The ends `data` keeps from `base` and the zstd frame of its middle, as docs/protocol.md says:
+/// the common ends kept, the middle a zstd frame against the base's.
+fn trimmed_delta(base: &[u8], data: &[u8]) -> (usize, usize, Vec<u8>) {
     let head = base.iter().zip(data).take_while(|(a, b)| a == b).count();
     let room = base.len().min(data.len()) - head;
     let tail = (base.iter().rev().zip(data.iter().rev()))
@@ -200,6 +199,13 @@ fn tdelta(base: &[u8], data: &[u8], ends: Option<(u64, u64)>) -> Vec<u8> {
     let mid = &data[head..data.len() - tail];
     let mut payload = Vec::with_capacity(zstd::zstd_safe::compress_bound(mid.len()));
     cctx.compress2(&mut payload, mid).expect("compress");
+    (head, tail, payload)
+}
+
+/// A batch of one TDELTA against `base`, rebuilding `data` (ends computed as an encoder does)
+/// unless `ends` overrides them.
+fn tdelta(base: &[u8], data: &[u8], ends: Option<(u64, u64)>) -> Vec<u8> {
+    let (head, tail, payload) = trimmed_delta(base, data);
     let (head, tail) = ends.unwrap_or((head as u64, tail as u64));
     let mut ops = vec![wire::OP_TDELTA];
     ops.extend_from_slice(ditto_dedup::ChunkId::of(base).as_bytes());
@@ -428,6 +434,14 @@ fn write_corpus_seeds() {
         s.extend_from_slice(&tdelta(&zeros, &edited, None));
         std::fs::write(root.join(format!("decoder/seed-tdelta-{i}")), &s).expect("write");
     }
+    // ERUNs along the fuzz target's hints ("ditto", then the 4,096 zero bytes).
+    for (i, at) in [0usize, 2_000].iter().enumerate() {
+        let mut edited = zeros.clone();
+        edited.splice(at..at, *b"an edit");
+        let mut s = vec![(i * 60) as u8];
+        s.extend_from_slice(&erun(b"ditto", &zeros, &edited));
+        std::fs::write(root.join(format!("decoder/seed-erun-{i}")), &s).expect("write");
+    }
     let mut fb = Vec::new();
     wire::put_header(&mut fb, wire::KIND_FEEDBACK);
     let mut body = Vec::new();
@@ -487,4 +501,146 @@ fn corrupt_fill_is_refused_not_delivered() {
         assert!(matches!(r, Err(WireError::FillMismatch { .. })), "{r:?}");
         assert!(data.starts_with(&out));
     }
+}
+
+/// An ERUN of chunk `a` and an edit `n` of the chunk that follows `a` (`base`), as an encoder
+/// writes it (docs/protocol.md): the digest over the ids of `a` and `n`, the edit a trimmed delta
+/// against `base` without the zstd frame's magic number.
+fn erun(a: &[u8], base: &[u8], n: &[u8]) -> Vec<u8> {
+    use ditto_dedup::ChunkId;
+    let mut digest = blake3::Hasher::new();
+    digest.update(ChunkId::of(a).as_bytes());
+    digest.update(ChunkId::of(n).as_bytes());
+    let mut ops = vec![wire::OP_ERUN];
+    put_varint(&mut ops, 2);
+    ops.extend_from_slice(ChunkId::of(a).as_bytes());
+    ops.extend_from_slice(&digest.finalize().as_bytes()[..16]);
+    put_varint(&mut ops, 1);
+    put_varint(&mut ops, 1);
+    let (head, tail, payload) = trimmed_delta(base, n);
+    assert_eq!(payload[..4], [0x28, 0xb5, 0x2f, 0xfd]);
+    for v in [n.len(), head, tail, payload.len() - 4] {
+        put_varint(&mut ops, v as u64);
+    }
+    ops.extend_from_slice(&payload[4..]);
+    let mut lits = vec![wire::CODEC_RAW];
+    put_varint(&mut lits, 0);
+    batch(&ops, 1, &lits)
+}
+
+#[test]
+fn edited_run_over_a_wrong_walk_is_requested_not_delivered() {
+    use ditto_dedup::ChunkId;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let a = random_bytes(&mut rng, 1_000);
+    let base = random_bytes(&mut rng, 1_000);
+    // Another chunk of the same length: an edit meant for `base` applies to it without error.
+    let other = random_bytes(&mut rng, 1_000);
+    let mut n = base.clone();
+    n[500..504].copy_from_slice(b"EDIT");
+    let op = erun(&a, &base, &n);
+    let decoder_whose_walk_reaches = |next: &[u8]| {
+        let s = ram_store(1 << 20);
+        for c in [&a, &base, &other] {
+            s.insert(&ChunkId::of(c), c).expect("insert");
+        }
+        s.set_successor(&ChunkId::of(&a), &ChunkId::of(next));
+        let v = Arc::new(PeerView::new(s.identity()));
+        Decoder::new(s, v, EngineConfig::default())
+    };
+    // Hints that agree with the encoder's: `a` and the edited chunk, byte for byte.
+    let mut dec = decoder_whose_walk_reaches(&base);
+    assert_eq!(decode_all(&mut dec, &op), Ok([&a[..], &n[..]].concat()));
+    // Hints that lead the walk to `other`: the edit rebuilds a chunk of the right length from it,
+    // but not the one the digest names. Nothing is output; the run is requested.
+    let mut dec = decoder_whose_walk_reaches(&other);
+    assert_eq!(decode_all(&mut dec, &op), Ok(Vec::new()));
+    let st = dec.stats();
+    assert_eq!((st.run_mismatches, st.needs_sent), (1, 1), "{st:?}");
+    // The encoder's answer carries the run's bytes and lengths; a fill of other bytes is refused.
+    let fill = |second: &[u8]| {
+        let mut body = Vec::new();
+        put_varint(&mut body, 0);
+        put_varint(&mut body, 0);
+        put_varint(&mut body, 2);
+        put_varint(&mut body, a.len() as u64);
+        put_varint(&mut body, second.len() as u64);
+        body.push(wire::CODEC_RAW);
+        put_varint(&mut body, (a.len() + second.len()) as u64);
+        body.extend_from_slice(&a);
+        body.extend_from_slice(second);
+        let mut m = Vec::new();
+        wire::put_message(&mut m, wire::MSG_FILL, &body);
+        m
+    };
+    let mut wrong = decoder_whose_walk_reaches(&other);
+    assert_eq!(decode_all(&mut wrong, &op), Ok(Vec::new()));
+    assert!(matches!(
+        decode_all(&mut wrong, &fill(&other)),
+        Err(WireError::FillMismatch { .. })
+    ));
+    assert_eq!(
+        decode_all(&mut dec, &fill(&n)),
+        Ok([&a[..], &n[..]].concat())
+    );
+    // A walk that ends early (no hint after `a`) is requested too.
+    let s = ram_store(1 << 20);
+    s.insert(&ChunkId::of(&a), &a).expect("insert");
+    let v = Arc::new(PeerView::new(s.identity()));
+    let mut dec = Decoder::new(s, v, EngineConfig::default());
+    assert_eq!(decode_all(&mut dec, &op), Ok(Vec::new()));
+    assert_eq!(dec.stats().needs_sent, 1);
+}
+
+#[test]
+fn malformed_edited_runs_are_refused() {
+    // count, first id, digest, then the edits: (gap, raw_len, head, tail, plen) each, no payloads.
+    let erun = |count: u64, edits: &[[u64; 5]]| {
+        let mut ops = vec![wire::OP_ERUN];
+        put_varint(&mut ops, count);
+        ops.extend_from_slice(&[7u8; 32]);
+        put_varint(&mut ops, edits.len() as u64);
+        for e in edits {
+            for v in e {
+                put_varint(&mut ops, *v);
+            }
+        }
+        let mut lits = vec![wire::CODEC_RAW];
+        put_varint(&mut lits, 0);
+        decode_all(&mut decoder(), &batch(&ops, 1, &lits))
+    };
+    let malformed = |r: Result<Vec<u8>, WireError>| matches!(r, Err(WireError::Malformed(_)));
+    let too_large = |r: Result<Vec<u8>, WireError>| matches!(r, Err(WireError::TooLarge { .. }));
+    let mib = wire::MAX_CHUNK as u64;
+    assert!(malformed(erun(1, &[[0, 10, 0, 0, 0]])), "a run of one");
+    assert!(malformed(erun(3, &[])), "no edits");
+    assert!(
+        too_large(erun(3, &[[0, 10, 0, 0, 0]; 4])),
+        "more edits than chunks"
+    );
+    assert!(
+        malformed(erun(3, &[[3, 10, 0, 0, 0]])),
+        "an edit past the end"
+    );
+    assert!(
+        malformed(erun(3, &[[1, 10, 0, 0, 0], [1, 10, 0, 0, 0]])),
+        "past the end"
+    );
+    assert!(
+        too_large(erun(3, &[[0, mib + 1, 0, 0, 0]])),
+        "a chunk too large"
+    );
+    assert!(
+        too_large(erun(3, &[[0, 10, 11, 0, 0]])),
+        "ends longer than the chunk"
+    );
+    assert!(
+        too_large(erun(3, &[[0, 10, 5, 6, 0]])),
+        "ends longer than the chunk"
+    );
+    // Edits that would decode to more than a decoder holds for one run.
+    let n = wire::MAX_RUN_EDIT_BYTES / mib + 1;
+    assert!(too_large(erun(n, &vec![[0, mib, 0, 0, 0]; n as usize])));
+    // Within every limit: the walk finds nothing in an empty store, so the run is requested.
+    assert_eq!(erun(3, &[[1, 10, 0, 0, 0]]), Ok(Vec::new()));
 }

@@ -86,12 +86,14 @@ fn differ(got: &[u8], want: &[u8]) -> String {
 
 fn config_line(cfg: &EngineConfig) -> String {
     format!(
-        "config chunk_min={} chunk_avg={} chunk_max={} zstd_level={} trimmed_deltas={}",
+        "config chunk_min={} chunk_avg={} chunk_max={} zstd_level={} trimmed_deltas={} \
+         edited_runs={}",
         cfg.chunking.min_size,
         cfg.chunking.avg_size,
         cfg.chunking.max_size,
         cfg.zstd_level,
-        u8::from(cfg.trimmed_deltas)
+        u8::from(cfg.trimmed_deltas),
+        u8::from(cfg.edited_runs)
     )
 }
 
@@ -119,6 +121,7 @@ fn parse(text: &str) -> Result<Vec<Step>, String> {
                         "chunk_max" => cfg.chunking.max_size = u?,
                         "zstd_level" => cfg.zstd_level = v as i32,
                         "trimmed_deltas" => cfg.trimmed_deltas = v != 0,
+                        "edited_runs" => cfg.edited_runs = v != 0,
                         _ => return Err(at(format!("unknown setting {k}"))),
                     }
                 }
@@ -320,16 +323,16 @@ fn vectors_replay_against_decoder_and_encoder() {
 
 #[derive(Default, Clone)]
 struct Coverage {
-    ops: [bool; 8],
+    ops: [bool; 9],
     codecs: [bool; 2],
-    fills: [bool; 8],
+    fills: [bool; 9],
     ack: bool,
     need: bool,
 }
 
 impl Coverage {
     fn merge(&mut self, o: &Coverage) {
-        for i in 0..8 {
+        for i in 0..OP_NAMES.len() {
             self.ops[i] |= o.ops[i];
             self.fills[i] |= o.fills[i];
         }
@@ -343,7 +346,7 @@ impl Coverage {
         for (i, name) in OP_NAMES.iter().enumerate() {
             assert!(self.ops[i], "no vector has a {name} op");
         }
-        for i in [2, 3, 4, 6, 7] {
+        for i in [2, 3, 4, 6, 7, 8] {
             assert!(self.fills[i], "no vector has a FILL of a {}", OP_NAMES[i]);
         }
         assert!(self.codecs[0] && self.codecs[1], "raw and zstd literals");
@@ -351,8 +354,8 @@ impl Coverage {
     }
 }
 
-const OP_NAMES: [&str; 8] = [
-    "LIT", "PART", "REF", "PARTREF", "RUN", "CUT", "DELTA", "TDELTA",
+const OP_NAMES: [&str; 9] = [
+    "LIT", "PART", "REF", "PARTREF", "RUN", "CUT", "DELTA", "TDELTA", "ERUN",
 ];
 
 /// Splits stream bytes into fields, each with what it means. Streams arrive in whole messages in
@@ -569,6 +572,34 @@ impl Annotator {
                              base's middle as prefix ({plen} bytes)"
                         ),
                     )?;
+                }
+                8 => {
+                    c.varint_then("  ERUN count", |_| {
+                        "chunks, from the first id on by successor hints, some edited".to_owned()
+                    })?;
+                    c.id("  ERUN first id")?;
+                    c.take(
+                        16,
+                        "  ERUN digest: BLAKE3 of the ids of the chunks it stands for (edits' own \
+                         ids), 16 bytes"
+                            .into(),
+                    )?;
+                    let n = c.varint("  ERUN n_edits")?;
+                    for _ in 0..n {
+                        c.varint("    edit gap: chunks of the run before it not yet placed")?;
+                        c.varint("    edit raw_len: bytes of the edited chunk")?;
+                        c.varint("    edit head: its first bytes are the walked chunk's")?;
+                        c.varint("    edit tail: its last bytes are the walked chunk's")?;
+                        let plen = c.varint("    edit plen")?;
+                        c.take(
+                            plen as usize,
+                            format!(
+                                "    edit payload: one zstd frame of the chunk's middle, with the \
+                                 walked chunk's middle as prefix, without its magic number \
+                                 ({plen} bytes)"
+                            ),
+                        )?;
+                    }
                 }
                 _ => return Err(format!("op tag {tag}")),
             }
@@ -865,6 +896,53 @@ fn write_vectors() {
     // DELTA (as builds before tunnel protocol 5 send it) and TDELTA, with zstd literals.
     std::fs::write(dir.join("dedup-4-delta.txt"), delta_vector(false)).expect("write");
     std::fs::write(dir.join("dedup-5-tdelta.txt"), delta_vector(true)).expect("write");
+    std::fs::write(dir.join("dedup-6-erun.txt"), erun_vector()).expect("write");
+}
+
+/// Two chunks edited in place, with unchanged chunks before, between and after them: one ERUN
+/// (tunnel protocol 6) stands for all of them; then, on a decoder that lost its store, the ERUN is
+/// requested and filled.
+fn erun_vector() -> String {
+    let cfg = small_chunks(3);
+    let data = text(6, 3000);
+    let c = chunks_of(&cfg, &data);
+    assert!(c.len() >= 8, "{} chunks", c.len());
+    let edit = |chunks: &mut Vec<Vec<u8>>, k: usize, at: usize, with: &[u8]| {
+        let p = chunks[k].len() / at;
+        chunks[k][p..p + with.len()].copy_from_slice(with);
+    };
+    let mut second = c.clone();
+    edit(&mut second, 2, 3, b"XYZ");
+    edit(&mut second, 5, 2, b"QRS");
+    let mut third = second.clone();
+    edit(&mut third, 5, 3, b"T");
+    let acts = vec![
+        Act::Stream,
+        Act::Write(data.clone()),
+        Act::Finish,
+        Act::Stream,
+        Act::Write(second.concat()),
+        Act::Finish,
+        Act::LoseStore,
+        Act::Stream,
+        Act::Write(third.concat()),
+        Act::Finish,
+    ];
+    let v = generate(
+        "edited run",
+        "Three streams, zstd level 3 (literal sections are zstd frames). The first sends new text.\n\
+         The second sends it again with two chunks edited (3 bytes each): one ERUN stands for the\n\
+         whole stream, the edited chunks as trimmed deltas against the chunks its walk reaches at\n\
+         their places. Then the decoder's side loses its store, and a third stream with one more\n\
+         byte changed is requested (NEED) and filled (FILL), the ERUN with its chunk lengths.",
+        cfg,
+        &acts,
+    );
+    assert!(
+        v.matches("0x08 ERUN").count() >= 2 && v.contains("answers a ERUN "),
+        "the edited run vector has no ERUN and FILL of one:\n{v}"
+    );
+    v
 }
 
 /// A chunk edited in place is sent as a delta against its old version (a TDELTA when `trimmed`,
@@ -896,6 +974,7 @@ fn delta_vector(trimmed: bool) -> String {
     };
     let cfg = EngineConfig {
         trimmed_deltas: trimmed,
+        edited_runs: false,
         ..small_chunks(3)
     };
     let data = text(4, 2600);

@@ -189,11 +189,13 @@ impl Engine {
     }
 }
 
-/// The engine settings of a stream to a peer that speaks tunnel protocol `peer_version`: an
-/// older peer's decoder does not know TDELTA ops, so it gets whole-chunk DELTAs.
+/// The engine settings of a stream to a peer that speaks tunnel protocol `peer_version`: a
+/// peer's decoder older than version 6 does not know ERUN ops, so its edited chunks end runs; one
+/// older than version 5 does not know TDELTA ops either, so it gets whole-chunk DELTAs.
 fn config_for(config: &ditto_dedup::EngineConfig, peer_version: u16) -> ditto_dedup::EngineConfig {
     let mut config = config.clone();
     config.trimmed_deltas &= peer_version >= crate::hello::TRIMMED_DELTAS;
+    config.edited_runs &= config.trimmed_deltas && peer_version >= crate::hello::EDITED_RUNS;
     config
 }
 
@@ -372,5 +374,17 @@ mod tests {
             ..cfg
         };
         assert!(!config_for(&off, crate::hello::PROTOCOL_VERSION).trimmed_deltas);
+        assert!(!config_for(&off, crate::hello::PROTOCOL_VERSION).edited_runs);
+    }
+
+    #[test]
+    fn only_version_6_peers_get_edited_runs() {
+        let cfg = ditto_dedup::EngineConfig::default();
+        assert!(cfg.edited_runs);
+        for old in [3, 4, 5] {
+            assert!(!config_for(&cfg, old).edited_runs, "version {old}");
+        }
+        assert!(config_for(&cfg, crate::hello::EDITED_RUNS).edited_runs);
+        assert!(config_for(&cfg, crate::hello::PROTOCOL_VERSION).edited_runs);
     }
 }

@@ -15,11 +15,13 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The tunnel protocol versions this build speaks, highest last.
-pub const VERSIONS: &[u16] = &[3, 4, 5];
+pub const VERSIONS: &[u16] = &[3, 4, 5, 6];
 /// The highest of them.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The first version whose dedup decoders know the TDELTA op (docs/protocol.md).
 pub const TRIMMED_DELTAS: u16 = 5;
+/// The first version whose dedup decoders know the ERUN op (docs/protocol.md).
+pub const EDITED_RUNS: u16 = 6;
 const MAGIC: &[u8; 5] = b"DITTO";
 const MAX_BODY: usize = 1024;
 /// Smallest per-stream window a peer may advertise.
@@ -277,17 +279,21 @@ mod tests {
 
     #[test]
     fn versions_are_negotiated() {
-        // A later build that also speaks 3 to 5 and appends fields we do not know: we use 5.
+        // A later build that also speaks 3 to 6 and appends fields we do not know: we use 6.
         let mut later = sample();
-        later.versions = vec![3, 4, 5, 6];
+        later.versions = vec![3, 4, 5, 6, 7];
         let mut bytes = later.encode();
         bytes.extend_from_slice(b"future fields");
         let body_len = (bytes.len() - 9) as u16;
         bytes[7..9].copy_from_slice(&body_len.to_be_bytes());
         let (head, body) = split(&bytes);
         let theirs = Hello::decode(&head, &body).expect("decodes");
-        assert_eq!(u16::from_be_bytes([head[5], head[6]]), 6);
-        assert_eq!(sample().common_version(&theirs), Some(5));
+        assert_eq!(u16::from_be_bytes([head[5], head[6]]), 7);
+        assert_eq!(sample().common_version(&theirs), Some(6));
+        // A version 5 build (no ERUN ops): we use 5.
+        let mut v5 = sample();
+        v5.versions = vec![3, 4, 5];
+        assert_eq!(sample().common_version(&v5), Some(5));
         // A version 4 build (no TDELTA ops): we use 4.
         let mut v4 = sample();
         v4.versions = vec![3, 4];
@@ -298,11 +304,11 @@ mod tests {
         assert_eq!(sample().common_version(&v3), Some(3));
 
         // A build that speaks only a later version: named in the error.
-        let mut only6 = sample();
-        only6.versions = vec![6];
-        let (head, body) = split(&only6.encode());
+        let mut only7 = sample();
+        only7.versions = vec![7];
+        let (head, body) = split(&only7.encode());
         let err = Hello::decode(&head, &body).expect_err("no common version");
-        assert!(err.to_string().contains("[6]"), "{err}");
+        assert!(err.to_string().contains("[7]"), "{err}");
 
         // A version 2 peer: its body has no version list.
         let mut v2 = sample().encode();

@@ -1056,11 +1056,11 @@ mod tests {
         assert_eq!(peer.version(), 5);
         peer.attach(&hello(3, &[3, 4]), 1, &engine).expect("attach");
         assert_eq!(peer.version(), 4, "restarted as an older build");
-        peer.attach(&hello(4, &[3, 4, 5, 6]), 1, &engine)
+        peer.attach(&hello(4, &[3, 4, 5, 6, 7]), 1, &engine)
             .expect("attach");
         assert_eq!(
             peer.version(),
-            5,
+            6,
             "a later build: the highest we both speak"
         );
     }

@@ -510,8 +510,8 @@ fn bad_hellos() -> Vec<(&'static str, Vec<u8>, String)> {
     let list = vec![
         ("a version 2 build (its body has no version list)", v2),
         (
-            "a build that speaks only version 6",
-            with(&|h| h.versions = vec![6]),
+            "a build that speaks only version 7",
+            with(&|h| h.versions = vec![7]),
         ),
         ("not a ditto hello (bad magic)", magic),
         ("window below 64 KiB", with(&|h| h.window = 65_535)),
