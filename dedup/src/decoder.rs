@@ -289,29 +289,17 @@ impl Decoder {
                     Op::PartRef(id, len as u32)
                 }
                 wire::OP_RUN => {
-                    let count = r.bounded("run length", wire::MAX_RUN)?;
-                    if count < 2 {
-                        return Err(WireError::Malformed("run of fewer than two chunks"));
-                    }
-                    let first = r.id()?;
-                    let mut digest = [0u8; CHUNK_ID_LEN];
-                    digest.copy_from_slice(r.bytes(CHUNK_ID_LEN, "run digest")?);
+                    let (count, first, digest) = read_run_head(&mut r)?;
                     Op::Run {
-                        count: count as u32,
+                        count,
                         first,
                         digest,
                         edits: (0, 0),
                     }
                 }
                 wire::OP_ERUN => {
-                    let count = r.bounded("run length", wire::MAX_RUN)?;
-                    if count < 2 {
-                        return Err(WireError::Malformed("run of fewer than two chunks"));
-                    }
-                    let first = r.id()?;
-                    let mut digest = [0u8; CHUNK_ID_LEN];
-                    digest.copy_from_slice(r.bytes(CHUNK_ID_LEN, "run digest")?);
-                    let n = r.bounded("run edit count", count)?;
+                    let (count, first, digest) = read_run_head(&mut r)?;
+                    let n = r.bounded("run edit count", count.into())?;
                     if n == 0 {
                         return Err(WireError::Malformed("edited run without edits"));
                     }
@@ -319,8 +307,8 @@ impl Decoder {
                     let mut index = 0u64;
                     let mut edit_bytes = 0u64;
                     for _ in 0..n {
-                        index += r.bounded("run edit gap", count)?;
-                        if index >= count {
+                        index += r.bounded("run edit gap", count.into())?;
+                        if index >= u64::from(count) {
                             return Err(WireError::Malformed("run edit beyond the run"));
                         }
                         let (raw_len, head, tail, start, len) =
@@ -344,7 +332,7 @@ impl Decoder {
                         index += 1;
                     }
                     Op::Run {
-                        count: count as u32,
+                        count,
                         first,
                         digest,
                         edits: (from, edits.len() as u32),
@@ -844,6 +832,18 @@ impl Decoder {
         }
         Step::Done
     }
+}
+
+/// Reads a RUN's (or ERUN's) count, first id and digest.
+fn read_run_head(r: &mut Reader<'_>) -> Result<(u32, ChunkId, [u8; CHUNK_ID_LEN]), WireError> {
+    let count = r.bounded("run length", wire::MAX_RUN)?;
+    if count < 2 {
+        return Err(WireError::Malformed("run of fewer than two chunks"));
+    }
+    let first = r.id()?;
+    let mut digest = [0u8; CHUNK_ID_LEN];
+    digest.copy_from_slice(r.bytes(CHUNK_ID_LEN, "run digest")?);
+    Ok((count as u32, first, digest))
 }
 
 /// Reads a TDELTA's fields after its base (as an ERUN's edits carry them too): the chunk's length,

@@ -337,11 +337,7 @@ impl State {
                 return;
             } else {
                 self.close_run();
-                let mut digest = self
-                    .spare_digest
-                    .take()
-                    .unwrap_or_else(|| Box::new(blake3::Hasher::new()));
-                digest.reset();
+                let mut digest = self.take_digest();
                 digest.update(id.as_bytes());
                 self.run = Some(Run {
                     first: id,
@@ -472,6 +468,16 @@ impl State {
         }
     }
 
+    /// A cleared hasher for a new run's digest: the last closed run's, or a new one.
+    fn take_digest(&mut self) -> Box<blake3::Hasher> {
+        let mut digest = self
+            .spare_digest
+            .take()
+            .unwrap_or_else(|| Box::new(blake3::Hasher::new()));
+        digest.reset();
+        digest
+    }
+
     /// Adds an edited chunk (`id`, a delta against `base`) to the open run if `base` is where the
     /// run's walk goes next, else starts a run with it. (`edited_runs` only.)
     fn add_edit(&mut self, base: ChunkId, id: ChunkId, raw_len: usize, delta: TrimmedDelta) {
@@ -481,11 +487,7 @@ impl State {
         };
         if !joins {
             self.close_run();
-            let mut digest = self
-                .spare_digest
-                .take()
-                .unwrap_or_else(|| Box::new(blake3::Hasher::new()));
-            digest.reset();
+            let digest = self.take_digest();
             self.run = Some(Run {
                 first: base,
                 next: None,
