@@ -115,6 +115,9 @@ struct State {
     /// its base if sent as a delta): its successor is the best base for a delta of the next chunk.
     prev_old: Option<ChunkId>,
     hints: crate::hints::Hints,
+    /// Hints of the open run's chunks once it holds an edit, recorded when it closes (see
+    /// `record_hint`).
+    deferred_hints: Vec<(ChunkId, ChunkId, bool)>,
     // The batch being built.
     ops: Vec<u8>,
     spans: Vec<OpSpan>,
@@ -158,6 +161,7 @@ impl Encoder {
                 prev: None,
                 prev_old: None,
                 hints: Default::default(),
+                deferred_hints: Vec::new(),
                 ops: Vec::new(),
                 spans: Vec::new(),
                 lits: Vec::new(),
@@ -328,7 +332,7 @@ impl State {
                 if let Some(prev) = self.prev {
                     // The successor hint already says exactly this, unless `prev` was an edit.
                     let known_equal = self.prev_old == self.prev;
-                    self.hints.record(&self.store, &prev, &id, known_equal);
+                    self.record_hint(prev, id, known_equal);
                 }
                 self.prev = Some(id);
                 self.prev_old = Some(id);
@@ -363,7 +367,7 @@ impl State {
                     self.raw.extend_from_slice(fresh);
                     self.remember_sent(&id, chunk);
                     if let Some(prev) = self.prev {
-                        self.hints.record(&self.store, &prev, &id, false);
+                        self.record_hint(prev, id, false);
                     }
                     self.prev = Some(id);
                     self.prev_old = Some(base);
@@ -407,7 +411,7 @@ impl State {
             }
         }
         if let Some(prev) = self.prev {
-            self.hints.record(&self.store, &prev, &id, false);
+            self.record_hint(prev, id, false);
         }
         self.prev = Some(id);
         self.prev_old = old;
@@ -510,11 +514,35 @@ impl State {
         }
     }
 
+    /// Records that `next` followed `prev`, unless a run is open: then when it closes. The decoder
+    /// walks a run's hints before it records any of the run's own, so the encoder must not see
+    /// them either while it builds the run. In a stream that repeats itself a run can walk through
+    /// the chunk before its first again (whose hint its first chunk rewrote), or through a chunk
+    /// before an edit (whose hint the edit rewrote).
+    fn record_hint(&mut self, prev: ChunkId, next: ChunkId, known_equal: bool) {
+        if self.run.is_some() {
+            self.deferred_hints.push((prev, next, known_equal));
+        } else {
+            self.hints.record(&self.store, &prev, &next, known_equal);
+        }
+    }
+
     fn close_run(&mut self) {
         let Some(run) = self.run.take() else { return };
-        if !run.edits.is_empty() {
-            return self.close_edited_run(run);
+        if run.edits.is_empty() {
+            self.close_plain_run(run);
+        } else {
+            self.close_edited_run(run);
         }
+        let mut deferred = std::mem::take(&mut self.deferred_hints);
+        for (prev, next, known_equal) in deferred.drain(..) {
+            self.hints.record(&self.store, &prev, &next, known_equal);
+        }
+        self.deferred_hints = deferred;
+    }
+
+    /// Writes a run without edits: a REF if it is one chunk, else a RUN.
+    fn close_plain_run(&mut self, run: Run) {
         let len = (self.raw.len() - run.start) as u64;
         self.stats.dedup_saved_bytes += len;
         if run.count == 1 {

@@ -323,3 +323,31 @@ fn small_edits_travel_as_deltas() {
         wires[1]
     );
 }
+
+#[test]
+fn a_stream_that_repeats_itself_walks_the_same_hints_on_both_sides() {
+    // Periodic bytes: chunks recur inside the stream, and similar ones travel as edits inside
+    // runs. The decoder's walk of a run must meet the chunks the encoder's did.
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (a, b, va, vb) = pair(64 << 20);
+    for (pass, seed) in [(1, 31), (2, 32)] {
+        let mut link = Link::new(
+            &a,
+            &b,
+            va.clone(),
+            vb.clone(),
+            EngineConfig::default(),
+            seed,
+        );
+        link.send(&data, 65_536, 0.0, true);
+        assert!(link.received == data, "pass {pass}");
+        let st = link.dec.stats();
+        assert_eq!(
+            (st.run_mismatches, st.needs_sent),
+            (0, 0),
+            "pass {pass}: {st:?}"
+        );
+    }
+}
